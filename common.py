@@ -95,9 +95,10 @@ def _load_torchvision(name, train, root, download):
 
 
 def _decode(path):
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from PIL import Image
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
     except Exception:
         fail(f"image will not decode: {path}")
 
@@ -123,7 +124,7 @@ def _load_folder(path, train, size, cache_dir):
         files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path)) if f.lower().endswith(IMG_EXTENSIONS)]
     if not files:
         fail(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # torchvision's decoders release the GIL
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
         imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0])[None], size)[0], files, chunksize=256))
     x, y = torch.stack(imgs), torch.tensor([f[1] for f in files]).long()
     save_atomic({"x": x, "y": y, "classes": classes}, cache)
@@ -136,7 +137,7 @@ def _load_npy(path):
     a = np.load(path, mmap_mode="r")
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
         fail(f"{path}: expected a uint8 N x H x W x 3 array, got {a.dtype} {tuple(a.shape)}")
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous(), torch.full((len(a),), -1), []
+    return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous(), torch.full((len(a),), -1), []
 
 
 def _load_odin(name, root, download):
@@ -253,8 +254,8 @@ def rotate90(x, k):
 
 
 def grayscale(x):
-    """ITU-R 601 luma (torchvision's weights), B x 1 x H x W."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    """ITU-R 601 luma with torchvision's rounding (0.2989, 0.587, 0.114), B x 1 x H x W."""
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
 def rgb_to_hsv(x):
@@ -279,6 +280,19 @@ def hsv_to_rgb(x):
     g = torch.stack([t, v, v, q, p, p], 1).gather(1, i[:, None])
     b = torch.stack([p, p, t, v, v, q], 1).gather(1, i[:, None])
     return torch.cat([r, g, b], 1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue):
+    """Per-sample colour jitter with torchvision's formulas (adjust_brightness, _contrast, _saturation, _hue),
+    in that order; each argument holds one factor per sample (hue: a shift in turns, in [-0.5, 0.5])."""
+    f = lambda v: v[:, None, None, None]
+    x = (x * f(brightness)).clamp(0, 1)
+    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * f(contrast) + mean).clamp(0, 1)
+    gray = grayscale(x)
+    x = ((x - gray) * f(saturation) + gray).clamp(0, 1)
+    h, s, v = rgb_to_hsv(x).unbind(1)
+    return hsv_to_rgb(torch.stack([(h + hue[:, None, None]) % 1.0, s, v], 1)).clamp(0, 1)
 
 
 class SimCLRAugment(nn.Module):
@@ -306,22 +320,14 @@ class SimCLRAugment(nn.Module):
         x = self.crop_flip(x, rand(10), rand(10), rand(2), rand())
         j = self.jitter
         if j > 0 and self.p_jitter > 0:
-            on = rand() < self.p_jitter
-            factor = lambda u, m: torch.where(on, 1 + m * (2 * u - 1), torch.ones_like(u))[:, None, None, None]
-            x = (x * factor(rand(), j)).clamp(0, 1)                                             # brightness
-            mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-            x = ((x - mean) * factor(rand(), j) + mean).clamp(0, 1)                             # contrast
-            gray = grayscale(x)
-            x = ((x - gray) * factor(rand(), j) + gray).clamp(0, 1)                             # saturation
-            shift = torch.where(on, (j / 4) * (2 * rand() - 1), torch.zeros(B, device=dev))    # hue
-            hsv = rgb_to_hsv(x)
-            hsv = torch.stack([(hsv[:, 0] + shift[:, None, None]) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-            x = hsv_to_rgb(hsv)
+            on = (rand() < self.p_jitter).float()                        # off: factors 1 and shift 0 (identity)
+            factor = lambda: 1 + on * j * (2 * rand() - 1)
+            x = color_jitter(x, factor(), factor(), factor(), on * (j / 4) * (2 * rand() - 1))
         if self.p_gray > 0:
             x = torch.where((rand() < self.p_gray)[:, None, None, None], grayscale(x).expand_as(x), x)
         if self.blur:
             x = self.gaussian_blur(x, rand() < 0.5, 0.1 + 1.9 * rand())
-        return x
+        return x.clamp_(0, 1)                                                # float rounding can reach 1 + 1e-7
 
     def crop_flip(self, x, u_scale, u_ratio, u_pos, u_flip):
         """Crop boxes as fractions of the image side, sampled as torchvision's RandomResizedCrop, then one
@@ -941,11 +947,17 @@ def parse_args(parser, presets=None, argv=None):
         raise ValueError(f"preset {name} names unknown arguments: {unknown}")  # a bug in the script, not user input
     parser.set_defaults(**preset)
     args = parser.parse_args(argv)
-    # Which flags were typed: parse again with every default suppressed.
-    explicit = argparse.ArgumentParser(parents=[parser], add_help=False, argument_default=argparse.SUPPRESS)
-    for a in explicit._actions:
+    # Which flags were typed: parse again with every default suppressed, then put the defaults back.
+    saved = [(a, a.default) for a in parser._actions], dict(parser._defaults)
+    for a in parser._actions:
         a.default = argparse.SUPPRESS
-    typed = set(vars(explicit.parse_known_args(argv)[0]))
+    parser._defaults.clear()
+    try:
+        typed = set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for a, d in saved[0]:
+            a.default = d
+        parser._defaults.update(saved[1])
     args.sources = {k: "command line" if k in typed else (f"preset {name}" if k in preset else "default")
                     for k in vars(args) if k != "sources"}
     return args

@@ -1,0 +1,268 @@
+"""OECL: Outlier-Exposure Contrastive Learning, and self-OECL (Le-Gia & Ahn, "Understanding Normalization in
+Contrastive Representation Learning and Out-of-Distribution Detection"; public code nguoikhongnao/real_OECL).
+
+SimCLR only looks at the directions of its projections z, so their norms are free; the paper observes that
+training gives in-distribution (ID) images a larger ||z|| than anything else, and OECL makes this explicit:
+NT-Xent on the L2-normalised projections of ID views, plus alpha times the mean norm of the UN-normalised
+projections of outlier images, pushing outliers to the origin (Eq. 12). The OOD score is the norm of the
+projection of a test image, averaged over augmentations (Eq. 14-15). Outliers are an external set (OECL,
+--oe SPEC) or the training images themselves rotated by 180 and 270 degrees (self-OECL, --self-oe, Eq. 13).
+
+    python oecl.py                                      # self-OECL, digits 0-5 vs 6-9, ~3 min on 2 CPU cores
+    python oecl.py --oe digits --oe-classes 6-7         # OECL; outliers: training-split digits 6 and 7
+    python oecl.py --preset quick                       # CIFAR-10 0-5 vs 6-9 (CPU path check), digits as outliers
+    python oecl.py --preset paper --oe npy:PATH.npy     # CIFAR-10 one-vs-rest, every class, 500 epochs
+    python oecl.py --protocol leave-one-out --all-classes   # every class held out in turn, per-class AUROC
+
+Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
+usual substitutes: the 300K random images of Hendrycks et al.'s Outlier Exposure code (a debiased 80MTI subset,
+`npy:300K_random_images.npy`), CIFAR-100 (`cifar100`), or any folder of images (`folder:PATH`).
+
+Measured (digits, --id-classes 0-5, OOD = test digits 6-9, default flags otherwise, 3 seeds, AUROC mean +- std):
+see the table at the end of this docstring once the runs finish.
+"""
+import argparse
+import copy
+import os
+import time
+
+import numpy as np
+import torch
+
+import common
+
+# ----------------------------------------------------------------------------------------------
+# Presets (--preset paper | quick); explicit flags override them.
+
+PAPER = dict(                       # the CIFAR-10 one-vs-rest row of Table I (OECL)
+    dataset="cifar10",              # Sec. IV-B
+    protocol="one-vs-rest",         # Sec. IV-C: one class is ID, the other nine are OOD ...
+    all_classes=True,               # ... for every class in turn ("we use all available classes")
+    oe="npy:data/300K_random_images.npy",  # Sec. IV-B uses 80MTI (withdrawn); our choice: its usual substitute
+    arch="resnet18", width=64,      # Sec. IV-A: ResNet-18 (CIFAR variant, public code)
+    epochs=500,                     # App. I (self-OECL: 1000)
+    oe_warmup=50,                   # App. G, App. I: alpha = 0 for the first 50 epochs
+    batch_size=256,                 # App. I: 256 ID + 256 outlier images
+    optimizer="sgd",                # public code: its LARS wrapper never rescales (App. I says LARS)
+    lr=0.1, momentum=0.9,           # App. I
+    weight_decay=5e-4,              # public code (the value is lost in App. I)
+    warmup_epochs=0, final_lr=0.0,  # App. I: cosine decay without restart; public code: no lr warm-up
+    tau=0.5,                        # App. I
+    alpha=1.0,                      # App. I: 1 for CIFAR-10 and ImageNet-30
+    crop_scale=0.08,                # App. J
+    n_aug=32,                       # App. I: ensemble score (15) with 32 augmentations
+)
+
+QUICK = dict(                       # the README's CPU row: a path check on real data, not a quality signal
+    dataset="folder:../shared/data/cifar10", id_classes="0-5", subset=6000, width=16,  # our choice (README)
+    oe="digits",                    # our choice: far outliers that exist everywhere (no leak of CIFAR classes)
+    epochs=12, oe_warmup=2,         # our choice: ~10 min on 2 CPU cores
+    n_aug=8,                        # our choice: the ensemble costs (1 + n_aug) forwards per test image
+)
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+# The flags that change what a checkpoint is, beyond common's: resuming under other values is refused.
+IDENTITY_KEYS = common.IDENTITY_KEYS + ("oe", "oe_classes", "self_oe", "alpha", "oe_warmup", "tau", "crop_scale")
+
+
+def arg_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = parser.add_argument_group("OECL")
+    g.add_argument("--oe", default=None, help=f"outlier set for OECL ({common.DATASET_SPECS}); any size, "
+                   "sampled with replacement, training split")
+    g.add_argument("--oe-classes", default=None, help="keep only these classes of --oe (e.g. 6-7)")
+    g.add_argument("--self-oe", action=argparse.BooleanOptionalAction, default=None,
+                   help="self-OECL (Eq. 13): outliers are the training images rotated by 180/270 degrees "
+                        "(default: on when no --oe is given)")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the outlier norm term (Eq. 12)")
+    g.add_argument("--oe-warmup", type=int, default=3, help="epochs of plain SimCLR (alpha = 0) first (App. G)")
+    g.add_argument("--tau", type=float, default=0.5, help="NT-Xent temperature")
+    g.add_argument("--crop-scale", type=float, default=0.08, help="smallest random-resized-crop area (App. J)")
+    g.add_argument("--n-aug", type=int, default=32, help="augmentations in the ensemble score, besides the clean view")
+    g.add_argument("--protocol", choices=["one-vs-rest", "leave-one-out"], default=None,
+                   help="with --all-classes: each class alone is ID (one-vs-rest) or alone OOD (leave-one-out)")
+    g.add_argument("--all-classes", action="store_true", help="run --protocol for every class; per-class and mean AUROC")
+    parser.set_defaults(epochs=30, batch_size=64, width=16)   # digits: a few minutes on a CPU
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss (Eq. 12-13)
+
+def oecl_loss(z_id, z_oe, tau=0.5, alpha=1.0):
+    """Eq. 12: NT-Xent over the L2-normalised ID projections z_id = cat([view1, view2]) (2N x d) plus
+    alpha * mean ||z_oe||_2 over the UN-normalised outlier projections z_oe (M x d). Outliers never enter the
+    contrastive denominator. Returns (loss, {"norm_in": mean ||z_id||, "norm_out": mean ||z_oe||})."""
+    norm_in, norm_out = z_id.float().norm(dim=1).mean(), z_oe.float().norm(dim=1).mean()
+    loss = common.nt_xent(z_id, tau) + alpha * norm_out
+    return loss, {"norm_in": norm_in.detach(), "norm_out": norm_out.detach()}
+
+
+def alpha_at(epoch, args):
+    """App. G: plain SimCLR (alpha = 0) for the first --oe-warmup epochs, then --alpha."""
+    return 0.0 if epoch < args.oe_warmup else args.alpha
+
+
+def random_hflip(x):
+    """Flip each image horizontally with probability 1/2."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def self_oe_split(xb):
+    """Eq. 13 as in the public code: rotations by 0 and 90 degrees are ID instances (2B), by 180 and 270 degrees
+    outliers (2B). The random flip comes before the rotation (as in CSI): flipping a 90-degree image afterwards
+    would make it a 270-degree rotation of the flipped image, i.e. an outlier."""
+    xb = random_hflip(xb)
+    x_id = torch.cat([xb, common.rotate90(xb, 1)])
+    x_oe = torch.cat([common.rotate90(xb, 2), common.rotate90(xb, 3)])
+    return x_id, x_oe
+
+
+def make_loss_fn(args, augment, oe_x=None):
+    """common.train's loss_fn. With oe_x (uint8 outlier images, any count): OECL, one outlier per ID image drawn
+    with replacement; without: self-OECL. ID views and outliers share one forward pass (and so the BatchNorm
+    statistics, as the public code); each outlier gets one augmented view (one sample of the expectation in Eq. 12)."""
+    def loss_fn(net, xb, idx, epoch):
+        if oe_x is None:
+            x_id, x_oe = self_oe_split(xb)
+        else:
+            x_id, x_oe = xb, oe_x[torch.randint(len(oe_x), (len(xb),), device=oe_x.device)]
+        z = net(augment(torch.cat([x_id, x_id, x_oe])))[1]       # rows: view 1 | view 2 | outliers
+        return oecl_loss(z[:2 * len(x_id)], z[2 * len(x_id):], args.tau, alpha_at(epoch, args))
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores (Eq. 14-15, App. C); higher = more in-distribution.
+
+def norm_score(z):
+    """Eq. 14: the L2 norm of the (un-normalised) projection."""
+    return z.float().norm(dim=1)
+
+
+@torch.no_grad()
+def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
+    """The three scores of App. C over the clean view and n_aug random training augmentations of each image:
+    'norm' ||z(x)|| (Eq. 14), 'ensemble' ||mean_t z(t(x))|| (Eq. 15; the public code counts the clean view among
+    the t) and 'mean_sq_norm' mean_t ||z(t(x))||^2 (App. C). Chunks of batch_size // (1 + n_aug) images; all the
+    views of a chunk go through the network together. The seeded generator gives every set the same draws."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    chunk = max(1, batch_size // (1 + n_aug))
+    out = {"norm": [], "ensemble": [], "mean_sq_norm": []}
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk]
+        views = [common.to_float(xb)] + ([augment(xb.repeat(n_aug, 1, 1, 1), generator=gen)] if n_aug else [])
+        z = model(torch.cat(views))[1].float().view(1 + n_aug, len(xb), -1)    # row t * len(xb) + i: view t of i
+        out["norm"].append(norm_score(z[0]))
+        out["ensemble"].append(norm_score(z.mean(0)))
+        out["mean_sq_norm"].append(z.pow(2).sum(2).mean(0))
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def held_out_labels(args, data):
+    """Labels of the held-out-classes OOD set (load_data keeps only its images), for per-class AUROC."""
+    _, y, _ = common.load_dataset(args.dataset, False, args.data_root, True, args.size)
+    return y[~torch.isin(y, torch.tensor(data.id_classes))] if data.id_classes else None
+
+
+# ----------------------------------------------------------------------------------------------
+# One run: train, score, report.
+
+def load_outliers(args, device):
+    x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
+    if args.oe_classes:
+        if y.min() < 0:
+            common.fail(f"--oe {args.oe} has no labels, so --oe-classes cannot select from it")
+        ids = common.parse_classes(args.oe_classes)
+        if args.oe == args.dataset and args.id_classes and set(ids) & set(common.parse_classes(args.id_classes)):
+            common.fail(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {args.id_classes}")
+        x, y = common.select_classes(x, y, ids)
+    if len(x) == 0:
+        common.fail(f"the outlier set --oe {args.oe} {args.oe_classes or ''} holds no images")
+    return x.to(device)
+
+
+def run(args):
+    """Train and evaluate one configuration -> results dict (also written to <out>/results.json)."""
+    t0 = time.time()
+    if args.self_oe is None:
+        args.self_oe = args.oe is None
+    if args.self_oe == (args.oe is not None):
+        common.fail("give either --oe SPEC (OECL) or --self-oe (self-OECL), not both")
+    if args.oe_classes and not args.oe:
+        common.fail("--oe-classes needs --oe")
+    device = common.setup(args, "oecl")
+    data = common.load_data(args)
+    x = data.train_x.to(device)
+    oe_x = None if args.self_oe else load_outliers(args, device)
+    print(f"train {len(x)} ID images, outliers: "
+          f"{'rotations by 180/270 degrees' if args.self_oe else f'{len(oe_x)} images of {args.oe}'}", flush=True)
+
+    model = common.Encoder(args.arch, bn_in_head=True, width=args.width).to(device)   # App. I: BN in the head
+    train_aug = common.SimCLRAugment(args.size, scale=(args.crop_scale, 1.0), flip=not args.self_oe)
+    common.train(model, make_loss_fn(args, train_aug, oe_x), x, args, os.path.join(args.out, "checkpoint.pt"),
+                 keys=IDENTITY_KEYS)
+
+    test_aug = common.SimCLRAugment(args.size, scale=(args.crop_scale, 1.0))       # the training augmentation
+    with common.autocast(args, device):
+        score = lambda t: ensemble_scores(model, t.to(device), test_aug, args.n_aug, seed=args.seed)
+        s_id, s_ood = score(data.test_x), {name: score(t) for name, t in data.ood.items()}
+    metrics = {k: {name: common.ood_metrics(s_id[k], s[k]) for name, s in s_ood.items()} for k in s_id}
+    method = "self-OECL" if args.self_oe else \
+        f"OECL (outliers: {args.oe}{' classes ' + args.oe_classes if args.oe_classes else ''})"
+    for k in ("norm", "mean_sq_norm", "ensemble"):
+        common.print_results(metrics[k], f"{method}, score {k}" + (f" over the clean view + {args.n_aug} augmentations"
+                                                                   if k != "norm" else " (clean view)"))
+    per_class = {}
+    labels = held_out_labels(args, data)
+    other = next((n for n in data.ood if n.endswith("[other classes]")), None)
+    if other is not None and labels is not None:
+        for c in labels.unique().tolist():
+            per_class[c] = {k: common.ood_metrics(s_id[k], s_ood[other][k][(labels == c).to(device)])["auroc"]
+                            for k in s_id}
+        print("ensemble AUROC per held-out class: " + ", ".join(f"{c}: {v['ensemble']:.2f}" for c, v in per_class.items()))
+    results = {"method": method, "config": vars(args), "metrics": metrics["ensemble"], "scores": metrics,
+               "per_class_auroc": per_class, "seconds": time.time() - t0, "device": str(device)}
+    common.save_results(os.path.join(args.out, "results.json"), results)
+    return results
+
+
+def main(argv=None):
+    args = common.parse_args(arg_parser(), PRESETS, argv)
+    if bool(args.protocol) != args.all_classes:
+        common.fail("--protocol and --all-classes go together; for one class use --id-classes "
+                    "(one-vs-rest: --id-classes 3; leave-one-out: --id-classes 0-2,4-9)")
+    if not args.all_classes:
+        return run(args)
+    if args.id_classes:
+        common.fail("--all-classes chooses the in-distribution classes itself; drop --id-classes")
+    _, y, classes = common.load_dataset(args.dataset, True, args.data_root, True, args.size)
+    if y.min() < 0:
+        common.fail(f"{args.dataset} has no labels: --protocol needs classes")
+    n = len(classes) or int(y.max()) + 1
+    root = args.out or os.path.join("runs", f"oecl-{args.protocol}-{args.dataset.replace(':', '_').replace('/', '_')}")
+    per_class = {}
+    for c in range(n):
+        a = copy.deepcopy(args)
+        a.id_classes = str(c) if args.protocol == "one-vs-rest" else ",".join(str(k) for k in range(n) if k != c)
+        a.out = os.path.join(root, f"class-{c}")
+        per_class[c] = run(a)["metrics"]
+    sets = list(per_class[0])
+    print(f"\n{args.protocol}, AUROC of the ensemble score per {'ID' if args.protocol == 'one-vs-rest' else 'OOD'} class")
+    for c, m in per_class.items():
+        print(f"  {c:>3} {(classes[c] if classes else ''):<12} " + " ".join(f"{m[s]['auroc']:7.2f}" for s in sets))
+    mean = {s: float(np.mean([m[s]["auroc"] for m in per_class.values()])) for s in sets}
+    print("  mean             " + " ".join(f"{v:7.2f}" for v in mean.values()) + f"   ({', '.join(sets)})")
+    results = {"method": "oecl", "protocol": args.protocol, "config": vars(args), "per_class": per_class,
+               "mean_auroc": mean}
+    common.save_results(os.path.join(root, "results.json"), results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

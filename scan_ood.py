@@ -1,0 +1,557 @@
+"""SCAN-OOD: out-of-distribution detection without class labels via SCAN pseudo-labels (Cohen, Abutbul, Hoshen).
+
+Unlabelled multi-class anomaly detection = unsupervised clustering + supervised multi-class OOD detection.
+Clustering is SCAN (Van Gansbeke et al.), rebuilt here in three stages on common.py:
+  1. pretext:   SimCLR on the in-distribution training images; mine each image's k nearest neighbours.
+  2. scan:      clustering heads trained so that an image and a mined neighbour get the same confident cluster,
+                while the mean prediction stays spread over all clusters (SCAN loss).
+  3. selflabel: fine-tune on the confident predictions (> 0.99) of the un-augmented images, strong augmentation.
+Then two OOD detectors (higher score = in-distribution):
+  - self-supervised (paper Sec. 3.1): kNN (k = 1, cosine) on the SCAN network's penultimate features;
+  - pre-trained (paper Sec. 3.2): fine-tune an ImageNet ResNet on the pseudo-labels (Eq. 2) for 5 epochs, average
+    the weights of the 5 epochs, kNN on its penultimate features; DN2 (the un-adapted features) is reported beside it.
+
+    python scan_ood.py                                   # self-supervised variant on digits 0-5 vs 6-9, minutes on a CPU
+    python scan_ood.py --labels kmeans                   # K-means pseudo-labels instead of SCAN (paper Sec. 5)
+    python scan_ood.py --preset quick                    # CIFAR-10 classes 0-5 (6,000 images) vs 6-9, width 16, CPU
+    python scan_ood.py --preset paper                    # CIFAR-10 vs CIFAR-100/SVHN/LSUN, SCAN's settings + ResNet-152
+    python scan_ood.py --backbone resnet18 --weights random --adapt-size 64   # exercises the pre-trained path only
+    python scan_ood.py --from-stage selflabel --out runs/x  # reuse the pretext and scan checkpoints of runs/x
+
+Every run also reports the pretext-only SimCLR kNN score and the cluster accuracy (Hungarian matching, for
+information: the labels are never used for training). Checkpoints: <out>/{pretext,scan,selflabel,adapt}.pt.
+
+Measured (digits, --id-classes 0-5 vs digits 6-9, AUROC %, mean +- std over --seed 0/1/2, 2-core CPU):
+    (filled in below, see the table at the end of this docstring)
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ----------------------------------------------------------------------------------------------
+# Presets (--preset paper | quick); explicit flags override them.
+
+PAPER = dict(
+    dataset="cifar10",                   # Sec. 4: CIFAR-10, all 10 classes in-distribution
+    ood=["cifar100", "svhn", "lsun_resize"],  # Tab. 2; LSUN (FIX) exists only on Google Drive (CSI), not loadable here
+    arch="resnet18", width=64,           # Tab. 2 "SCAN Features, ResNet-18"; public code: CIFAR ResNet-18
+    epochs=500, batch_size=512,          # public code (SCAN simclr_cifar10.yml)
+    optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=1e-4,  # public code (SCAN pretext)
+    final_lr=4e-4, warmup_epochs=0,      # public code: cosine to lr x 1e-3, no warm-up
+    tau=0.1, crop_min=0.2,               # public code: SimCLR temperature 0.1, crop scale (0.2, 1)
+    num_neighbors=20,                    # public code: top-20 neighbours
+    clusters=10,                         # Sec. 4.3: K = 10 for every data set
+    heads=1,                             # public code: num_heads 1
+    entropy_weight=5.0,                  # public code: scan_cifar10.yml entropy_weight 5.0
+    scan_epochs=50, scan_batch_size=128, scan_lr=1e-4, scan_weight_decay=1e-4,  # public code (Adam)
+    selflabel_epochs=200, selflabel_batch_size=1000, selflabel_lr=1e-4, selflabel_weight_decay=1e-4,  # public code
+    confidence=0.99,                     # public code: confidence threshold 0.99
+    backbone="resnet152", weights="torchvision",  # Sec. 4.3: ImageNet-pre-trained ResNet-152 ("Ours", Tab. 2)
+    adapt_epochs=5, adapt_lr=1e-5, adapt_final_lr=1e-6,  # Sec. 4.3: 5 epochs, Adam, cosine 1e-5 -> 1e-6
+    adapt_size=224,                      # our choice: the ImageNet input size (paper silent)
+    adapt_batch_size=64,                 # our choice (paper silent)
+    score="knn", knn_k=1,                # Sec. 4.3: kNN with k = 1 for all evaluations
+)
+
+QUICK = dict(
+    dataset="folder:../shared/data/cifar10", id_classes="0-5", subset=6000, width=16,  # README results table
+    epochs=12, batch_size=256, lr=0.4, final_lr=4e-4, weight_decay=1e-4,  # our choice: pretext ~4 min on 2 cores
+    scan_epochs=4, selflabel_epochs=3, selflabel_batch_size=500,          # our choice: ~4 min for both
+)
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+STAGES = ("pretext", "scan", "selflabel", "adapt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Strong augmentation (SCAN's "strong" transform), batched: every sample draws its own flip, ops,
+# magnitudes and Cutout box on the batch's device. Self-contained (torch only) so it can move to common.py.
+
+class StrongAugment(nn.Module):
+    """Horizontal flip (p 0.5) -> n_ops ops drawn uniformly with replacement from 14 RandAugment-style ops, each
+    with a uniform random magnitude (SCAN draws magnitudes at random, not a fixed M) -> Cutout: one square of
+    side `cutout` at a uniform centre, clipped at the border (so up to cutout x cutout pixels).
+
+    Magnitude ranges follow the RandAugment lists of FixMatch/SCAN: rotate +-30 deg, shear +-0.3, translate
+    +-30% of the side, posterize 4..8 bits, solarize threshold 0..1, colour/contrast/brightness/sharpness factor
+    0.05..0.95. Pixels uncovered by geometric ops and Cutout are filled with `fill` (0.5 grey: 0 after the
+    Encoder's normalisation, as SCAN's Cutout applied after Normalize).
+
+    forward(x, generator=None): x uint8 or float in [0, 1], B x 3 x H x W -> float in [0, 1], same shape."""
+
+    OPS = ("identity", "autocontrast", "equalize", "rotate", "posterize", "solarize", "color", "contrast",
+           "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+    GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+    def __init__(self, n_ops=4, cutout=16, fill=0.5):
+        super().__init__()
+        self.n_ops, self.cutout, self.fill = n_ops, cutout, fill
+
+    def forward(self, x, generator=None):
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float().clone()
+        B, dev = len(x), x.device
+        flip = torch.rand(B, device=dev, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        ops = torch.randint(len(self.OPS), (B, self.n_ops), device=dev, generator=generator)
+        mags = torch.rand(B, self.n_ops, device=dev, generator=generator)
+        for r in range(self.n_ops):
+            x = self.apply_ops(x, ops[:, r], mags[:, r])
+        return self.apply_cutout(x, torch.rand(B, 2, device=dev, generator=generator))
+
+    def apply_ops(self, x, op, m):
+        """One round: each sample gets op[i] with magnitude m[i] in [0, 1]; a masked call per op type."""
+        for name in self.OPS[1:]:
+            if name in self.GEOMETRIC:
+                continue
+            idx = (op == self.OPS.index(name)).nonzero()[:, 0]
+            if len(idx):
+                x[idx] = getattr(self, name)(x[idx], m[idx, None, None, None]).clamp(0, 1)
+        geo = torch.isin(op, torch.tensor([self.OPS.index(n) for n in self.GEOMETRIC], device=x.device))
+        idx = geo.nonzero()[:, 0]
+        if len(idx):
+            x[idx] = self.affine(x[idx], op[idx], m[idx])
+        return x
+
+    # Colour ops: m is B x 1 x 1 x 1 in [0, 1]; "enhance" ops blend with a degenerate image like PIL.ImageEnhance.
+    @staticmethod
+    def blend(degenerate, x, m):
+        return degenerate + (0.05 + 0.9 * m) * (x - degenerate)
+
+    def autocontrast(self, x, m):
+        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+        return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-8), x)
+
+    def equalize(self, x, m):
+        """PIL.ImageOps.equalize per channel: lut[i] = (pixels below level i + step // 2) // step, with
+        step = (pixels - pixels at the top level) // 255; identity where step is 0."""
+        B, C, H, W = x.shape
+        q = (x * 255).round().long().view(B, C, H * W)
+        hist = torch.zeros(B, C, 256, device=x.device).scatter_add_(2, q, torch.ones_like(q, dtype=torch.float))
+        top = 255 - (hist.flip(2) > 0).float().argmax(2, keepdim=True)               # highest level present
+        step = torch.div(hist.sum(2, keepdim=True) - hist.gather(2, top), 255, rounding_mode="floor")
+        below = hist.cumsum(2) - hist
+        lut = torch.div(below + torch.div(step, 2, rounding_mode="floor"), step.clamp_min(1), rounding_mode="floor")
+        out = lut.clamp(max=255).gather(2, q).view(B, C, H, W) / 255
+        return torch.where(step.view(B, C, 1, 1) > 0, out, x)
+
+    def posterize(self, x, m):
+        keep = 2.0 ** (8 - (4 + (4 * m).round()))                                      # 4..8 bits kept
+        return torch.floor((x * 255).round() / keep) * keep / 255
+
+    def solarize(self, x, m):
+        return torch.where(x < m, x, 1 - x)
+
+    def color(self, x, m):
+        return self.blend(common.grayscale(x), x, m)
+
+    def contrast(self, x, m):
+        return self.blend(common.grayscale(x).mean((1, 2, 3), keepdim=True), x, m)
+
+    def brightness(self, x, m):
+        return self.blend(torch.zeros_like(x), x, m)
+
+    def sharpness(self, x, m):
+        """PIL's SMOOTH filter (3x3, centre weight 5, total 13) as the degenerate image; border pixels kept."""
+        k = torch.ones(3, 3, device=x.device)
+        k[1, 1] = 5
+        k = (k / 13).expand(3, 1, 3, 3)
+        smooth = x.clone()
+        smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, k, groups=3)
+        return self.blend(smooth, x, m)
+
+    def affine(self, x, op, m):
+        """rotate / shear / translate of every selected sample in one grid_sample (about the image centre)."""
+        v = 2 * m - 1                                                                 # signed magnitude in [-1, 1]
+        is_ = lambda name: (op == self.OPS.index(name)).float()
+        angle = is_("rotate") * v * math.radians(30)
+        cos, sin = angle.cos(), angle.sin()
+        theta = torch.zeros(len(x), 2, 3, device=x.device)
+        theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + is_("shear_x") * 0.3 * v
+        theta[:, 1, 0], theta[:, 1, 1] = sin + is_("shear_y") * 0.3 * v, cos
+        theta[:, 0, 2], theta[:, 1, 2] = is_("translate_x") * 0.6 * v, is_("translate_y") * 0.6 * v  # 30% of 2
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + self.fill
+
+    def apply_cutout(self, x, u):
+        B, _, H, W = x.shape
+        cy, cx = (u[:, 0] * H).long(), (u[:, 1] * W).long()
+        rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        half = self.cutout // 2
+        in_rows = (rows[None] >= cy[:, None] - half) & (rows[None] < cy[:, None] + half)
+        in_cols = (cols[None] >= cx[:, None] - half) & (cols[None] < cx[:, None] + half)
+        return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], self.fill)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a backbone with linear clustering heads (stages 2-3), or a pre-trained classifier (Sec. 3.2).
+
+class ClusterNet(common.Encoder):
+    """common.Encoder whose head is `heads` linear heads of `clusters` outputs each.
+    forward(x) -> (h penultimate features, logits B x heads x clusters)."""
+
+    def __init__(self, arch, clusters, heads=1, width=64, weights=None):
+        super().__init__(arch, width=width, weights=weights)
+        self.arch, self.width, self.clusters, self.heads = arch, width, clusters, heads
+        self.head = nn.Linear(self.feat_dim, heads * clusters)
+
+    def forward(self, x):
+        h, logits = super().forward(x)
+        return h, logits.view(len(h), self.heads, self.clusters)
+
+
+def keep_head(net, head):
+    """A one-head copy of a ClusterNet: same backbone, head number `head` only."""
+    one = ClusterNet(net.arch, net.clusters, 1, width=net.width).to(next(net.parameters()).device)
+    one.backbone.load_state_dict(net.backbone.state_dict())
+    rows = slice(head * net.clusters, (head + 1) * net.clusters)
+    one.head.weight.data.copy_(net.head.weight.data[rows])
+    one.head.bias.data.copy_(net.head.bias.data[rows])
+    return one
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: neighbours of the pretext features.
+
+@torch.no_grad()
+def mine_neighbors(feats, k):
+    """Each row's k nearest OTHER rows by cosine similarity, with the row itself prepended -> N x (k + 1) indices.
+
+    SCAN keeps the image itself in its neighbour list (faiss returns it first); we put it in column 0
+    explicitly so that exact duplicates cannot push it out. Chunked on the device via common.knn."""
+    n = len(feats)
+    if not 0 < k < n:
+        common.fail(f"--num-neighbors {k} must be between 1 and the number of training images - 1 ({n - 1})")
+    idx = common.knn(feats, feats, k + 1, "cosine")[1]
+    own = torch.arange(n, device=idx.device)[:, None]
+    is_self = idx == own
+    drop = is_self.clone()
+    drop[:, -1] |= ~is_self.any(1)                     # self not found among k + 1: drop the farthest instead
+    return torch.cat([own, idx[~drop].view(n, k)], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: the SCAN loss.
+
+def scan_loss(anchor_logits, neighbor_logits, entropy_weight=5.0):
+    """SCAN (Van Gansbeke et al. Eq. 2; this paper Sec. 2.1 (ii)) on logits (..., B, K), any leading head dims:
+        consistency = -1/B sum_i log <p(x_i), p(n_i)>,   entropy = -sum_k pbar_k log pbar_k,  pbar = mean_i p(x_i),
+        total = consistency - entropy_weight * entropy        (so minimising total maximises the entropy).
+    Returns (total, consistency, entropy), each of shape (...). The inner product is taken in log space
+    (logsumexp of the summed log-probabilities): SCAN's log(clamp(<p, q>)) without its clamp."""
+    log_p = F.log_softmax(anchor_logits.float(), -1)
+    log_q = F.log_softmax(neighbor_logits.float(), -1)
+    consistency = -torch.logsumexp(log_p + log_q, -1).mean(-1)
+    mean_p = log_p.exp().mean(-2)
+    entropy = -(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1)
+    return consistency - entropy_weight * entropy, consistency, entropy
+
+
+@torch.no_grad()
+def head_losses(logits, neighbors, entropy_weight):
+    """SCAN's head selection: each head's total loss over all anchors and all their mined neighbours, on
+    un-augmented images. logits N x H x K -> H losses (one loss evaluation per neighbour column)."""
+    per_head = logits.transpose(0, 1)                                                # H x N x K
+    cols = [scan_loss(per_head, per_head[:, neighbors[:, j]], entropy_weight)[0] for j in range(neighbors.shape[1])]
+    return torch.stack(cols).mean(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: self-labelling with confident predictions; also the loss of the K-means-label ablation.
+
+def confidence_mask(weak_logits, threshold=0.99):
+    """SCAN self-labelling: the samples whose softmax maximum on the un-augmented view exceeds threshold
+    -> (mask B bool, predicted cluster B)."""
+    conf, target = F.softmax(weak_logits.float(), -1).max(-1)
+    return conf > threshold, target
+
+
+def weighted_cross_entropy(logits, target, mask):
+    """Cross-entropy over the masked samples, class c weighted by 1 / (its count among them) (SCAN's
+    ConfidenceBasedCE: a weighted mean, so every present class weighs the same). 0 if nothing is masked."""
+    counts = torch.bincount(target[mask], minlength=logits.shape[-1]).float()
+    w = mask.float() / counts.clamp_min(1)[target]
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
+def self_label_loss(weak_logits, strong_logits, threshold=0.99):
+    """SCAN step (iii): cross-entropy of the strong view against the confident predictions of the weak one."""
+    mask, target = confidence_mask(weak_logits, threshold)
+    return weighted_cross_entropy(strong_logits, target, mask), {"confident": mask.float().mean()}
+
+
+def cluster_accuracy(pred, labels):
+    """Hungarian-matched accuracy in % (SCAN's metric): clusters mapped one-to-one onto classes so that the
+    most images agree (scipy's linear_sum_assignment); works for as many or more clusters than classes."""
+    from scipy.optimize import linear_sum_assignment
+    _, p = np.unique(np.asarray(pred), return_inverse=True)
+    _, t = np.unique(np.asarray(labels), return_inverse=True)
+    counts = np.zeros((p.max() + 1, t.max() + 1))
+    np.add.at(counts, (p, t), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return 100.0 * counts[rows, cols].sum() / len(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-trained variant (Sec. 3.2): weight averaging over the fine-tuning epochs.
+
+@torch.no_grad()
+def average_weights(state_dicts, weights=None):
+    """Weighted mean of state dicts key by key (Sec. 4.3: "we average on the model weights at the end of each of
+    the 5 training epochs"); BatchNorm running statistics are averaged too, integer buffers (num_batches_tracked)
+    are averaged and rounded. weights default to equal."""
+    w = torch.tensor(weights if weights is not None else [1.0] * len(state_dicts), dtype=torch.float32)
+    w = (w / w.sum()).tolist()
+    out = {}
+    for key, first in state_dicts[0].items():
+        mean = sum(wi * sd[key].float() for wi, sd in zip(w, state_dicts))
+        out[key] = mean.to(first.dtype) if first.is_floating_point() else mean.round().to(first.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring (higher = in-distribution): kNN (Sec. 3.1, Sec. 4.3), Mahalanobis and MSP (Eq. 1) for Tab. 5.
+
+def mahalanobis_scorer(train_h, labels, ridge=1e-6):
+    """Lee et al. with pseudo-labels: cluster means and one shared covariance of the training features;
+    score(h) = -min_c (h - mu_c)^T S^-1 (h - mu_c), via Cholesky whitening (ridge x mean variance added)."""
+    train_h = train_h.float()
+    K = int(labels.max()) + 1
+    counts = torch.bincount(labels, minlength=K)
+    mu = torch.zeros(K, train_h.shape[1], device=train_h.device).index_add_(0, labels, train_h)
+    mu = mu / counts.clamp_min(1)[:, None]
+    centred = train_h - mu[labels]
+    cov = centred.T @ centred / len(train_h)
+    cov += (ridge * cov.diagonal().mean() + 1e-12) * torch.eye(len(cov), device=cov.device)
+    L = torch.linalg.cholesky(cov)
+    whiten = lambda v: torch.linalg.solve_triangular(L, v.T, upper=False).T
+    mu_w = whiten(mu[counts > 0])
+    return lambda h: -torch.cdist(whiten(h.float()), mu_w).pow(2).min(1).values
+
+
+def make_scorer(kind, train_h, train_logits, k=1):
+    """-> score(h, logits) for one of --score knn | mahalanobis | msp; pseudo-labels = argmax of train_logits."""
+    if kind == "knn":
+        return lambda h, logits: common.knn_scores(train_h, h, k)
+    if kind == "mahalanobis":
+        maha = mahalanobis_scorer(train_h, train_logits.argmax(-1))
+        return lambda h, logits: maha(h)
+    if kind == "msp":
+        return lambda h, logits: F.softmax(logits.float(), -1).amax(-1)
+    common.fail(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
+
+
+def evaluate_net(net, data, x_train, kind, k, device, transform=None):
+    """Metrics per OOD set of a one-head ClusterNet (or a common.Encoder with kind 'knn') on its features."""
+    def features(imgs):
+        h, out = common.embed(net, imgs.to(device), transform=transform)
+        return h, (out[:, 0] if out.dim() == 3 else out)                 # one head: B x K logits
+    score = make_scorer(kind, *features(x_train), k)
+    return common.evaluate(lambda imgs: score(*features(imgs)), data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line and the pipeline.
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = p.add_argument_group("scan_ood")
+    g.add_argument("--from-stage", default="pretext", choices=STAGES,
+                   help="start here, loading the earlier stages' checkpoints from --out")
+    g.add_argument("--tau", type=float, default=0.1, help="SimCLR temperature (pretext)")
+    g.add_argument("--crop-min", type=float, default=0.2, help="smallest crop scale of the pretext augmentation")
+    g.add_argument("--num-neighbors", type=int, default=20, help="neighbours mined per image (SCAN: 20)")
+    g.add_argument("--clusters", type=int, default=0, help="K (default: the number of in-distribution classes)")
+    g.add_argument("--heads", type=int, default=1, help="clustering heads trained at once; the lowest-loss one is kept")
+    g.add_argument("--entropy-weight", type=float, default=5.0, help="weight of the entropy term of the SCAN loss")
+    g.add_argument("--scan-epochs", type=int, default=50)
+    g.add_argument("--scan-batch-size", type=int, default=128)
+    g.add_argument("--scan-lr", type=float, default=1e-4, help="Adam, constant")
+    g.add_argument("--scan-weight-decay", type=float, default=1e-4)
+    g.add_argument("--selflabel-epochs", type=int, default=200)
+    g.add_argument("--selflabel-batch-size", type=int, default=1000)
+    g.add_argument("--selflabel-lr", type=float, default=1e-4, help="Adam, constant")
+    g.add_argument("--selflabel-weight-decay", type=float, default=1e-4)
+    g.add_argument("--confidence", type=float, default=0.99, help="self-labelling threshold on the softmax maximum")
+    g.add_argument("--labels", default="scan", choices=["scan", "kmeans"],
+                   help="pseudo-labels from SCAN, or from K-means on the pretext features (ablation, Sec. 5)")
+    g.add_argument("--backbone", default=None, choices=[a[len("imagenet_"):] for a in common.IMAGENET_ARCHS],
+                   help="also run the pre-trained variant with this torchvision ResNet (paper: resnet152)")
+    g.add_argument("--weights", default=None,
+                   help="backbone weights: torchvision (default), PATH to a state dict, or random (testing only)")
+    g.add_argument("--adapt-epochs", type=int, default=5)
+    g.add_argument("--adapt-batch-size", type=int, default=64)
+    g.add_argument("--adapt-lr", type=float, default=1e-5, help="Adam, cosine to --adapt-final-lr")
+    g.add_argument("--adapt-final-lr", type=float, default=1e-6)
+    g.add_argument("--adapt-size", type=int, default=224, help="images are resized to this side for the backbone")
+    g.add_argument("--no-average", action="store_true", help="score the last epoch's weights, not their average")
+    g.add_argument("--score", default="knn", choices=["knn", "mahalanobis", "msp"])
+    g.add_argument("--knn-k", type=int, default=1, help="kNN score: similarity to the k-th nearest training image")
+    # Defaults: a few-minute run on digits (862 training images of classes 0-5).
+    p.set_defaults(epochs=60, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
+                   scan_epochs=30, selflabel_epochs=20, selflabel_batch_size=256)
+    return p
+
+
+def stage_args(args, **overrides):
+    """A copy of args with one stage's optimiser settings, for common.train (which reads epochs, lr, ...)."""
+    return argparse.Namespace(**{**vars(args), **overrides})
+
+
+def main(argv=None):
+    args = common.parse_args(make_parser(), PRESETS, argv)
+    if args.weights and not args.backbone:
+        common.fail("--weights needs --backbone (the pre-trained variant)")
+    if args.from_stage == "adapt" and not args.backbone:
+        common.fail("--from-stage adapt needs --backbone")
+    if args.backbone and not args.weights:
+        args.weights = "torchvision"
+    device = common.setup(args, "scan_ood")
+    t_start = time.time()
+    data = common.load_data(args)
+    x = data.train_x.to(device)
+    labelled = bool(data.id_classes) and data.train_y.min() >= 0
+    K = args.clusters or len(data.id_classes)
+    if K < 2:
+        common.fail("give --clusters K (>= 2): the data has no labels to count classes from")
+    if K > len(x):
+        common.fail(f"--clusters {K} is larger than the training set ({len(x)} images)")
+    ckpt = lambda stage: os.path.join(args.out, f"{stage}.pt")
+    start = STAGES.index(args.from_stage)
+
+    def run_stage(stage, model, loss_fn, sargs, **kw):
+        """Train a stage, or, before --from-stage, load its finished checkpoint."""
+        if STAGES.index(stage) >= start:
+            print(f"--- stage {stage}: {sargs.epochs} epochs, {sargs.optimizer} lr {sargs.lr}", flush=True)
+            return common.train(model, loss_fn, x, sargs, ckpt(stage), **kw)
+        if not os.path.exists(ckpt(stage)):
+            common.fail(f"--from-stage {args.from_stage} needs {ckpt(stage)}; run the earlier stages first")
+        c = torch.load(ckpt(stage), map_location=device, weights_only=False)
+        common.check_config(c["config"], sargs)
+        if c["epoch"] < c["config"]["epochs"]:
+            common.fail(f"{ckpt(stage)} stopped at epoch {c['epoch']}/{c['config']['epochs']}; finish it with --resume")
+        print(f"--- stage {stage}: loaded {ckpt(stage)}", flush=True)
+        return common.load_weights(model, c["model"])
+
+    results = {"method": "scan_ood", "config": vars(args), "variants": {}, "cluster_accuracy": {}}
+
+    def report(name, metrics, title):
+        common.print_results(metrics, title)
+        results["variants"][name] = metrics
+
+    def report_clusters(name, pred):
+        if labelled:
+            acc = cluster_accuracy(pred.cpu().numpy(), data.train_y.numpy())
+            results["cluster_accuracy"][name] = acc
+            print(f"cluster accuracy ({name}, training images, Hungarian): {acc:.2f}%  (chance ~{100 / K:.1f}%)")
+
+    # Stage 1: SimCLR pretext (SCAN step i), then the neighbours of the un-augmented images.
+    pretext = common.Encoder(args.arch, proj_dim=128, width=args.width).to(device)  # head 512 -> 512 -> 128 at width 64
+    simclr_aug = common.SimCLRAugment(args.size, scale=(args.crop_min, 1.0))
+    run_stage("pretext", pretext,
+              lambda net, xb, idx, ep: common.nt_xent(net(torch.cat([simclr_aug(xb), simclr_aug(xb)]))[1], args.tau),
+              args)
+    report("simclr_knn", evaluate_net(pretext, data, x, "knn", args.knn_k, device), "pretext SimCLR, kNN on h")
+    pre_h, pre_z = common.embed(pretext, x)
+
+    # Stages 2-3: pseudo-labels, from SCAN + self-labelling or from K-means on the pretext features.
+    strong = StrongAugment(n_ops=4, cutout=16)
+    net = ClusterNet(args.arch, K, 1, args.width).to(device)
+    net.backbone.load_state_dict(pretext.backbone.state_dict())
+    sl_args = stage_args(args, epochs=args.selflabel_epochs, batch_size=args.selflabel_batch_size,
+                         lr=args.selflabel_lr, final_lr=args.selflabel_lr, optimizer="adam",
+                         weight_decay=args.selflabel_weight_decay, warmup_epochs=0)
+    if args.labels == "scan":
+        neighbors = mine_neighbors(pre_z, args.num_neighbors)  # SCAN mines on the head's (projection) features
+        if labelled:
+            y = data.train_y.to(device)
+            purity = (y[neighbors[:, 1:]] == y[:, None]).float().mean().item()
+            print(f"mined {args.num_neighbors} neighbours per image; {100 * purity:.1f}% share the image's class")
+            results["neighbor_purity"] = 100 * purity
+        heads = ClusterNet(args.arch, K, args.heads, args.width).to(device)
+        heads.backbone.load_state_dict(pretext.backbone.state_dict())
+
+        def scan_step(net_, xb, idx, epoch):
+            pick = torch.randint(neighbors.shape[1], (len(idx),), device=device)   # may be the anchor itself (SCAN)
+            logits = net_(torch.cat([strong(xb), strong(x[neighbors[idx, pick]])]))[1]  # one pass, shared BN stats
+            anchor, neighbor = logits.transpose(0, 1).chunk(2, dim=1)               # H x B x K each
+            total, consistency, entropy = scan_loss(anchor, neighbor, args.entropy_weight)
+            return total.sum(), {"consistency": consistency.mean(), "entropy": entropy.mean()}
+
+        run_stage("scan", heads, scan_step,
+                  stage_args(args, epochs=args.scan_epochs, batch_size=args.scan_batch_size, lr=args.scan_lr,
+                             final_lr=args.scan_lr, optimizer="adam", weight_decay=args.scan_weight_decay,
+                             warmup_epochs=0))
+        losses = head_losses(common.embed(heads, x)[1], neighbors, args.entropy_weight)
+        best = int(losses.argmin())
+        print(f"head losses {[round(v, 4) for v in losses.tolist()]}: keeping head {best}")
+        net = keep_head(heads, best)
+        report_clusters("scan", common.embed(net, x)[1][:, 0].argmax(1))
+
+        def selflabel_step(net_, xb, idx, epoch):
+            with torch.no_grad():
+                weak = net_(common.to_float(xb))[1][:, 0]
+            return self_label_loss(weak, net_(strong(xb))[1][:, 0], args.confidence)
+
+        run_stage("selflabel", net, selflabel_step, sl_args)
+        pseudo = common.embed(net, x)[1][:, 0].argmax(1)
+        report_clusters("selflabel", pseudo)
+    else:
+        pseudo = common.kmeans(pre_h, K, metric="cosine", seed=args.seed, n_init=3)[1]  # our choice: spherical, 3 inits
+        report_clusters("kmeans", pseudo)
+        everyone = torch.ones(len(x), dtype=torch.bool, device=device)
+        run_stage("selflabel", net,
+                  lambda net_, xb, idx, ep: weighted_cross_entropy(net_(strong(xb))[1][:, 0], pseudo[idx], everyone[idx]),
+                  sl_args)
+        report_clusters("kmeans_finetuned", common.embed(net, x)[1][:, 0].argmax(1))
+    name = "scan_features" if args.labels == "scan" else "kmeans_features"
+    report(name, evaluate_net(net, data, x, args.score, args.knn_k, device),
+           f"self-supervised variant ({args.labels} labels), {args.score} on penultimate features")
+    main_variant = name
+
+    # Pre-trained variant (Sec. 3.2): DN2 on the un-adapted backbone, then fine-tune on the pseudo-labels (Eq. 2).
+    if args.backbone:
+        arch = f"imagenet_{args.backbone}"
+        resize = lambda xb: F.interpolate(common.to_float(xb), size=args.adapt_size, mode="bilinear", align_corners=False)
+        clf = ClusterNet(arch, K, 1, args.width, args.weights).to(device)
+        report("dn2", evaluate_net(clf, data, x, "knn", args.knn_k, device, resize), f"DN2: un-adapted {arch}, kNN")
+        crop = common.SimCLRAugment(args.adapt_size, scale=(0.8, 1.0), jitter=0.0, p_gray=0.0)  # our choice: crop + flip
+        avg = {"average": {}, "n_averaged": 0}
+
+        def add_snapshot():
+            sd = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+            n = avg["n_averaged"]
+            avg["average"] = sd if n == 0 else average_weights([avg["average"], sd], [n, 1])
+            avg["n_averaged"] = n + 1
+
+        run_stage("adapt", clf, lambda net_, xb, idx, ep: F.cross_entropy(net_(crop(xb))[1][:, 0].float(), pseudo[idx]),
+                  stage_args(args, epochs=args.adapt_epochs, batch_size=args.adapt_batch_size, lr=args.adapt_lr,
+                             final_lr=args.adapt_final_lr, optimizer="adam", weight_decay=0.0, warmup_epochs=0,
+                             arch=arch),
+                  state=avg, on_epoch_start=lambda epoch, net_: add_snapshot() if epoch > 0 else None)
+        add_snapshot()                                            # the last epoch's weights
+        if not args.no_average:
+            print(f"scoring the average of {avg['n_averaged']} end-of-epoch weights")
+            clf.load_state_dict(avg["average"])
+        report("pretrained", evaluate_net(clf, data, x, args.score, args.knn_k, device, resize),
+               f"pre-trained variant ({arch}, {'last epoch' if args.no_average else 'averaged'}), {args.score}")
+        main_variant = "pretrained"
+
+    results.update(metrics=results["variants"][main_variant], main_variant=main_variant,
+                   seconds=time.time() - t_start, device=str(device))
+    common.save_results(os.path.join(args.out, "results.json"), results)
+    print(f"done in {common.fmt_time(results['seconds'])}; results in {os.path.join(args.out, 'results.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Tests of common.py against independent references: literal loops, scikit-learn, torchvision."""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import common
+
+
+def args_for(tmp_path, *argv):
+    return common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]),
+                             argv=["--out", str(tmp_path), "--data-root", str(tmp_path / "data"), *argv])
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def test_digits_split_is_deterministic_disjoint_and_32px():
+    xtr, ytr, classes = common.load_dataset("digits", train=True)
+    xte, yte, _ = common.load_dataset("digits", train=False)
+    assert xtr.dtype == torch.uint8 and xtr.shape[1:] == (3, 32, 32) and ytr.dtype == torch.int64
+    assert len(xtr) + len(xte) == 1797 and len(xtr) == int(0.8 * 1797) and classes == [str(i) for i in range(10)]
+    assert torch.equal(xtr, common.load_dataset("digits", train=True)[0])
+    assert torch.equal(xtr[:, 0], xtr[:, 2]) and xtr.max() > 200          # grey digits, full range
+    flat = lambda x: {bytes(v) for v in x.reshape(len(x), -1).numpy()}
+    assert len(flat(xtr) & flat(xte)) < 5                                   # (a few identical digits exist)
+
+
+def test_parse_and_select_classes():
+    assert common.parse_classes("0-2,4-5") == [0, 1, 2, 4, 5] and common.parse_classes("3") == [3]
+    x, y = torch.arange(10)[:, None], torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    xs, ys = common.select_classes(x, y, [1, 3])
+    assert ys.tolist() == [1, 3, 1, 3] and xs[:, 0].tolist() == [1, 3, 6, 8]
+    with pytest.raises(SystemExit, match="bad --id-classes"):
+        common.parse_classes("a-b")
+
+
+def test_load_data_default_split_and_errors(tmp_path):
+    data = common.load_data(args_for(tmp_path))
+    assert set(data.train_y.tolist()) == set(range(6)) and set(data.test_y.tolist()) == set(range(6))
+    (name, ood), = data.ood.items()
+    xte, yte, _ = common.load_dataset("digits", train=False)
+    assert len(ood) == int((yte >= 6).sum()) and "other classes" in name
+    assert len(common.load_data(args_for(tmp_path, "--subset", "100")).train_x) == 100
+    with pytest.raises(SystemExit, match="out of range"):
+        common.load_data(args_for(tmp_path, "--id-classes", "0-12"))
+    with pytest.raises(SystemExit, match="no OOD set"):
+        common.load_data(args_for(tmp_path, "--id-classes", "0-9"))
+    with pytest.raises(SystemExit, match="unknown data set 'mnist'"):
+        common.load_dataset("mnist")
+    with pytest.raises(SystemExit, match="data folder not found"):
+        common.load_dataset(f"folder:{tmp_path}/nowhere")
+    with pytest.raises(SystemExit, match="npy file not found"):
+        common.load_dataset(f"npy:{tmp_path}/nowhere.npy")
+
+
+def _write_images(folder, n, size, seed):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for i in range(n):
+        Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")
+
+
+def test_folder_loader_splits_resizes_caches_and_names_bad_images(tmp_path):
+    root = tmp_path / "set"
+    for split, n in (("train", 3), ("test", 2)):
+        for c in ("cat", "ant"):
+            _write_images(root / split / c, n, 40, seed=n)
+    cache = str(tmp_path / "cache")
+    x, y, classes = common.load_dataset(f"folder:{root}", train=True, root=cache)
+    assert classes == ["ant", "cat"] and x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(common.load_dataset(f"folder:{root}", train=False, root=cache)[0]) == 4
+    expected = common.resize_uint8(TF.pil_to_tensor(Image.open(root / "train" / "ant" / "0.png"))[None], 32)[0]
+    assert torch.equal(x[0], expected)
+    assert len(os.listdir(tmp_path / "cache" / "cache")) == 2                # one decoded tensor per split
+    os.remove(root / "train" / "ant" / "0.png")                             # the cache answers without the files
+    assert torch.equal(common.load_dataset(f"folder:{root}", train=True, root=cache)[0], x)
+    flat = tmp_path / "flat"                                                # no class folders: unlabeled
+    _write_images(flat, 3, 32, seed=0)
+    (flat / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="image will not decode: .*broken.jpg"):
+        common.load_dataset(f"folder:{flat}", root=cache)
+    os.remove(flat / "broken.jpg")
+    x, y, _ = common.load_dataset(f"folder:{flat}", root=cache)
+    assert len(x) == 3 and (y == -1).all()
+
+
+def test_npy_resized_and_interp(tmp_path):
+    a = np.random.RandomState(0).randint(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    np.save(tmp_path / "oe.npy", a)
+    x, y, _ = common.load_dataset(f"npy:{tmp_path}/oe.npy")
+    assert x.shape == (5, 3, 32, 32) and (y == -1).all()
+    np.save(tmp_path / "bad.npy", a.astype(np.float32))
+    with pytest.raises(SystemExit, match="expected a uint8"):
+        common.load_dataset(f"npy:{tmp_path}/bad.npy")
+    x, _, _ = common.load_dataset("interp:digits")
+    test, _, _ = common.load_dataset("digits", train=False)
+    assert len(x) == len(test) - 100
+    assert torch.equal(x[7], ((test[107].float() + test[7].float()) / 2).round().to(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+def test_simclr_augment_shapes_ranges_and_per_sample_parameters():
+    x = common.load_dataset("digits")[0][:64]
+    aug = common.SimCLRAugment(32, blur=True)
+    out = aug(x, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    again = aug(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)                                          # reproducible from the generator
+    same = aug(x[:1].expand(8, -1, -1, -1), generator=torch.Generator().manual_seed(1))
+    assert (same - same[:1]).abs().amax((1, 2, 3)).gt(1e-3).sum() >= 6      # one image, eight different views
+    shared = aug(x[:1].expand(8, -1, -1, -1), generator=torch.Generator().manual_seed(1), same_for_batch=True)
+    assert torch.allclose(shared, shared[:1].expand_as(shared))             # CSI's test-time mode
+    assert common.SimCLRAugment(48)(x[:2]).shape == (2, 3, 48, 48)
+
+
+def test_crop_is_identity_at_full_scale_and_flip_mirrors():
+    x = torch.rand(4, 3, 32, 32)
+    aug = common.SimCLRAugment(32, scale=(1.0, 1.0), jitter=0, p_gray=0, flip=False)
+    assert torch.allclose(aug(x), x, atol=1e-5)
+    ones = torch.ones(4, 10)
+    flipped = common.SimCLRAugment(32).crop_flip(x, ones, 0.5 * ones, 0.5 * torch.ones(4, 2), torch.zeros(4))
+    assert torch.allclose(flipped, x.flip(3), atol=1e-5)
+
+
+def test_crop_box_lands_on_the_requested_pixels():
+    x = torch.rand(2, 3, 32, 32)
+    aug = common.SimCLRAugment(16, scale=(0.25, 0.25), flip=False)   # area 1/4, ratio 1: a 16 x 16 box
+    half = 0.5 * torch.ones(2, 10)
+    corner = aug.crop_flip(x, half, half, torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.ones(2))
+    assert torch.allclose(corner[0], x[0, :, :16, :16], atol=1e-5)   # top-left quadrant
+    assert torch.allclose(corner[1], x[1, :, 16:, 16:], atol=1e-5)   # bottom-right quadrant
+
+
+def test_color_jitter_matches_torchvision_per_sample():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 8, 8, generator=g)
+    b, c, s = (0.6 + 0.8 * torch.rand(6, generator=g) for _ in range(3))
+    h = 0.2 * torch.rand(6, generator=g) - 0.1
+    ours = common.color_jitter(x, b, c, s, h)
+    for i in range(6):
+        ref = TF.adjust_brightness(x[i], b[i].item())
+        ref = TF.adjust_contrast(ref, c[i].item())
+        ref = TF.adjust_saturation(ref, s[i].item())
+        ref = TF.adjust_hue(ref, h[i].item())
+        assert torch.allclose(ours[i], ref, atol=1e-4), i
+    assert torch.allclose(common.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6)
+
+
+def test_rotate90_per_sample():
+    x = torch.rand(8, 3, 5, 5)
+    k = torch.arange(8) % 4
+    out = common.rotate90(x, k)
+    for i in range(8):
+        assert torch.equal(out[i], torch.rot90(x[i], int(k[i]), (1, 2)))
+    assert torch.equal(common.rotate90(x, 2), torch.rot90(x, 2, (2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------- backbones
+
+def test_encoder_shapes_and_standard_parameter_count():
+    x = torch.rand(2, 3, 32, 32)
+    for arch, dim in (("resnet18", 64), ("resnet34", 64), ("resnet50", 256)):
+        h, z = common.Encoder(arch, proj_dim=16, width=8)(x)
+        assert h.shape == (2, dim) and z.shape == (2, 16)
+    net, dim = common.build_backbone("resnet18", 64)
+    assert dim == 512 and sum(p.numel() for p in net.parameters()) == 11_168_832   # CIFAR ResNet-18 without fc
+    h, z = common.Encoder("imagenet_resnet18", bn_in_head=True)(torch.rand(2, 3, 64, 64))
+    assert h.shape == (2, 512) and z.shape == (2, 128)
+    with pytest.raises(SystemExit, match="unknown arch"):
+        common.build_backbone("vgg11")
+
+
+def test_load_weights_strips_prefixes_and_names_mismatches():
+    a, b = common.Encoder(width=4), common.Encoder(width=4)
+    common.load_weights(b, {"model": {"module." + k: v for k, v in a.state_dict().items()}})
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    bad = dict(a.state_dict())
+    bad.pop("head.0.weight")
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(SystemExit, match=r"missing \['head.0.weight'\], unexpected \['extra.weight'\]"):
+        common.load_weights(b, bad)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def literal_nt_xent(z, tau):
+    """SimCLR Eq. 1, one anchor at a time."""
+    z = z / z.norm(dim=1, keepdim=True)
+    n2 = len(z)
+    total = 0
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        denom = sum(torch.exp(z[i] @ z[k] / tau) for k in range(n2) if k != i)
+        total = total - torch.log(torch.exp(z[i] @ z[j] / tau) / denom)
+    return total / n2
+
+
+def literal_supcon(z, labels, tau):
+    """Khosla et al. Eq. 2 (L_out), one anchor and one positive at a time; anchors without positives skipped."""
+    z = z / z.norm(dim=1, keepdim=True)
+    losses = []
+    for i in range(len(z)):
+        pos = [p for p in range(len(z)) if p != i and labels[p] == labels[i]]
+        if not pos:
+            continue
+        denom = sum(torch.exp(z[i] @ z[a] / tau) for a in range(len(z)) if a != i)
+        losses.append(-sum(torch.log(torch.exp(z[i] @ z[p] / tau) / denom) for p in pos) / len(pos))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_nt_xent_and_supcon_match_literal_values_and_gradients(tau):
+    z = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2, 0, 3, 0, 1, 1, 2, 0, 4])                 # 4: a view with no positive
+    for ours, ref in ((common.nt_xent(z, tau), literal_nt_xent(z, tau)),
+                      (common.supcon(z, labels, tau), literal_supcon(z, labels, tau))):
+        assert torch.allclose(ours.double(), ref, atol=1e-5)
+        g1, = torch.autograd.grad(ours, z)
+        g2, = torch.autograd.grad(ref, z)
+        assert torch.allclose(g1.double(), g2, atol=1e-5)
+    assert torch.allclose(common.nt_xent(z, tau), common.supcon(z, torch.arange(12) % 6, tau))  # SimCLR = SupCon on ids
+
+
+def test_losses_stable_in_bf16_and_without_positives():
+    z = (100 * torch.randn(64, 16)).bfloat16()
+    assert torch.isfinite(common.nt_xent(z, 0.05)) and torch.isfinite(common.supcon(z, torch.arange(64) % 3, 0.05))
+    zg = torch.randn(4, 3, requires_grad=True)
+    loss = common.supcon(zg, torch.arange(4), 0.1)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(zg.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [common.lr_at(s, 100, 1.0, warmup=10, final=0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.505) and lrs[-1] > 0.01
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def tiny_run(tmp_path, argv, on_epoch_start=None):
+    args = args_for(tmp_path, "--epochs", "4", "--batch-size", "16", "--save-every", "1", *argv)
+    torch.manual_seed(0)
+    model = common.Encoder(width=4, proj_dim=8)
+    x = common.load_dataset("digits")[0][:64]
+    aug = common.SimCLRAugment(32)
+    loss_fn = lambda net, xb, idx, ep: common.nt_xent(net(torch.cat([aug(xb), aug(xb)]))[1], 0.5)
+    common.train(model, loss_fn, x, args, str(tmp_path / "ckpt.pt"), on_epoch_start=on_epoch_start)
+    return model
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    full = tiny_run(tmp_path / "a", [])
+
+    def kill(epoch, net):
+        if epoch == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path / "b", [], on_epoch_start=kill)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["epoch"] == 2
+    resumed = tiny_run(tmp_path / "b", ["--resume"])
+    for (k, v), w in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(v, w), k
+    with pytest.raises(SystemExit, match="width: checkpoint 16 vs now 8"):
+        tiny_run(tmp_path / "b", ["--resume", "--width", "8"])
+
+
+def test_nan_guard_stops_with_a_clear_message(tmp_path):
+    args = args_for(tmp_path, "--epochs", "1", "--batch-size", "8")
+    model = nn.Linear(2, 1)
+    x = torch.zeros(16, 2)
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at epoch 1 step 0"):
+        common.train(model, lambda net, xb, idx, ep: net(xb.float()).sum() * float("nan"), x, args, str(tmp_path / "c.pt"))
+
+
+def test_presets_apply_beneath_explicit_flags():
+    parser = argparse.ArgumentParser(parents=[common.arg_parser()])
+    presets = {"paper": {"epochs": 1000, "width": 64, "lr": 0.3}}
+    args = common.parse_args(parser, presets, ["--preset", "paper", "--lr", "0.5"])
+    assert (args.epochs, args.width, args.lr) == (1000, 64, 0.5)
+    assert args.sources["epochs"] == "preset paper" and args.sources["lr"] == "command line"
+    assert args.sources["seed"] == "default"
+    with pytest.raises(SystemExit, match="unknown --preset 'nope'"):
+        common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]), presets, ["--preset", "nope"])
+
+
+# ---------------------------------------------------------------------------------------------- K-means, kNN
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_kmeans_inertia_within_one_percent_of_sklearn(k):
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import make_blobs
+    x, _ = make_blobs(2000, n_features=16, centers=8, cluster_std=3.0, random_state=0)
+    x = torch.tensor(x, dtype=torch.float32)
+    centers, assign = common.kmeans(x, k, n_init=3, seed=0)
+    ours = ((x - centers[assign]) ** 2).sum()
+    ref = KMeans(k, n_init=3, random_state=0).fit(x.numpy()).inertia_
+    assert ours <= ref * 1.01
+    assert torch.equal(assign, torch.cdist(x, centers).argmin(1))          # each point at its nearest centre
+    assert torch.allclose(centers[2], x[assign == 2].mean(0), atol=1e-4)    # each centre the mean of its points
+
+
+def test_kmeans_cosine_and_errors():
+    x = torch.randn(300, 8)
+    centers, assign = common.kmeans(x, 4, metric="cosine")
+    assert torch.allclose(centers.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.equal(assign, (torch.nn.functional.normalize(x, dim=1) @ centers.T).argmax(1))
+    with pytest.raises(SystemExit, match="k=400 needs at least k points"):
+        common.kmeans(x, 400)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_matches_brute_force_in_small_chunks(metric, monkeypatch):
+    from sklearn.neighbors import NearestNeighbors
+    g = torch.Generator().manual_seed(0)
+    ref, query = torch.randn(500, 12, generator=g), torch.randn(77, 12, generator=g)
+    monkeypatch.setattr(common, "_chunk_rows", lambda n_cols, budget=0: 10)   # force many chunks
+    vals, idx = common.knn(query, ref, k=5, metric=metric)
+    dist, nn_idx = NearestNeighbors(n_neighbors=5, algorithm="brute", metric=metric).fit(ref).kneighbors(query)
+    assert np.array_equal(idx.numpy(), nn_idx)
+    expected = 1 - dist if metric == "cosine" else -dist
+    assert np.allclose(vals.numpy(), expected, atol=1e-4)
+    assert torch.allclose(common.knn_scores(ref, query, k=5, metric=metric), vals[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def literal_metrics(s_id, s_ood):
+    s_id, s_ood = np.asarray(s_id, float), np.asarray(s_ood, float)
+    auroc = np.mean([(a > b) + 0.5 * (a == b) for a in s_id for b in s_ood])
+    thr = sorted(set(s_id) | set(s_ood), reverse=True)
+    fpr95 = next(np.mean(s_ood >= t) for t in thr if np.mean(s_id >= t) >= 0.95)
+
+    def ap(pos, neg):  # average precision: mean precision at each positive, ties counted together
+        return np.mean([(np.sum(pos >= p)) / (np.sum(pos >= p) + np.sum(neg >= p)) for p in pos])
+    return {"auroc": 100 * auroc, "fpr95": 100 * fpr95, "aupr_in": 100 * ap(s_id, s_ood), "aupr_out": 100 * ap(-s_ood, -s_id)}
+
+
+def test_ood_metrics_conventions():
+    rng = np.random.RandomState(0)
+    s_id, s_ood = rng.randn(200) + 1, rng.randn(150)
+    ours, ref = common.ood_metrics(torch.tensor(s_id), s_ood), literal_metrics(s_id, s_ood)
+    for key in ref:
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
+    perfect = common.ood_metrics([5, 6, 7], [1, 2])
+    assert perfect == {"auroc": 100.0, "fpr95": 0.0, "aupr_in": 100.0, "aupr_out": 100.0}
+    swapped = common.ood_metrics([1, 2], [5, 6, 7])
+    assert swapped["auroc"] == 0.0 and swapped["fpr95"] == 100.0
+
+
+def test_print_and_save_results(tmp_path, capsys):
+    res = {"a": common.ood_metrics([3, 4], [1, 2]), "b": common.ood_metrics([3, 4], [1, 5])}
+    common.print_results(res, "title")
+    out = capsys.readouterr().out
+    assert "title" in out and "mean" in out and "100.00" in out
+    common.save_results(str(tmp_path / "r.json"), {"metrics": res})
+    import json
+    assert json.load(open(tmp_path / "r.json"))["metrics"]["a"]["auroc"] == 100.0
+
+
+def test_import_is_light():
+    """Importing common must not run anything or pull in scikit-learn (it costs seconds)."""
+    code = "import sys, common; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert out.stdout.strip() == "False", out.stderr
