@@ -173,14 +173,14 @@ def held_out_labels(args, data):
 # ----------------------------------------------------------------------------------------------
 # One run: train, score, report.
 
-def load_outliers(args, device):
+def load_outliers(args, data, device):
     x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
     if args.oe_classes:
         if y.min() < 0:
             common.fail(f"--oe {args.oe} has no labels, so --oe-classes cannot select from it")
         ids = common.parse_classes(args.oe_classes)
-        if args.oe == args.dataset and args.id_classes and set(ids) & set(common.parse_classes(args.id_classes)):
-            common.fail(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {args.id_classes}")
+        if args.oe == args.dataset and set(ids) & set(data.id_classes):
+            common.fail(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {data.id_classes}")
         x, y = common.select_classes(x, y, ids)
     if len(x) == 0:
         common.fail(f"the outlier set --oe {args.oe} {args.oe_classes or ''} holds no images")
@@ -199,7 +199,7 @@ def run(args):
     device = common.setup(args, "oecl")
     data = common.load_data(args)
     x = data.train_x.to(device)
-    oe_x = None if args.self_oe else load_outliers(args, device)
+    oe_x = None if args.self_oe else load_outliers(args, data, device)
     print(f"train {len(x)} ID images, outliers: "
           f"{'rotations by 180/270 degrees' if args.self_oe else f'{len(oe_x)} images of {args.oe}'}", flush=True)
 
