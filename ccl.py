@@ -96,19 +96,23 @@ def build_parser():
 # ----------------------------------------------------------------------------------------------
 # Losses. L_self is common.nt_xent on z (Eq. 2-3). h: 2N x d features of the views, row i and i + N one image.
 
-def concentration(h, centers, assign, alpha=10.0):
+def concentration(h, centers, assign, alpha=10.0, mean=None):
     """Eq. 5, PCL's concentration of each cluster c: phi_c = sum_t ||h_t - c|| / (T log(T + alpha)), T its size.
 
     h: N x d features in the space the centres live in (we pass L2-normalised features), assign: N cluster ids.
     Returns R temperatures. A cluster with fewer than 2 members (phi 0 or 0/0) gets the largest phi of the others,
-    as PCL does. ambiguity (Eq. 5): no rescaling; PCL's percentile clip and scaling to mean tau are not applied."""
+    as PCL does. With `mean`, PCL's code goes on: clip phi to its 10th-90th percentiles and scale it to that mean."""
     r = len(centers)
     size = torch.bincount(assign, minlength=r).float()
     if (size >= 2).sum() == 0:
         common.fail(f"every cluster has fewer than 2 members: use fewer --clusters than {r}")
     dist_sum = torch.zeros(r, device=h.device).index_add_(0, assign, (h.float() - centers[assign].float()).norm(dim=1))
     phi = dist_sum / (size * torch.log(size + alpha))
-    return torch.where(size >= 2, phi, phi[size >= 2].max())
+    phi = torch.where(size >= 2, phi, phi[size >= 2].max())
+    if mean is None:
+        return phi
+    phi = phi.clamp(torch.quantile(phi, 0.1), torch.quantile(phi, 0.9))
+    return mean * phi / phi.mean()
 
 
 def cluster_center_loss(h, centers, assign, phi):

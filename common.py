@@ -523,8 +523,8 @@ def nt_xent(z, tau=0.5):
 def supcon(z, labels, tau=0.1):
     """Supervised contrastive loss (Khosla et al., L_out): for each anchor, the mean over its positives (same
     label, not itself) of -log softmax over all other views. Anchors without a positive contribute nothing;
-    the mean is over anchors that have one (0 if none do)."""
-    z = F.normalize(z.float(), dim=1)
+    the mean is over anchors that have one (0 if none do). Under torch.distributed, over the views of all ranks."""
+    z, labels = F.normalize(all_gather(z.float()), dim=1), all_gather(labels)
     logits = z @ z.T / tau
     eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
     log_prob = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True)

@@ -12,6 +12,7 @@ projection of a test image, averaged over augmentations (Eq. 14-15). Outliers ar
     python oecl.py --oe digits --oe-classes 6-7         # OECL; outliers: training-split digits 6 and 7
     python oecl.py --preset quick                       # CIFAR-10 0-5 vs 6-9 (CPU path check), digits as outliers
     python oecl.py --preset paper --oe npy:PATH.npy     # CIFAR-10 one-vs-rest, every class, 500 epochs
+    python oecl.py --preset paper --self-oe --epochs 1000   # self-OECL's row of Table I
     python oecl.py --protocol leave-one-out --all-classes   # every class held out in turn, per-class AUROC
 
 Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
@@ -173,6 +174,19 @@ def held_out_labels(args, data):
 # ----------------------------------------------------------------------------------------------
 # One run: train, score, report.
 
+def resolve_outliers(args):
+    """OECL (--oe SPEC) or self-OECL (--self-oe; the default without --oe): exactly one -> args, resolved."""
+    if args.self_oe and args.sources.get("oe") != "command line":
+        args.oe = None                                   # a typed --self-oe replaces a preset's outlier set
+    if args.self_oe is None:
+        args.self_oe = args.oe is None
+    if args.self_oe == (args.oe is not None):
+        common.fail("give exactly one of --oe SPEC (OECL) and --self-oe (self-OECL)")
+    if args.oe_classes and not args.oe:
+        common.fail("--oe-classes needs --oe")
+    return args
+
+
 def load_outliers(args, data, device):
     x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
     if args.oe_classes:
@@ -190,12 +204,7 @@ def load_outliers(args, data, device):
 def run(args):
     """Train and evaluate one configuration -> results dict (also written to <out>/results.json)."""
     t0 = time.time()
-    if args.self_oe is None:
-        args.self_oe = args.oe is None
-    if args.self_oe == (args.oe is not None):
-        common.fail("give either --oe SPEC (OECL) or --self-oe (self-OECL), not both")
-    if args.oe_classes and not args.oe:
-        common.fail("--oe-classes needs --oe")
+    resolve_outliers(args)
     device = common.setup(args, "oecl")
     data = common.load_data(args)
     x = data.train_x.to(device)

@@ -464,7 +464,7 @@ def main(argv=None):
     pre_h, pre_z = common.embed(pretext, x)
 
     # Stages 2-3: pseudo-labels, from SCAN + self-labelling or from K-means on the pretext features.
-    strong = StrongAugment(n_ops=4, cutout=16)
+    strong = StrongAugment(n_ops=4, cutout=args.size // 2)  # SCAN: Cutout 16 px on 32 px CIFAR
     net = ClusterNet(args.arch, K, 1, args.width).to(device)
     net.backbone.load_state_dict(pretext.backbone.state_dict())
     sl_args = stage_args(args, epochs=args.selflabel_epochs, batch_size=args.selflabel_batch_size,

@@ -248,10 +248,10 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def tiny_run(tmp_path, argv, on_epoch_start=None):
-    args = args_for(tmp_path, "--epochs", "4", "--batch-size", "16", "--save-every", "1", *argv)
+    args = args_for(tmp_path, "--epochs", "3", "--batch-size", "16", "--save-every", "1", *argv)
     torch.manual_seed(0)
-    model = common.Encoder(width=4, proj_dim=8)
-    x = common.load_dataset("digits")[0][:64]
+    model = common.Encoder(width=2, proj_dim=8)
+    x = common.load_dataset("digits")[0][:32]
     aug = common.SimCLRAugment(32)
     loss_fn = lambda net, xb, idx, ep: common.nt_xent(net(torch.cat([aug(xb), aug(xb)]))[1], 0.5)
     common.train(model, loss_fn, x, args, str(tmp_path / "ckpt.pt"), on_epoch_start=on_epoch_start)

@@ -107,6 +107,10 @@ def test_presets_resolve_and_flags_override():
         assert all(args.sources[k] == f"preset {name}" for k in preset)
         args = common.parse_args(parser(), oecl.PRESETS, ["--preset", name, "--epochs", "3", "--alpha", "0.1"])
         assert args.epochs == 3 and args.alpha == 0.1 and args.sources["epochs"] == "command line"
+    args = oecl.resolve_outliers(common.parse_args(parser(), oecl.PRESETS, ["--preset", "paper"]))
+    assert args.oe == oecl.PAPER["oe"] and args.self_oe is False
+    args = oecl.resolve_outliers(common.parse_args(parser(), oecl.PRESETS, ["--preset", "paper", "--self-oe"]))
+    assert args.oe is None and args.self_oe is True                     # a typed --self-oe replaces the preset's set
 
 
 def test_digits_oecl_far_above_chance_and_checkpoint_records_preset(tmp_path):
@@ -134,8 +138,10 @@ def test_self_oecl_and_outliers_of_another_size_and_count(tmp_path):
 
 def test_bad_input_fails_clearly(tmp_path):
     out = ["--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="not both"):
+    with pytest.raises(SystemExit, match="exactly one of"):
         oecl.main(["--oe", "digits", "--self-oe", *out])
+    with pytest.raises(SystemExit, match="exactly one of"):
+        oecl.main(["--no-self-oe", *out])
     with pytest.raises(SystemExit, match="overlap the in-distribution"):
         oecl.main(["--oe", "digits", "--oe-classes", "5-6", "--epochs", "0", *out])
     with pytest.raises(SystemExit, match="go together"):

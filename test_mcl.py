@@ -1,0 +1,277 @@
+"""Tests of mcl.py: each loss against a literal per-view loop of the paper's equation (values and gradients),
+the Gaussians against numpy, the SEI aggregations against loops, the batch layout, presets, and short digits runs."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import mcl
+
+TAU, ALPHA, BETA = 0.2, 0.05, 2.5
+
+
+def random_batch(n_images=6, n_classes=3, n_rot=2, d=5, seed=0):
+    """z (2N x d) for N = n_images rotated images and per-view labels, laid out as the training batches are."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_images
+    z = torch.randn(2 * n, d, generator=g, dtype=torch.float64).float().requires_grad_()
+    y_img = torch.randint(n_classes, (n,), generator=g)
+    r_img = torch.randint(n_rot, (n,), generator=g)
+    return z, y_img.repeat(2), r_img.repeat(2)
+
+
+def literal_ccm(i, j, y_main, y_aux, n):
+    """Eq. 11 for one pair; the partner view (same image) keeps 1/tau."""
+    if j == (i + n) % (2 * n):
+        return 1 / TAU
+    if y_main[i] == y_main[j] and y_aux[i] == y_aux[j]:
+        return ALPHA
+    if y_main[i] == y_main[j]:
+        return BETA
+    return 1 / TAU
+
+
+def cos(z, i, j):
+    return (z[i] @ z[j]) / (z[i].norm() * z[j].norm())
+
+
+def test_ccm_mask_matches_eq11_pair_by_pair():
+    z, y_main, y_aux = random_batch(n_images=7)
+    mask = mcl.ccm_mask(y_main, y_aux, ALPHA, BETA, TAU)
+    n2 = len(z)
+    for i in range(n2):
+        for j in range(n2):
+            if i != j:
+                assert mask[i, j].item() == pytest.approx(literal_ccm(i, j, y_main, y_aux, n2 // 2))
+
+
+def test_ccm_loss_matches_eq4_to_6_loop():
+    z, y_main, y_aux = random_batch()
+    n2, n = len(z), len(z) // 2
+    total = 0
+    for i in range(n2):
+        j = (i + n) % n2
+        denom = sum(torch.exp(cos(z, i, k) * literal_ccm(i, k, y_main, y_aux, n)) for k in range(n2) if k != i)
+        total = total - torch.log(torch.exp(cos(z, i, j) / TAU) / denom)
+    expected = total / n2
+    got = mcl.ccm_loss(z, y_main, y_aux, ALPHA, BETA, TAU)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    g_got, = torch.autograd.grad(got, z)
+    g_exp, = torch.autograd.grad(expected, z)
+    torch.testing.assert_close(g_got, g_exp, rtol=1e-4, atol=1e-6)
+
+
+def test_without_ccm_the_loss_is_nt_xent():
+    z, y_main, y_aux = random_batch()
+    got = mcl.ccm_loss(z, y_main, y_aux, 1 / TAU, 1 / TAU, TAU)
+    assert got.item() == pytest.approx(common.nt_xent(z, TAU).item(), rel=1e-5)
+
+
+def literal_positive_set(i, y_main, y_aux, n):
+    """Eq. 7: views with the same joint label whose parent image differs."""
+    return [k for k in range(2 * n) if y_main[k] == y_main[i] and y_aux[k] == y_aux[i] and k % n != i % n]
+
+
+def test_spa_positives_are_uniform_over_eq7_set():
+    z, y_main, y_aux = random_batch(n_images=8, n_classes=2, n_rot=2)
+    n2, n = len(z), len(z) // 2
+    image = torch.arange(n2) % n
+    same = (y_main[:, None] == y_main[None]) & (y_aux[:, None] == y_aux[None]) & (image[:, None] != image[None])
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([mcl.spa_positives(same, gen) for _ in range(4000)])       # 4000 x 2N
+    for i in range(n2):
+        allowed = literal_positive_set(i, y_main, y_aux, n)
+        if not allowed:
+            assert (draws[:, i] == -1).all()
+            continue
+        counts = torch.bincount(draws[:, i], minlength=n2).float()
+        assert counts[[k for k in range(n2) if k not in allowed]].sum() == 0
+        freq = counts[allowed] / len(draws)
+        assert (freq - 1 / len(allowed)).abs().max() < 0.04                        # ~5 sigma at 4000 draws
+
+
+def literal_spa(z, y_main, y_aux, generator):
+    """Eq. 7-10, one view at a time. The positive is drawn as spa_loss draws it: the highest of one uniform
+    score per view among B_i^+, read row by row from the same generator stream."""
+    n2, n = len(z), len(z) // 2
+    scores = torch.rand(n2, n2, generator=generator)
+    total = 0
+    for i in range(n2):
+        allowed = literal_positive_set(i, y_main, y_aux, n)
+        if not allowed:
+            continue                                                                # contributes nothing
+        j = max(allowed, key=lambda k: scores[i, k].item())
+        denom = 0
+        for k in range(n2):
+            if k % n == i % n:                                                      # own image's views: out
+                continue
+            mask = 1 / TAU if k == j else literal_ccm(i, k, y_main, y_aux, n)
+            denom = denom + torch.exp(cos(z, i, k) * mask)
+        total = total - torch.log(torch.exp(cos(z, i, j) / TAU) / denom)
+    return total / n2
+
+
+def test_spa_loss_matches_eq7_to_9_loop_with_a_fixed_generator():
+    z, y_main, y_aux = random_batch(n_images=8, n_classes=2, n_rot=2, seed=3)
+    got = mcl.spa_loss(z, y_main, y_aux, ALPHA, BETA, TAU, torch.Generator().manual_seed(7))
+    expected = literal_spa(z, y_main, y_aux, torch.Generator().manual_seed(7))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    g_got, = torch.autograd.grad(got, z)
+    g_exp, = torch.autograd.grad(expected, z)
+    torch.testing.assert_close(g_got, g_exp, rtol=1e-4, atol=1e-6)
+
+
+def test_spa_loss_is_zero_without_any_positive():
+    z, _, _ = random_batch(n_images=4)
+    y = torch.arange(4).repeat(2)                                                   # every image its own class
+    assert mcl.spa_loss(z, y, torch.zeros_like(y)).item() == 0
+
+
+def test_mcl_loss_is_ccm_plus_lambda_spa():
+    z, y_main, y_aux = random_batch(n_images=8, n_classes=2)
+    loss, logs = mcl.mcl_loss(z, y_main, y_aux, ALPHA, BETA, TAU, 0.5, torch.Generator().manual_seed(2))
+    spa = mcl.spa_loss(z, y_main, y_aux, ALPHA, BETA, TAU, torch.Generator().manual_seed(2))
+    ccm = mcl.ccm_loss(z, y_main, y_aux, ALPHA, BETA, TAU)
+    assert loss.item() == pytest.approx((ccm + 0.5 * spa).item(), rel=1e-6)
+    assert set(logs) == {"ccm", "spa"}
+    assert mcl.mcl_loss(z, y_main, y_aux, spa_weight=0)[0].item() == pytest.approx(mcl.ccm_loss(z, y_main, y_aux).item())
+
+
+def test_alpha_conditions_of_appendix_a():
+    # A.3: 2N = 2048 views, C = 40 joint classes: Eq. 24 bound 1 / (0.2 x 51.2) = 0.098, alpha = 0.05 passes.
+    assert mcl.alpha_conditions(0.05, 0.2, 1.0, 2048, 40) == []
+    with pytest.warns(UserWarning, match="Eq. 24"):
+        assert len(mcl.alpha_conditions(0.2, 0.2, 1.0, 2048, 40)) == 1
+    with pytest.warns(UserWarning, match="Eq. 31"):                                 # bound 1 / (0.4 x 2046)
+        assert len(mcl.alpha_conditions(1e-3, 0.2, 1.0, 2048, 40)) == 1
+
+
+def test_rotated_views_keep_all_four_rotations_of_an_image_in_the_batch():
+    xb = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    views, y_aux = mcl.rotated_views(xb, common.to_float)                          # identity augmentation
+    assert views.shape == (2 * 4 * 3, 3, 8, 8)
+    xf = common.to_float(xb)
+    for half in range(2):
+        for r in range(4):
+            for b in range(3):
+                row = half * 12 + r * 3 + b
+                assert y_aux[row] == r
+                torch.testing.assert_close(views[row], torch.rot90(xf[b], r, dims=(1, 2)))
+
+
+def test_sei_views_are_rotations_then_mirrors():
+    xb = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8)
+    views = mcl.sei_views(xb, 8).view(2, 8, 3, 6, 6)
+    xf = common.to_float(xb)
+    for b in range(2):
+        for v in range(8):
+            src = xf[b].flip(2) if v >= 4 else xf[b]
+            torch.testing.assert_close(views[b, v], torch.rot90(src, v % 4, dims=(1, 2)))
+
+
+def test_gaussians_and_mahalanobis_match_numpy():
+    rng = np.random.RandomState(0)
+    C, d, ridge = 3, 4, 0.01
+    feats = rng.randn(60, d) * rng.rand(d) + rng.randn(d)
+    labels = np.repeat(np.arange(C), 20)
+    query = rng.randn(7, d)
+    means, chol = mcl.fit_gaussians(torch.tensor(feats).float(), torch.tensor(labels), C, ridge)
+    dist = mcl.mahalanobis(torch.tensor(query), means, chol)
+    for c in range(C):
+        fc = feats[labels == c].astype(np.float32).astype(np.float64)
+        cov = np.cov(fc, rowvar=False)
+        cov += ridge * np.trace(cov) / d * np.eye(d)
+        np.testing.assert_allclose(means[c].numpy(), fc.mean(0), rtol=1e-6)
+        np.testing.assert_allclose((chol[c] @ chol[c].T).numpy(), cov, rtol=1e-6, atol=1e-9)
+        precision = np.linalg.inv(cov)
+        for i in range(len(query)):
+            diff = query[i] - fc.mean(0)
+            assert dist[i, c].item() == pytest.approx(diff @ precision @ diff, rel=1e-6)
+
+
+def test_mahalanobis_matches_scikit_learn():
+    from sklearn.covariance import EmpiricalCovariance
+    rng = np.random.RandomState(1)
+    feats = rng.randn(200, 5) @ rng.randn(5, 5)
+    est = EmpiricalCovariance().fit(feats)                                          # ML covariance (n, not n - 1)
+    means, chol = mcl.fit_gaussians(torch.tensor(feats), torch.zeros(200, dtype=torch.long), 1, ridge=0.0)
+    query = rng.randn(9, 5)
+    ours = mcl.mahalanobis(torch.tensor(query), means, chol)[:, 0].numpy()
+    np.testing.assert_allclose(ours * 200 / 199, est.mahalanobis(query), rtol=1e-6)
+
+
+def test_fit_gaussians_refuses_a_class_with_one_image():
+    with pytest.raises(SystemExit, match="class 1"):
+        mcl.fit_gaussians(torch.randn(5, 3), torch.tensor([0, 0, 1, 2, 2]), 3)
+
+
+@pytest.mark.parametrize("how", mcl.AGGREGATIONS)
+def test_sei_aggregations_match_loops(how):
+    g = torch.Generator().manual_seed(0)
+    S = -torch.rand(5, 8, 3, generator=g, dtype=torch.float64) * 10                 # minus squared distances
+    pred, score = mcl.sei_aggregate(S, how)
+    for n in range(5):
+        agg = []
+        for c in range(3):
+            views = [S[n, v, c].item() for v in range(8)]
+            if how == "avg":                                                        # Eq. 17
+                agg.append(sum(views) / len(views))
+            elif how == "max":                                                      # Eq. 18
+                agg.append(max(views))
+            else:                                                                   # Eq. 19-20, weights 1/d
+                w = [1 / -s for s in views]
+                agg.append(sum(wi * s for wi, s in zip(w, views)) / sum(w))
+        best = max(range(3), key=lambda c: agg[c])
+        assert pred[n].item() == best
+        assert score[n].item() == pytest.approx(agg[best])
+    if how == "w-avg":                                                              # = minus the harmonic mean
+        d = -S[0, :, pred[0]]
+        assert score[0].item() == pytest.approx(-(len(d) / (1 / d).sum()).item())
+
+
+def test_presets_resolve_and_flags_override():
+    known = {a.dest for a in mcl.build_parser()._actions}
+    for name, preset in mcl.PRESETS.items():
+        assert set(preset) <= known, name
+        args = common.parse_args(mcl.build_parser(), mcl.PRESETS, ["--preset", name, "--epochs", "3"])
+        assert args.epochs == 3 and args.sources["epochs"] == "command line"
+        for k, v in preset.items():
+            if k != "epochs":
+                assert getattr(args, k) == v and args.sources[k] == f"preset {name}"
+    assert mcl.QUICK["dataset"] == "folder:../shared/data/cifar10" and mcl.QUICK["width"] == 16
+
+
+def tiny_run(tmp_path, *flags):
+    return ["--subset", "96", "--width", "4", "--size", "16", "--epochs", "1", "--batch-size", "24",
+            "--out", str(tmp_path), *flags]
+
+
+def test_checkpoint_records_the_resolved_preset(tmp_path):
+    out = mcl.main(tiny_run(tmp_path, "--preset", "quick", "--dataset", "digits", "--sei", "4"))
+    config = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["config"]
+    assert config["lr"] == mcl.QUICK["lr"] and config["sources"]["lr"] == "preset quick"
+    assert config["width"] == 4 and config["sources"]["width"] == "command line"
+    assert config["dataset"] == "digits" and config["sei"] == 4
+    saved = json.load(open(os.path.join(tmp_path, "results.json")))
+    assert saved["method"] == "mcl" and saved["metrics"].keys() == out["metrics"].keys()
+    assert set(saved["grid"]) == {f"{layer} {key}" for layer in ("ph", "lf")
+                                  for key in ["sei1 -"] + [f"sei4 {a}" for a in mcl.AGGREGATIONS]}
+
+
+def test_kmeans_labels_run_and_bad_cluster_count(tmp_path):
+    out = mcl.main(tiny_run(tmp_path, "--labels", "kmeans", "--simclr-epochs", "1", "--clusters", "4", "--sei", "1"))
+    assert 0 <= out["accuracy"] <= 100 and math.isfinite(out["metrics"]["digits[other classes]"]["auroc"])
+    with pytest.raises(SystemExit, match="--clusters"):
+        mcl.main(tiny_run(tmp_path / "bad", "--labels", "kmeans", "--clusters", "1000"))
+
+
+def test_digits_run_is_far_above_chance(tmp_path):
+    """Digits 0-5 vs 6-9: a short MCL run with 4-way SEI separates them and classifies the six classes."""
+    out = mcl.main(["--width", "8", "--epochs", "4", "--sei", "4", "--out", str(tmp_path)])
+    assert out["metrics"]["digits[other classes]"]["auroc"] > 75
+    assert out["accuracy"] > 70                                                     # chance: 1/6
