@@ -499,13 +499,36 @@ def load_weights(model, source):
 # ----------------------------------------------------------------------------------------------
 # Losses shared by several methods. Computed in float32 whatever the autocast dtype: logits / tau with
 # tau = 0.1 reach 10, and exp of that overflows nothing in fp32 while log-sum-exp keeps it stable.
+# Under torchrun every rank gathers the views of all ranks and computes the loss of the global batch; the
+# all_gather backward sums each rank's gradient and DDP averages over ranks, so G GPUs with a global batch B
+# compute exactly the loss and gradients of one GPU with batch B.
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank():
+    return torch.distributed.get_rank() if distributed() else 0
+
+
+def world_size():
+    return torch.distributed.get_world_size() if distributed() else 1
+
 
 def all_gather(x):
-    """Concatenate x across ranks with gradients flowing back to each rank; identity without torch.distributed."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """Concatenate x across ranks, rank order, with gradients flowing back to each rank (the backward sums the
+    gradients of every rank's loss); identity without torch.distributed. Works for label tensors too."""
+    if not distributed():
         return x
     import torch.distributed.nn.functional as distnn
-    return torch.cat(distnn.all_gather(x), 0)
+    return torch.cat(distnn.all_gather(x.contiguous()), 0)
+
+
+def broadcast(x, src=0):
+    """Rank src's tensor on every rank (in place); identity without torch.distributed."""
+    if distributed():
+        torch.distributed.broadcast(x, src)
+    return x
 
 
 def nt_xent(z, tau=0.5):
@@ -645,10 +668,12 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
     loss_fn(net, xb, idx, epoch) -> loss or (loss, {name: float}); net is the (compiled) model, xb the uint8
     batch, idx its indices into x (for per-image state such as cluster assignments).
     state: dict of extra tensors (cluster centres, ...) saved with every checkpoint and restored on resume.
-    on_epoch_start(epoch, net): called before each epoch (re-clustering, schedules of loss weights).
+    on_epoch_start(epoch, model): called before each epoch with the plain model (re-clustering, schedules).
     Uses args: epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_epochs, final_lr, amp,
     compile, grad_clip, save_every, resume, device. Checkpoint at `ckpt` every args.save_every epochs and at
     the end (atomic); with args.resume training continues from it exactly (weights, optimizer, RNG, epoch).
+    Under torchrun: DDP with SyncBatchNorm on GPUs, args.batch_size is the global batch and each rank takes its
+    contiguous share of every batch of one shuffle common to all ranks; rank 0 alone writes checkpoints.
     Returns the trained model (a run that had already finished only loads its weights)."""
     device = x.device
     state = {} if state is None else state
@@ -667,7 +692,12 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
         print(f"resumed {ckpt} at epoch {start}/{args.epochs}")
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt}, starting from scratch")
-    net = torch.compile(model) if args.compile else model
+    net = model
+    if distributed():   # global BatchNorm as the official code (SyncBatchNorm exists on GPUs only)
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if args.compile else net
     steps_per_epoch = len(x) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} is larger than the training set ({len(x)} images)")
@@ -681,7 +711,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
     for epoch in range(start, args.epochs):
         model.train()
         if on_epoch_start:
-            on_epoch_start(epoch, net)
+            on_epoch_start(epoch, model)
         t0, sums = time.time(), {}
         perm = torch.randperm(len(x), device="cpu").to(device)
         for it in range(steps_per_epoch):
@@ -689,7 +719,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
             lr = lr_at(step, total, args.lr, warmup, args.final_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = perm[it * args.batch_size:(it + 1) * args.batch_size]
+            idx = perm[it * args.batch_size:(it + 1) * args.batch_size].chunk(world_size())[rank()]  # this rank's share
             with autocast(args, device):
                 out = loss_fn(net, x[idx], idx, epoch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
@@ -713,7 +743,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
         logs = " ".join(f"{k} {float(v) / steps_per_epoch:.4f}" for k, v in sums.items())
         print(f"epoch {done}/{args.epochs} {logs} lr {lr:.4g} | {speed:.0f} img/s, "
               f"{time.time() - t0:.1f}s/epoch, eta {fmt_time(eta)}", flush=True)
-        if done % args.save_every == 0 or done == args.epochs:
+        if (done % args.save_every == 0 or done == args.epochs) and rank() == 0:
             save(done)
     return model
 
@@ -778,7 +808,8 @@ def kmeans(x, k, iters=100, n_init=1, metric="euclidean", seed=0, tol=1e-4):
 
     metric 'cosine' = spherical K-means: rows and centres L2-normalised each step. tol as scikit-learn:
     stop when the squared centre shift is below tol x mean feature variance. Empty clusters are re-seeded
-    with the points farthest from their centres. n_init restarts keep the lowest inertia."""
+    with the points farthest from their centres. n_init restarts keep the lowest inertia. Under torchrun the
+    result of rank 0 is broadcast, so every rank trains with the same clusters."""
     if k > len(x):
         fail(f"K-means with k={k} needs at least k points, got {len(x)}")
     x = x.float()
@@ -809,7 +840,7 @@ def kmeans(x, k, iters=100, n_init=1, metric="euclidean", seed=0, tol=1e-4):
         inertia = dist.sum()
         if best is None or inertia < best[0]:
             best = (inertia, c, assign)
-    return best[1], best[2]
+    return broadcast(best[1]), broadcast(best[2])   # under torchrun every rank uses rank 0's clustering
 
 
 def knn(query, ref, k=1, metric="cosine"):
@@ -835,7 +866,7 @@ def knn(query, ref, k=1, metric="cosine"):
             v = -(((query[i:i + step] ** 2).sum(1, keepdim=True) - v).clamp_min(0).sqrt())
         vals.append(v)
         idxs.append(j)
-    return torch.cat(vals), torch.cat(idxs)
+    return broadcast(torch.cat(vals)), broadcast(torch.cat(idxs))   # identical on every rank under torchrun
 
 
 def knn_scores(train, test, k=1, metric="cosine"):
@@ -887,7 +918,9 @@ def print_results(results, title=""):
 
 
 def save_results(path, results):
-    """Write results (method, config, metrics per OOD set, seconds, device, ...) as JSON, atomically."""
+    """Write results (method, config, metrics per OOD set, seconds, device, ...) as JSON, atomically (rank 0)."""
+    if rank() != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -971,13 +1004,27 @@ def print_config(args):
 
 
 def setup(args, script):
-    """The start of every script's main(): seed, device, run folder, config printout -> device."""
-    seed_everything(args.seed)
+    """The start of every script's main(): process group under torchrun, seed, device, run folder, config
+    printout -> device. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group (nccl on
+    CUDA, gloo on CPU), puts each rank on its own GPU and silences print on every rank but 0."""
     device = get_device(args.device)
+    if "RANK" in os.environ and not distributed():
+        import builtins
+        import datetime
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=30))
+        if args.batch_size % world_size():
+            fail(f"--batch-size {args.batch_size} (the global batch) is not divisible by {world_size()} processes")
+        if rank() != 0:
+            builtins.print = lambda *a, **k: None
+    seed_everything(args.seed)   # the same seed on every rank: the same shuffle and the same per-position draws
     args.out = args.out or os.path.join("runs", f"{script}-{args.dataset.replace(':', '_').replace('/', '_')}")
     os.makedirs(args.out, exist_ok=True)
     print_config(args)
-    print(f"device {device}, run folder {args.out}", flush=True)
+    print(f"device {device}, run folder {args.out}" + (f", {world_size()} processes" if distributed() else ""), flush=True)
     return device
 
 

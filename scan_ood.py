@@ -319,23 +319,26 @@ def average_weights(state_dicts, weights=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring (higher = in-distribution): kNN (Sec. 3.1, Sec. 4.3), Mahalanobis and MSP (Eq. 1) for Tab. 5.
+# Scoring (higher = in-distribution): kNN (Sec. 3.1, 3.2, 4.3), Mahalanobis and MSP (Eq. 1) for Tab. 5.
 
 def mahalanobis_scorer(train_h, labels, ridge=1e-6):
-    """Lee et al. with pseudo-labels: cluster means and one shared covariance of the training features;
-    score(h) = -min_c (h - mu_c)^T S^-1 (h - mu_c), via Cholesky whitening (ridge x mean variance added)."""
+    """Per-cluster Gaussians on the training features ("the empirical covariance matrix of each cluster", Sec. 3.2)
+    -> score(h) = -min_c (h - mu_c)^T S_c^-1 (h - mu_c), via Cholesky whitening; ridge x mean variance is added
+    to each S_c so that small clusters stay invertible. Empty clusters are skipped."""
     train_h = train_h.float()
-    K = int(labels.max()) + 1
-    counts = torch.bincount(labels, minlength=K)
-    mu = torch.zeros(K, train_h.shape[1], device=train_h.device).index_add_(0, labels, train_h)
-    mu = mu / counts.clamp_min(1)[:, None]
-    centred = train_h - mu[labels]
-    cov = centred.T @ centred / len(train_h)
-    cov += (ridge * cov.diagonal().mean() + 1e-12) * torch.eye(len(cov), device=cov.device)
-    L = torch.linalg.cholesky(cov)
-    whiten = lambda v: torch.linalg.solve_triangular(L, v.T, upper=False).T
-    mu_w = whiten(mu[counts > 0])
-    return lambda h: -torch.cdist(whiten(h.float()), mu_w).pow(2).min(1).values
+    eye = torch.eye(train_h.shape[1], device=train_h.device)
+    gaussians = []
+    for c in labels.unique():                                  # a loop over the K clusters, not over samples
+        h = train_h[labels == c]
+        mu = h.mean(0)
+        cov = (h - mu).T @ (h - mu) / len(h)
+        gaussians.append((mu, torch.linalg.cholesky(cov + (ridge * cov.diagonal().mean() + 1e-12) * eye)))
+
+    def score(h):
+        h = h.float()
+        d = [torch.linalg.solve_triangular(L, (h - mu).T, upper=False).pow(2).sum(0) for mu, L in gaussians]
+        return -torch.stack(d, 1).min(1).values
+    return score
 
 
 def make_scorer(kind, train_h, train_logits, k=1):
@@ -508,9 +511,9 @@ def main(argv=None):
     else:
         pseudo = common.kmeans(pre_h, K, metric="cosine", seed=args.seed, n_init=3)[1]  # our choice: spherical, 3 inits
         report_clusters("kmeans", pseudo)
-        everyone = torch.ones(len(x), dtype=torch.bool, device=device)
-        run_stage("selflabel", net,
-                  lambda net_, xb, idx, ep: weighted_cross_entropy(net_(strong(xb))[1][:, 0], pseudo[idx], everyone[idx]),
+        run_stage("selflabel", net,  # our choice: SCAN's self-label stage, every image kept, the same 1/frequency weights
+                  lambda net_, xb, idx, ep: weighted_cross_entropy(net_(strong(xb))[1][:, 0], pseudo[idx],
+                                                                   torch.ones_like(idx, dtype=torch.bool)),
                   sl_args)
         report_clusters("kmeans_finetuned", common.embed(net, x)[1][:, 0].argmax(1))
     name = "scan_features" if args.labels == "scan" else "kmeans_features"

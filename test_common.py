@@ -372,3 +372,52 @@ def test_import_is_light():
     code = "import sys, common; print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------- torchrun / DDP (gloo, 2 CPU processes)
+
+def _one_step(ckpt):
+    """One SGD step of a BatchNorm-free model on a global batch of 16 (two views: the image and its mirror)."""
+    args = argparse.Namespace(epochs=1, batch_size=16, lr=0.5, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                              warmup_epochs=0, final_lr=0.0, amp="off", compile=False, grad_clip=float("inf"),
+                              save_every=1, resume=False, device="cpu")
+    common.seed_everything(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
+    x = torch.randint(0, 256, (16, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    two_views = lambda net, xb, idx, ep: common.nt_xent(net(common.to_float(torch.cat([xb, xb.flip(3)]))), 0.5)
+    common.train(model, two_views, x, args, ckpt)
+    return model[1].weight.detach()
+
+
+def _ddp_worker(rank, world, tmp):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    out = {}
+    # (a) NT-Xent over the gathered views of both ranks, this rank's half of the global batch
+    z = torch.randn(2, 2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # rank, view, n, d
+    z_local = torch.cat([z[rank, 0], z[rank, 1]]).requires_grad_()
+    loss = common.nt_xent(z_local, 0.5)
+    loss.backward()
+    out["loss"], out["grad"] = loss.detach(), z_local.grad
+    # (b) one training step under DDP, 8 images per rank
+    out["weights"] = _one_step(f"{tmp}/ckpt.pt")
+    # (c) K-means: rank 1 asks for another seed, yet both ranks end with rank 0's clustering
+    out["centers"] = common.kmeans(torch.randn(200, 4, generator=torch.Generator().manual_seed(2)), 5, seed=rank)[0]
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_path_equals_one_process_with_the_global_batch(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    z = torch.randn(2, 2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z_full = torch.cat([z[0, 0], z[1, 0], z[0, 1], z[1, 1]]).requires_grad_()   # view 1 of both ranks, then view 2
+    loss = common.nt_xent(z_full, 0.5)
+    grad, = torch.autograd.grad(loss, z_full)
+    assert torch.allclose(r0["loss"], loss) and torch.allclose(r1["loss"], loss)
+    for r, res in enumerate((r0, r1)):   # each rank's gradient is the sum over both ranks' identical losses
+        rows = torch.tensor([r * 3 + i for i in range(3)] + [6 + r * 3 + i for i in range(3)])
+        assert torch.allclose(res["grad"] / 2, grad[rows])
+    single = _one_step(str(tmp_path / "single.pt"))
+    assert torch.allclose(r0["weights"], single, atol=1e-6) and torch.equal(r0["weights"], r1["weights"])
+    assert torch.equal(r0["centers"], r1["centers"])
