@@ -73,7 +73,7 @@ def build_parser():
     g = parser.add_argument_group("ccl")
     # ambiguity (issue 3 calls it --warmup-epochs): that name is common's learning-rate warm-up, so the stage is
     # --cluster-start
-    g.add_argument("--cluster-start", type=int, default=10,
+    g.add_argument("--cluster-start", type=int, default=15,
                    help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
     g.add_argument("--cluster-every", type=int, default=5,
                    help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
@@ -83,13 +83,15 @@ def build_parser():
     g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
     g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
     g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5)")
+    g.add_argument("--phi-mean", type=float, default=0.0,
+                   help="PCL's rescaling of phi: clip to the 10th-90th percentile, scale to this mean (0 = Eq. 5 as printed)")
     g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
     g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
     g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
     g.add_argument("--n-aug", type=int, default=0,
                    help="CSI's test-time ensemble: average z over T augmented views (paper: 10; 0 = clean images)")
     # Defaults: digits 0-5 (860 training images), a few minutes on a CPU.
-    parser.set_defaults(epochs=30, batch_size=128, lr=0.1, width=16)
+    parser.set_defaults(epochs=30, batch_size=64, lr=0.1, width=8)
     return parser
 
 
@@ -153,14 +155,14 @@ def is_cluster_epoch(epoch, start, every):
 
 
 @torch.no_grad()
-def cluster(net, x, layer, k, alpha, seed):
+def cluster(net, x, layer, k, alpha, phi_mean, seed):
     """K-means on the features of ALL training images, un-augmented (Sec. 3.3) -> state for the cluster losses.
 
     ambiguity (Eq. 4-5 compare by cosine, Table 5 reports cosine): K-means is spherical, on L2-normalised features."""
     h, z = common.embed(net, x)
     feats = F.normalize(h if layer == "embedding" else z, dim=1)
     centers, assign = common.kmeans(feats, k, metric="cosine", seed=seed)
-    return {"centers": centers, "assign": assign, "phi": concentration(feats, centers, assign, alpha)}
+    return {"centers": centers, "assign": assign, "phi": concentration(feats, centers, assign, alpha, phi_mean or None)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def main(argv=None):
 
     def on_epoch_start(epoch, net):
         if clustering and is_cluster_epoch(epoch, args.cluster_start, args.cluster_every):
-            state.update(cluster(net, x, args.cluster_layer, args.clusters, args.alpha, args.seed + epoch))
+            state.update(cluster(net, x, args.cluster_layer, args.clusters, args.alpha, args.phi_mean, args.seed + epoch))
             sizes = torch.bincount(state["assign"], minlength=args.clusters).tolist()
             print(f"epoch {epoch + 1}: K-means on the {args.cluster_layer} layer, sizes {sizes}, "
                   f"phi {state['phi'].min():.3f}..{state['phi'].max():.3f}", flush=True)

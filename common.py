@@ -191,6 +191,17 @@ def parse_classes(text):
     return sorted(set(ids))
 
 
+def format_classes(ids):
+    """[0, 1, 2, 4, 5] -> '0-2,4-5' (the inverse of parse_classes)."""
+    runs, ids = [], sorted(ids)
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def select_classes(x, y, ids):
     """Keep the images whose label is in ids (labels are kept as they are)."""
     keep = torch.isin(y, torch.as_tensor(ids, dtype=y.dtype))
@@ -218,7 +229,7 @@ def load_data(args):
     ood = {}
     if ids and len(ids) < n_classes:
         rest = [c for c in range(n_classes) if c not in ids]
-        ood[f"{args.dataset.split(':')[0]}[other classes]"] = select_classes(test_x, test_y, rest)[0]
+        ood[f"classes {format_classes(rest)}"] = select_classes(test_x, test_y, rest)[0]
         train_x, train_y = select_classes(train_x, train_y, ids)
         test_x, test_y = select_classes(test_x, test_y, ids)
     specs = args.ood if args.ood is not None else (["svhn", "cifar100", "interp:cifar10"]
@@ -898,7 +909,7 @@ def ood_metrics(score_id, score_ood):
             "aupr_out": 100 * average_precision_score(1 - y, -s)}
 
 
-def evaluate(score_fn, data, name=""):
+def evaluate(score_fn, data):
     """score_fn(uint8 images) -> scores (higher = ID); metrics for every OOD set of `data` (from load_data)."""
     s_id = score_fn(data.test_x)
     return {ood: ood_metrics(s_id, score_fn(x)) for ood, x in data.ood.items()}

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ def test_concentration_matches_eq5_loop():
     largest = max(e for e in expected if e is not None)
     expected = torch.stack([e if e is not None else largest for e in expected])
     torch.testing.assert_close(ccl.concentration(h, centers, assign, alpha), expected)
+    lo, hi = np.percentile(expected.numpy(), 10), np.percentile(expected.numpy(), 90)   # PCL's rescaling
+    clipped = torch.tensor([min(max(float(e), lo), hi) for e in expected])
+    torch.testing.assert_close(ccl.concentration(h, centers, assign, alpha, mean=0.3), 0.3 * clipped / clipped.mean())
 
 
 def test_cluster_center_loss_matches_eq4_loop():

@@ -34,6 +34,7 @@ def test_digits_split_is_deterministic_disjoint_and_32px():
 
 def test_parse_and_select_classes():
     assert common.parse_classes("0-2,4-5") == [0, 1, 2, 4, 5] and common.parse_classes("3") == [3]
+    assert common.format_classes([0, 1, 2, 4, 5, 7]) == "0-2,4-5,7"
     x, y = torch.arange(10)[:, None], torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
     xs, ys = common.select_classes(x, y, [1, 3])
     assert ys.tolist() == [1, 3, 1, 3] and xs[:, 0].tolist() == [1, 3, 6, 8]
@@ -46,7 +47,7 @@ def test_load_data_default_split_and_errors(tmp_path):
     assert set(data.train_y.tolist()) == set(range(6)) and set(data.test_y.tolist()) == set(range(6))
     (name, ood), = data.ood.items()
     xte, yte, _ = common.load_dataset("digits", train=False)
-    assert len(ood) == int((yte >= 6).sum()) and "other classes" in name
+    assert len(ood) == int((yte >= 6).sum()) and name == "classes 6-9"
     assert len(common.load_data(args_for(tmp_path, "--subset", "100")).train_x) == 100
     with pytest.raises(SystemExit, match="out of range"):
         common.load_data(args_for(tmp_path, "--id-classes", "0-12"))
