@@ -73,9 +73,9 @@ def build_parser():
     g = parser.add_argument_group("ccl")
     # ambiguity (issue 3 calls it --warmup-epochs): that name is common's learning-rate warm-up, so the stage is
     # --cluster-start
-    g.add_argument("--cluster-start", type=int, default=15,
+    g.add_argument("--cluster-start", type=int, default=10,
                    help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
-    g.add_argument("--cluster-every", type=int, default=5,
+    g.add_argument("--cluster-every", type=int, default=3,
                    help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
     g.add_argument("--clusters", type=int, default=6, help="K-means centres R (paper: 10 on CIFAR-10)")
     g.add_argument("--cluster-layer", default="embedding", choices=["embedding", "projection"],
@@ -91,7 +91,7 @@ def build_parser():
     g.add_argument("--n-aug", type=int, default=0,
                    help="CSI's test-time ensemble: average z over T augmented views (paper: 10; 0 = clean images)")
     # Defaults: digits 0-5 (860 training images), a few minutes on a CPU.
-    parser.set_defaults(epochs=30, batch_size=64, lr=0.1, width=8)
+    parser.set_defaults(epochs=20, batch_size=64, lr=0.1, width=8)
     return parser
 
 
