@@ -40,31 +40,57 @@ import common
 # Presets (--preset paper | quick); explicit flags override them.
 
 PAPER = dict(
-    dataset="cifar10",                   # Sec. 4: CIFAR-10, all 10 classes in-distribution
-    ood=["cifar100", "svhn", "lsun_resize"],  # Tab. 2; LSUN (FIX) exists only on Google Drive (CSI), not loadable here
-    arch="resnet18", width=64,           # Tab. 2 "SCAN Features, ResNet-18"; public code: CIFAR ResNet-18
-    epochs=500, batch_size=512,          # public code (SCAN simclr_cifar10.yml)
-    optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=1e-4,  # public code (SCAN pretext)
-    final_lr=4e-4, warmup_epochs=0,      # public code: cosine to lr x 1e-3, no warm-up
-    tau=0.1, crop_min=0.2,               # public code: SimCLR temperature 0.1, crop scale (0.2, 1)
-    num_neighbors=20,                    # public code: top-20 neighbours
-    clusters=10,                         # Sec. 4.3: K = 10 for every data set
-    heads=1,                             # public code: num_heads 1
-    entropy_weight=5.0,                  # public code: scan_cifar10.yml entropy_weight 5.0
-    scan_epochs=50, scan_batch_size=128, scan_lr=1e-4, scan_weight_decay=1e-4,  # public code (Adam)
-    selflabel_epochs=200, selflabel_batch_size=1000, selflabel_lr=1e-4, selflabel_weight_decay=1e-4,  # public code
-    confidence=0.99,                     # public code: confidence threshold 0.99
-    backbone="resnet152", weights="torchvision",  # Sec. 4.3: ImageNet-pre-trained ResNet-152 ("Ours", Tab. 2)
-    adapt_epochs=5, adapt_lr=1e-5, adapt_final_lr=1e-6,  # Sec. 4.3: 5 epochs, Adam, cosine 1e-5 -> 1e-6
-    adapt_size=224,                      # our choice: the ImageNet input size (paper silent)
-    adapt_batch_size=64,                 # our choice (paper silent)
-    score="knn", knn_k=1,                # Sec. 4.3: kNN with k = 1 for all evaluations
+    dataset="cifar10",                  # Sec. 4: CIFAR-10, all 10 classes in-distribution
+    ood=["cifar100", "svhn", "lsun_resize"],  # Tab. 2 (LSUN (FIX) is only on CSI's Google Drive: not loadable here)
+    arch="resnet18",                    # Tab. 2: "SCAN Features, ResNet-18"
+    width=64,                           # public code: the standard CIFAR ResNet-18
+    epochs=500,                         # public code: SCAN pretext, simclr_cifar10.yml
+    batch_size=512,                     # public code
+    optimizer="sgd",                    # public code
+    lr=0.4,                             # public code
+    momentum=0.9,                       # public code
+    weight_decay=1e-4,                  # public code
+    final_lr=4e-4,                      # public code: cosine to lr x 1e-3
+    warmup_epochs=0,                    # public code
+    tau=0.1,                            # public code: SimCLR temperature
+    crop_min=0.2,                       # public code: crop scale (0.2, 1)
+    num_neighbors=20,                   # public code: top-20 neighbours
+    clusters=10,                        # Sec. 4.3: K = 10 for all clustering
+    heads=1,                            # public code: num_heads 1
+    entropy_weight=5.0,                 # public code: scan_cifar10.yml
+    scan_epochs=50,                     # public code
+    scan_batch_size=128,                # public code
+    scan_lr=1e-4,                       # public code: Adam, constant
+    scan_weight_decay=1e-4,             # public code
+    selflabel_epochs=200,               # public code
+    selflabel_batch_size=1000,          # public code
+    selflabel_lr=1e-4,                  # public code: Adam, constant
+    selflabel_weight_decay=1e-4,        # public code
+    confidence=0.99,                    # public code: self-labelling threshold
+    backbone="resnet152",               # Sec. 4.3 / Tab. 2 "Ours, ResNet-152"
+    weights="torchvision",              # Sec. 4.3: ImageNet pre-training
+    adapt_epochs=5,                     # Sec. 4.3
+    adapt_lr=1e-5,                      # Sec. 4.3: Adam, cosine annealing from 1e-5 ...
+    adapt_final_lr=1e-6,                # Sec. 4.3: ... to 1e-6
+    adapt_size=224,                     # our choice: the ImageNet input size (paper silent)
+    adapt_batch_size=64,                # our choice (paper silent)
+    score="knn",                        # Sec. 3.2
+    knn_k=1,                            # Sec. 4.3: k = 1 for all kNN evaluations
 )
 
 QUICK = dict(
-    dataset="folder:../shared/data/cifar10", id_classes="0-5", subset=6000, width=16,  # README results table
-    epochs=12, batch_size=256, lr=0.4, final_lr=4e-4, weight_decay=1e-4,  # our choice: pretext ~4 min on 2 cores
-    scan_epochs=4, selflabel_epochs=3, selflabel_batch_size=500,          # our choice: ~4 min for both
+    dataset="folder:../shared/data/cifar10",  # the README results table: real CIFAR-10 on a CPU
+    id_classes="0-5",                   # README table: classes 6-9 are the OOD set
+    subset=6000,                        # README table
+    width=16,                           # README table
+    epochs=12,                          # our choice: the pretext stage is about half the run
+    batch_size=256,                     # our choice
+    lr=0.4,                             # public code (SCAN pretext)
+    final_lr=4e-4,                      # public code: cosine to lr x 1e-3
+    weight_decay=1e-4,                  # public code
+    scan_epochs=4,                      # our choice
+    selflabel_epochs=3,                 # our choice
+    selflabel_batch_size=500,           # our choice: 12 steps per epoch
 )
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
@@ -422,7 +448,7 @@ def main(argv=None):
     t_start = time.time()
     data = common.load_data(args)
     x = data.train_x.to(device)
-    labelled = bool(data.id_classes) and data.train_y.min() >= 0
+    labelled = bool(data.id_classes) and bool(data.train_y.min() >= 0)
     K = args.clusters or len(data.id_classes)
     if K < 2:
         common.fail("give --clusters K (>= 2): the data has no labels to count classes from")
@@ -498,7 +524,12 @@ def main(argv=None):
         best = int(losses.argmin())
         print(f"head losses {[round(v, 4) for v in losses.tolist()]}: keeping head {best}")
         net = keep_head(heads, best)
-        report_clusters("scan", common.embed(net, x)[1][:, 0].argmax(1))
+        scan_logits = common.embed(net, x)[1][:, 0]
+        report_clusters("scan", scan_logits.argmax(1))
+        confident = confidence_mask(scan_logits, args.confidence)[0].float().mean().item()
+        print(f"{100 * confident:.1f}% of the training images are predicted above --confidence {args.confidence}"
+              + ("" if confident else ": self-labelling has nothing to learn from (train SCAN longer)"))
+        results["confident_after_scan"] = 100 * confident
 
         def selflabel_step(net_, xb, idx, epoch):
             with torch.no_grad():

@@ -210,24 +210,25 @@ def test_presets_resolve_and_flags_override():
 def test_digits_end_to_end_beats_chance_and_checkpoints_record_the_preset(tmp_path):
     """--preset quick on digits with short stages: the preset's width, the flags' epochs land in the checkpoints."""
     out = tmp_path / "run"
-    res = scan_ood.main(["--preset", "quick", "--dataset", "digits", "--id-classes", "0-5", "--subset", "0",
-                         "--size", "16", "--width", "8", "--epochs", "8", "--batch-size", "128",
-                         "--scan-epochs", "6", "--selflabel-epochs", "2", "--selflabel-batch-size", "256",
-                         "--heads", "2", "--num-neighbors", "10", "--out", str(out), "--data-root", str(tmp_path)])
-    auroc = res["metrics"]["digits[other classes]"]["auroc"]
+    res = scan_ood.main(["--preset", "quick", "--dataset", "digits", "--id-classes", "0-5", "--subset", "400",
+                         "--size", "16", "--width", "8", "--epochs", "6", "--batch-size", "128",
+                         "--scan-epochs", "5", "--scan-lr", "1e-3", "--scan-batch-size", "64", "--selflabel-epochs", "1",
+                         "--selflabel-batch-size", "128", "--heads", "2", "--num-neighbors", "10",
+                         "--out", str(out), "--data-root", str(tmp_path)])
+    (auroc,) = [m["auroc"] for m in res["metrics"].values()]                 # the one OOD set: digits 6-9
     assert auroc > 75, res["variants"]
     assert res["cluster_accuracy"]["selflabel"] > 30, res["cluster_accuracy"]   # chance: ~17% (6 classes)
     pretext = torch.load(out / "pretext.pt", weights_only=False)
-    assert pretext["config"]["scan_epochs"] == 6 and pretext["config"]["lr"] == 0.4     # flag, preset
-    assert torch.load(out / "scan.pt", weights_only=False)["config"]["epochs"] == 6    # the stage's own settings
+    assert pretext["config"]["scan_epochs"] == 5 and pretext["config"]["lr"] == 0.4     # flag, preset
+    assert torch.load(out / "scan.pt", weights_only=False)["config"]["epochs"] == 5    # the stage's own settings
     saved = json.load(open(out / "results.json"))
-    assert saved["config"]["selflabel_batch_size"] == 256 and saved["metrics"]["digits[other classes]"]["auroc"] == auroc
+    assert saved["config"]["selflabel_batch_size"] == 128 and saved["metrics"] == res["metrics"]
     # --from-stage selflabel reuses the pretext and scan checkpoints
-    res2 = scan_ood.main(["--preset", "quick", "--dataset", "digits", "--id-classes", "0-5", "--subset", "0",
-                          "--size", "16", "--width", "8", "--epochs", "8", "--batch-size", "128",
-                          "--scan-epochs", "6", "--selflabel-epochs", "1", "--selflabel-batch-size", "256",
-                          "--heads", "2", "--num-neighbors", "10", "--out", str(out), "--data-root", str(tmp_path),
-                          "--from-stage", "selflabel"])
+    res2 = scan_ood.main(["--preset", "quick", "--dataset", "digits", "--id-classes", "0-5", "--subset", "400",
+                          "--size", "16", "--width", "8", "--epochs", "6", "--batch-size", "128",
+                          "--scan-epochs", "5", "--scan-lr", "1e-3", "--scan-batch-size", "64", "--selflabel-epochs", "1",
+                          "--selflabel-batch-size", "128", "--heads", "2", "--num-neighbors", "10",
+                          "--out", str(out), "--data-root", str(tmp_path), "--from-stage", "selflabel"])
     assert res2["variants"]["simclr_knn"] == res["variants"]["simclr_knn"]
     assert res2["cluster_accuracy"]["scan"] == res["cluster_accuracy"]["scan"]
 
@@ -240,6 +241,6 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path):
                          "--backbone", "resnet18", "--weights", "random", "--adapt-size", "16", "--adapt-epochs", "2",
                          "--adapt-batch-size", "32", "--out", str(tmp_path), "--data-root", str(tmp_path)])
     assert set(res["variants"]) == {"simclr_knn", "kmeans_features", "dn2", "pretrained"}
-    assert res["main_variant"] == "pretrained" and 0 <= res["metrics"]["digits[other classes]"]["auroc"] <= 100
+    assert res["main_variant"] == "pretrained" and res["metrics"] == res["variants"]["pretrained"]
     with pytest.raises(SystemExit, match="needs --backbone"):
         scan_ood.main(["--weights", "random", "--out", str(tmp_path)])
