@@ -65,7 +65,7 @@ QUICK = dict(
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
 
-CSI_TEST_CROP_SCALE = 0.54        # CSI's --resize_factor 0.54 --resize_fix: every test-time crop covers 54% of the image
+CSI_TEST_CROP_SCALE = 0.54        # CSI's --resize_factor 0.54 --resize_fix: each test-time crop covers 54% of the image
 
 
 def build_parser():
@@ -84,7 +84,7 @@ def build_parser():
     g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
     g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5)")
     g.add_argument("--phi-mean", type=float, default=0.0,
-                   help="PCL's rescaling of phi: clip to the 10th-90th percentile, scale to this mean (0 = Eq. 5 as printed)")
+                   help="PCL's rescaling of phi: clip to its 10th-90th percentile, scale to this mean (0: Eq. 5 as is)")
     g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
     g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
     g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
@@ -229,9 +229,12 @@ def main(argv=None):
     aug = common.SimCLRAugment(args.size, blur=True)       # Sec. 3.1: crop, colour distortion, Gaussian blur
     state = {}                                             # centers, assign, phi: saved with every checkpoint
 
-    def on_epoch_start(epoch, net):
-        if clustering and is_cluster_epoch(epoch, args.cluster_start, args.cluster_every):
-            state.update(cluster(net, x, args.cluster_layer, args.clusters, args.alpha, args.phi_mean, args.seed + epoch))
+    def on_epoch_start(epoch, encoder):
+        # "assign" missing in the joint stage: resumed from a checkpoint of a run without clustering
+        due = is_cluster_epoch(epoch, args.cluster_start, args.cluster_every) or "assign" not in state
+        if clustering and epoch >= args.cluster_start and due:
+            state.update(cluster(encoder, x, args.cluster_layer, args.clusters, args.alpha, args.phi_mean,
+                                 seed=args.seed + epoch))
             sizes = torch.bincount(state["assign"], minlength=args.clusters).tolist()
             print(f"epoch {epoch + 1}: K-means on the {args.cluster_layer} layer, sizes {sizes}, "
                   f"phi {state['phi'].min():.3f}..{state['phi'].max():.3f}", flush=True)
@@ -243,18 +246,19 @@ def main(argv=None):
             return l_self                                                        # warm-up stage
         feats = h if args.cluster_layer == "embedding" else z
         assign = state["assign"][idx].repeat(2)                                  # both views share the image's id
-        l_ccl = None if args.no_ccl else cluster_center_loss(feats, state["centers"], assign, state["phi"])
-        l_cil = None if args.no_cil else cluster_instance_loss(feats, assign, args.tau)
-        logs = {"self": l_self, **({"ccl": l_ccl} if l_ccl is not None else {}),
-                **({"cil": l_cil} if l_cil is not None else {})}
-        return ccl_loss(l_self, l_ccl, l_cil, args.lam), logs
+        terms = {}
+        if not args.no_ccl:
+            terms["ccl"] = cluster_center_loss(feats, state["centers"], assign, state["phi"])
+        if not args.no_cil:
+            terms["cil"] = cluster_instance_loss(feats, assign, args.tau)
+        return ccl_loss(l_self, terms.get("ccl"), terms.get("cil"), args.lam), {"self": l_self, **terms}
 
     common.train(model, loss_fn, x, args, os.path.join(args.out, "checkpoint.pt"), state=state,
                  on_epoch_start=on_epoch_start)
 
     # Features once per set (the ensemble costs n_aug passes); common.evaluate then scores features, not images.
     feats = lambda imgs: projections(model, imgs.to(device), args.n_aug, args.size, blur=True)
-    train_z = feats(data.train_x)
+    train_z = feats(x)
     test = SimpleNamespace(test_x=feats(data.test_x), ood={name: feats(v) for name, v in data.ood.items()})
     metrics = {"score_cos": common.evaluate(lambda z: score_cos(train_z, z), test),
                "score_var": common.evaluate(lambda z: score_var(train_z, z, args.score_k), test)}

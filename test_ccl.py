@@ -175,9 +175,9 @@ def test_bad_input_fails_with_one_line(flags, message, tmp_path):
 # ---------------------------------------------------------------- end to end
 
 def test_digits_end_to_end_far_above_chance(tmp_path):
-    results = ccl.main(["--subset", "320", "--width", "8", "--batch-size", "64", "--epochs", "8",
-                        "--cluster-start", "4", "--cluster-every", "2", "--out", str(tmp_path)])
+    # 16 x 16 keeps everything of the 8 x 8 digits and costs a quarter of 32 x 32
+    results = ccl.main(["--size", "16", "--subset", "320", "--out", str(tmp_path)])   # else the defaults
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
     assert saved["metrics"] == results["metrics"] and saved["method"] == "ccl"
     for score in ("score_cos", "score_var"):
-        assert results["metrics"][score]["digits[other classes]"]["auroc"] > 80
+        assert all(m["auroc"] > 80 for m in results["metrics"][score].values())
