@@ -425,9 +425,10 @@ def make_parser():
     g.add_argument("--no-average", action="store_true", help="score the last epoch's weights, not their average")
     g.add_argument("--score", default="knn", choices=["knn", "mahalanobis", "msp"])
     g.add_argument("--knn-k", type=int, default=1, help="kNN score: similarity to the k-th nearest training image")
-    # Defaults: a few-minute run on digits (862 training images of classes 0-5).
-    p.set_defaults(epochs=60, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
-                   scan_epochs=30, selflabel_epochs=20, selflabel_batch_size=256)
+    # Defaults: a few-minute run on digits (862 training images of classes 0-5). Its SCAN stage is ~100x shorter than
+    # SCAN's, so it runs at 10x SCAN's lr; self-labelling at 10x collapsed into one cluster (seed 0), so it keeps 1e-4.
+    p.set_defaults(epochs=30, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
+                   scan_epochs=20, scan_lr=1e-3, scan_batch_size=64, selflabel_epochs=10, selflabel_batch_size=128)
     return p
 
 
@@ -449,7 +450,7 @@ def main(argv=None):
     data = common.load_data(args)
     x = data.train_x.to(device)
     labelled = bool(data.id_classes) and bool(data.train_y.min() >= 0)
-    K = args.clusters or len(data.id_classes)
+    K = args.clusters or len(data.id_classes)      # Sec. 5: "we advise using the ground-truth number of clusters"
     if K < 2:
         common.fail("give --clusters K (>= 2): the data has no labels to count classes from")
     if K > len(x):
@@ -540,7 +541,8 @@ def main(argv=None):
         pseudo = common.embed(net, x)[1][:, 0].argmax(1)
         report_clusters("selflabel", pseudo)
     else:
-        pseudo = common.kmeans(pre_h, K, metric="cosine", seed=args.seed, n_init=3)[1]  # our choice: spherical, 3 inits
+        # Sec. 5 does not say which features K-means clusters: we take the pretext backbone's (spherical, 3 restarts).
+        pseudo = common.kmeans(pre_h, K, metric="cosine", seed=args.seed, n_init=3)[1]
         report_clusters("kmeans", pseudo)
         run_stage("selflabel", net,  # our choice: SCAN's self-label stage, every image kept, the same 1/frequency weights
                   lambda net_, xb, idx, ep: weighted_cross_entropy(net_(strong(xb))[1][:, 0], pseudo[idx],
@@ -555,7 +557,8 @@ def main(argv=None):
     # Pre-trained variant (Sec. 3.2): DN2 on the un-adapted backbone, then fine-tune on the pseudo-labels (Eq. 2).
     if args.backbone:
         arch = f"imagenet_{args.backbone}"
-        resize = lambda xb: F.interpolate(common.to_float(xb), size=args.adapt_size, mode="bilinear", align_corners=False)
+        resize = lambda xb: F.interpolate(common.to_float(xb), size=args.adapt_size, mode="bilinear",
+                                          align_corners=False)       # 32 -> 224 px: the paper does not say how
         clf = ClusterNet(arch, K, 1, args.width, args.weights).to(device)
         report("dn2", evaluate_net(clf, data, x, "knn", args.knn_k, device, resize), f"DN2: un-adapted {arch}, kNN")
         crop = common.SimCLRAugment(args.adapt_size, scale=(0.8, 1.0), jitter=0.0, p_gray=0.0)  # our choice: crop + flip
@@ -567,12 +570,13 @@ def main(argv=None):
             avg["average"] = sd if n == 0 else average_weights([avg["average"], sd], [n, 1])
             avg["n_averaged"] = n + 1
 
-        run_stage("adapt", clf, lambda net_, xb, idx, ep: F.cross_entropy(net_(crop(xb))[1][:, 0].float(), pseudo[idx]),
-                  stage_args(args, epochs=args.adapt_epochs, batch_size=args.adapt_batch_size, lr=args.adapt_lr,
-                             final_lr=args.adapt_final_lr, optimizer="adam", weight_decay=0.0, warmup_epochs=0,
-                             arch=arch),
-                  state=avg, on_epoch_start=lambda epoch, net_: add_snapshot() if epoch > 0 else None)
-        add_snapshot()                                            # the last epoch's weights
+        adapt_args = stage_args(args, epochs=args.adapt_epochs, batch_size=args.adapt_batch_size, lr=args.adapt_lr,
+                                final_lr=args.adapt_final_lr, optimizer="adam", warmup_epochs=0, arch=arch,
+                                weight_decay=0.0)                              # the paper names no weight decay
+        adapt_step = lambda net_, xb, idx, ep: F.cross_entropy(net_(crop(xb))[1][:, 0].float(), pseudo[idx])  # Eq. 2
+        run_stage("adapt", clf, adapt_step, adapt_args, state=avg,
+                  on_epoch_start=lambda epoch, net_: add_snapshot() if epoch > 0 else None)
+        add_snapshot()                        # the last epoch's weights: Sec. 4.3 averages all 5 end-of-epoch models
         if not args.no_average:
             print(f"scoring the average of {avg['n_averaged']} end-of-epoch weights")
             clf.load_state_dict(avg["average"])

@@ -219,7 +219,9 @@ def test_digits_end_to_end_beats_chance_and_checkpoints_record_the_preset(tmp_pa
     assert auroc > 75, res["variants"]
     assert res["cluster_accuracy"]["selflabel"] > 30, res["cluster_accuracy"]   # chance: ~17% (6 classes)
     pretext = torch.load(out / "pretext.pt", weights_only=False)
-    assert pretext["config"]["scan_epochs"] == 5 and pretext["config"]["lr"] == 0.4     # flag, preset
+    config = pretext["config"]
+    assert config["scan_epochs"] == 5 and config["sources"]["scan_epochs"] == "command line"
+    assert config["weight_decay"] == 1e-4 and config["sources"]["weight_decay"] == "preset quick"
     assert torch.load(out / "scan.pt", weights_only=False)["config"]["epochs"] == 5    # the stage's own settings
     saved = json.load(open(out / "results.json"))
     assert saved["config"]["selflabel_batch_size"] == 128 and saved["metrics"] == res["metrics"]
