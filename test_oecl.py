@@ -151,3 +151,18 @@ def test_bad_input_fails_clearly(tmp_path):
         oecl.main(["--all-classes", *out])
     with pytest.raises(SystemExit, match="drop --id-classes"):
         oecl.main(["--protocol", "leave-one-out", "--all-classes", "--id-classes", "3", *out])
+
+
+def test_protocol_loops_over_every_class(tmp_path):
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for c in range(3):                                                   # a labelled folder: 3 classes x 12 images
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.randint(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    res = oecl.main(["--dataset", f"folder:{tmp_path / 'imgs'}", "--protocol", "leave-one-out", "--all-classes",
+                     "--size", "8", "--width", "2", "--batch-size", "8", "--epochs", "1", "--n-aug", "1",
+                     "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")])
+    assert sorted(res["per_class"]) == [0, 1, 2] and (tmp_path / "runs" / "class-2" / "results.json").exists()
+    assert all(0 <= m["held-out classes"]["auroc"] <= 100 for m in res["per_class"].values())
+    assert set(res["mean_auroc"]) == {"held-out classes"}
