@@ -41,6 +41,7 @@ import common
 
 PAPER = dict(
     dataset="cifar10",                  # Sec. 4: CIFAR-10, all 10 classes in-distribution
+    size=32,                            # Sec. 4: CIFAR-10's 32x32 resolution
     ood=["cifar100", "svhn", "lsun_resize"],  # Tab. 2 (LSUN (FIX) is only on CSI's Google Drive: not loadable here)
     arch="resnet18",                    # Tab. 2: "SCAN Features, ResNet-18"
     width=64,                           # public code: the standard CIFAR ResNet-18
@@ -80,6 +81,7 @@ PAPER = dict(
 
 QUICK = dict(
     dataset="folder:../shared/data/cifar10",  # the README results table: real CIFAR-10 on a CPU
+    size=32,                            # CIFAR-10's own size (the digits default is 16)
     id_classes="0-5",                   # README table: classes 6-9 are the OOD set
     subset=6000,                        # README table
     width=16,                           # README table
@@ -427,7 +429,8 @@ def make_parser():
     g.add_argument("--knn-k", type=int, default=1, help="kNN score: similarity to the k-th nearest training image")
     # Defaults: a few-minute run on digits (862 training images of classes 0-5). Its SCAN stage is ~100x shorter than
     # SCAN's, so it runs at 10x SCAN's lr; self-labelling at 10x collapsed into one cluster (seed 0), so it keeps 1e-4.
-    p.set_defaults(epochs=30, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
+    # Digits are 8x8 images: 16 px loses nothing and costs a quarter of 32 px.
+    p.set_defaults(size=16, epochs=30, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
                    scan_epochs=20, scan_lr=1e-3, scan_batch_size=64, selflabel_epochs=10, selflabel_batch_size=128)
     return p
 
