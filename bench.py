@@ -64,12 +64,15 @@ def clock(device):
     return time.perf_counter if device.type == "cuda" else time.process_time
 
 
-def race(fns, repeat, device, warmup=1):
+def race(fns, repeat, device, warmup=1, warm=None):
     """Time each callable of fns {name: fn} `repeat` times, round-robin (A, B, A, B, ...) after `warmup` untimed
-    rounds, so that a slow minute of the shared machine hits every contender alike -> {name: median seconds}."""
+    rounds (of the names in `warm` only, if given), so that a slow minute of the shared machine hits every
+    contender alike -> {name: median seconds}."""
     times, now = {name: [] for name in fns}, clock(device)
     for r in range(warmup + repeat):
         for name, fn in fns.items():
+            if r < warmup and warm is not None and name not in warm:
+                continue
             sync(device)
             t = now()
             fn()
@@ -339,8 +342,10 @@ def bench_training(cfg, device):
                 with quiet():
                     common.train(m.model, m.step, x, args, ckpt)
 
+            # The warm-up round runs the bare step only: it creates the convolution kernels for this model and
+            # view count, which the full step then shares; augmentation and loss need no warm-up.
             t = race({"full": full, "bare": lambda: [bare_step(m.model, opt, views) for _ in range(steps)]},
-                     cfg.repeat_train, device)
+                     cfg.repeat_train, device, warm=["bare"])
             ratio = t["bare"] / t["full"]       # (images/s full) / (images/s bare)
             rows.append(row(2, f"training step: {label}", f"{ratio:.3f}", ">= 0.85", ratio >= 0.85,
                             f"batch {batch} x {m.views} views, width {cfg.width}, {m.optimizer}; img/s full "
