@@ -8,7 +8,7 @@ projections of outlier images, pushing outliers to the origin (Eq. 12). The OOD 
 projection of a test image, averaged over augmentations (Eq. 14-15). Outliers are an external set (OECL,
 --oe SPEC) or the training images themselves rotated by 180 and 270 degrees (self-OECL, --self-oe, Eq. 13).
 
-    python oecl.py                                      # self-OECL, digits 0-5 vs 6-9, ~3 min on 2 CPU cores
+    python oecl.py                                      # self-OECL, digits 0-5 vs 6-9, 6 min on the shared CPU
     python oecl.py --oe digits --oe-classes 6-7         # OECL; outliers: training-split digits 6 and 7
     python oecl.py --preset quick                       # CIFAR-10 0-5 vs 6-9 (CPU path check), digits as outliers
     python oecl.py --preset paper --oe npy:PATH.npy     # CIFAR-10 one-vs-rest, every class, 500 epochs
@@ -24,7 +24,32 @@ OOD = the test images of digits 6-9, default flags (20 epochs, 16 px, width 8, c
 over --seed 0/1/2. OECL's outliers are the TRAINING-split images of digits 6 and 7: not ID, and different images
 from the test's, but the same classes as half of the test OOD; so the table splits the OOD set into the exposed
 classes 6-7 and the never-seen classes 8-9 (count-weighted means of per-class AUROC, an exact decomposition).
-@@TABLE@@
+                                                     vs 6-9 (all)    vs 8-9 (unseen)  vs 6-7 (exposed)
+  OECL, alpha 1         norm ||z||, Eq. 14           83.6 ± 3.3      70.2 ± 5.6       95.1 ± 1.4
+  (4.0 min per run)     ensemble, Eq. 15             84.0 ± 4.2      71.4 ± 7.7       94.8 ± 1.2
+                        E||z||^2, App. C             78.5 ± 5.9      65.9 ± 9.3       89.3 ± 2.9
+  alpha 0 = its SimCLR  norm                         72.9 ± 9.8      75.5 ± 9.9       70.7 ± 9.7
+  (3.4 min)             ensemble                     78.7 ± 5.4      80.7 ± 6.3       76.9 ± 4.8
+                        E||z||^2                     72.7 ± 5.8      77.4 ± 7.4       68.6 ± 4.4
+  self-OECL             norm                         77.2 ± 3.5      64.7 ± 1.8       88.1 ± 5.6
+  (5.9 min)             ensemble                     85.2 ± 0.1      76.3 ± 1.0       92.8 ± 1.0
+                        E||z||^2                     80.0 ± 3.2      65.3 ± 5.1       92.7 ± 1.6
+
+    python oecl.py --oe digits --oe-classes 6-7 --seed S            # OECL
+    python oecl.py --oe digits --oe-classes 6-7 --alpha 0 --seed S  # the same run without the outlier term
+    python oecl.py --seed S                                         # self-OECL
+
+Read: exposure to digits 6-7 lifts their AUROC from 77 to 95 but lowers the never-seen 8-9 from 81 to 71: on these
+short runs the outlier term learns "not 6 or 7" more than "not 0-5". Self-OECL's ensemble is the best 6-9 number
+and the steadiest; the ensemble matters most there (norm 77 -> 85). With App. J's CIFAR crop scale 0.08 (seed 0
+only) OECL collapses: AUROC 51 / 57 / 57 (norm, E||z||^2, ensemble; in a model we inspected, most test images sat at
+||z|| = the norm of the last layer's bias, every ReLU of the head off); alpha 0 gives 84 / 77 / 84, self-OECL 78 / 80 / 84.
+One-vs-rest, self-OECL, every digit (`--protocol one-vs-rest --all-classes --epochs 5 --oe-warmup 1 --n-aug 8`,
+~140 images per class): mean AUROC 65.8; digits 0 and 8, which look the same rotated by 180 degrees, score 27 and
+33, the failure of rotation outliers on rotation-invariant classes that Sec. V-A describes.
+CIFAR-10 (`--preset quick --epochs 2 --oe-warmup 1 --n-aug 2`: the preset's 12 epochs took 8.5 min each here, so
+1 SimCLR epoch + 1 OECL epoch, 22 min): AUROC 46.0 / 46.3 / 46.6 against classes 6-9, below chance; a path check
+only (training norms at the end: ID 2.68, digit outliers 0.37).
 """
 import argparse
 import copy
