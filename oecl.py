@@ -170,7 +170,9 @@ def make_loss_fn(args, augment, oe_x=None):
         if oe_x is None:
             x_id, x_oe = self_oe_split(xb)
         else:
-            x_id, x_oe = xb, oe_x[torch.randint(len(oe_x), (len(xb),), device=oe_x.device)]
+            # Drawn for the global batch, this rank's share kept: under torchrun all ranks share one RNG state.
+            pick = torch.randint(len(oe_x), (len(xb) * common.world_size(),), device=oe_x.device)
+            x_id, x_oe = xb, oe_x[pick.chunk(common.world_size())[common.rank()]]
         z = net(augment(torch.cat([x_id, x_id, x_oe])))[1]       # rows: view 1 | view 2 | outliers
         return oecl_loss(z[:2 * len(x_id)], z[2 * len(x_id):], args.tau, alpha_at(epoch, args))
     return loss_fn
