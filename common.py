@@ -213,7 +213,8 @@ def load_data(args):
 
     With a proper subset of classes (the default on digits: 0-5), the test images of the other classes are an
     OOD set; with all classes in-distribution the OOD sets are --ood (default for cifar10: svhn, cifar100,
-    interp:cifar10). Returns a namespace: train_x, train_y, test_x, test_y, ood {name: x}, classes, id_classes."""
+    interp:cifar10). Returns a namespace: train_x, train_y, test_x, test_y, ood {name: x}, ood_y {name: labels}
+    (the held-out classes only), classes, id_classes."""
     load = lambda spec, train: load_dataset(spec, train, args.data_root, True, args.size)
     train_x, train_y, classes = load(args.dataset, True)
     test_x, test_y, _ = load(args.dataset, False)
@@ -226,10 +227,11 @@ def load_data(args):
         ids = []
     elif ids[0] < 0 or ids[-1] >= n_classes:
         fail(f"--id-classes {id_text} out of range: {args.dataset} has classes 0-{n_classes - 1}")
-    ood = {}
+    ood, ood_y = {}, {}   # ood_y: labels of the held-out classes (per-class results); other sets have none
     if ids and len(ids) < n_classes:
         rest = [c for c in range(n_classes) if c not in ids]
-        ood[f"classes {format_classes(rest)}"] = select_classes(test_x, test_y, rest)[0]
+        held_out = f"classes {format_classes(rest)}"
+        ood[held_out], ood_y[held_out] = select_classes(test_x, test_y, rest)
         train_x, train_y = select_classes(train_x, train_y, ids)
         test_x, test_y = select_classes(test_x, test_y, ids)
     specs = args.ood if args.ood is not None else (["svhn", "cifar100", "interp:cifar10"]
@@ -241,7 +243,7 @@ def load_data(args):
     if args.subset and args.subset < len(train_x):
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
         train_x, train_y = train_x[keep], train_y[keep]
-    return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, ood=ood,
+    return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, ood=ood, ood_y=ood_y,
                            classes=classes, id_classes=ids)
 
 
@@ -681,7 +683,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
     state: dict of extra tensors (cluster centres, ...) saved with every checkpoint and restored on resume.
     on_epoch_start(epoch, model): called before each epoch with the plain model (re-clustering, schedules).
     Uses args: epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_epochs, final_lr, amp,
-    compile, grad_clip, save_every, resume, device. Checkpoint at `ckpt` every args.save_every epochs and at
+    compile, grad_clip, save_every, resume, seed. Checkpoint at `ckpt` every args.save_every epochs and at
     the end (atomic); with args.resume training continues from it exactly (weights, optimizer, RNG, epoch).
     Under torchrun: DDP with SyncBatchNorm on GPUs, args.batch_size is the global batch and each rank takes its
     contiguous share of every batch of one shuffle common to all ranks; rank 0 alone writes checkpoints.
@@ -699,6 +701,8 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
         opt.load_state_dict(c["optimizer"])
         state.update(c["state"])
         set_rng_state(c["rng"])
+        if distributed():   # the checkpoint holds rank 0's RNG: give the other ranks their own streams again
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + rank())
         start = c["epoch"]
         print(f"resumed {ckpt} at epoch {start}/{args.epochs}")
     elif args.resume:
@@ -724,7 +728,8 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
         if on_epoch_start:
             on_epoch_start(epoch, model)
         t0, sums = time.time(), {}
-        perm = torch.randperm(len(x), device="cpu").to(device)
+        # the shuffle of an epoch depends on (seed, epoch) alone: the same on every rank, and after a resume
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(device)
         for it in range(steps_per_epoch):
             step = epoch * steps_per_epoch + it
             lr = lr_at(step, total, args.lr, warmup, args.final_lr)
@@ -760,7 +765,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
 
 
 @torch.no_grad()
-def embed(model, x, batch_size=512, transform=None, amp_args=None):
+def embed(model, x, batch_size=512, transform=None):
     """Run `model` over uint8 images x in eval mode, batch by batch; `transform` (e.g. an augmentation) maps
     each uint8 batch to floats first. Returns the concatenated outputs (a tuple if the model returns one)."""
     was_training = model.training
@@ -910,9 +915,13 @@ def ood_metrics(score_id, score_ood):
 
 
 def evaluate(score_fn, data):
-    """score_fn(uint8 images) -> scores (higher = ID); metrics for every OOD set of `data` (from load_data)."""
+    """Metrics for every OOD set of `data` (from load_data) -> {ood set: metrics}. score_fn(images) -> scores,
+    higher = ID; or -> {score name: scores} (several scores from one pass) -> {score name: {ood set: metrics}}."""
     s_id = score_fn(data.test_x)
-    return {ood: ood_metrics(s_id, score_fn(x)) for ood, x in data.ood.items()}
+    s_ood = {ood: score_fn(x) for ood, x in data.ood.items()}
+    if isinstance(s_id, dict):
+        return {k: {ood: ood_metrics(s_id[k], s[k]) for ood, s in s_ood.items()} for k in s_id}
+    return {ood: ood_metrics(s_id, s) for ood, s in s_ood.items()}
 
 
 def print_results(results, title=""):
@@ -1031,7 +1040,7 @@ def setup(args, script):
             fail(f"--batch-size {args.batch_size} (the global batch) is not divisible by {world_size()} processes")
         if rank() != 0:
             builtins.print = lambda *a, **k: None
-    seed_everything(args.seed)   # the same seed on every rank: the same shuffle and the same per-position draws
+    seed_everything(args.seed + rank())   # each rank its own augmentation draws (train's shuffle is common to all)
     args.out = args.out or os.path.join("runs", f"{script}-{args.dataset.replace(':', '_').replace('/', '_')}")
     os.makedirs(args.out, exist_ok=True)
     print_config(args)

@@ -48,6 +48,9 @@ def test_load_data_default_split_and_errors(tmp_path):
     (name, ood), = data.ood.items()
     xte, yte, _ = common.load_dataset("digits", train=False)
     assert len(ood) == int((yte >= 6).sum()) and name == "classes 6-9"
+    assert torch.equal(data.ood_y[name], yte[yte >= 6])
+    both = common.evaluate(lambda x: {"a": x.float().mean((1, 2, 3)), "b": -x.float().mean((1, 2, 3))}, data)
+    assert both["a"][name]["auroc"] == pytest.approx(100 - both["b"][name]["auroc"])
     assert len(common.load_data(args_for(tmp_path, "--subset", "100")).train_x) == 100
     with pytest.raises(SystemExit, match="out of range"):
         common.load_data(args_for(tmp_path, "--id-classes", "0-12"))
@@ -381,7 +384,7 @@ def _one_step(ckpt):
     """One SGD step of a BatchNorm-free model on a global batch of 16 (two views: the image and its mirror)."""
     args = argparse.Namespace(epochs=1, batch_size=16, lr=0.5, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                               warmup_epochs=0, final_lr=0.0, amp="off", compile=False, grad_clip=float("inf"),
-                              save_every=1, resume=False, device="cpu")
+                              save_every=1, resume=False, device="cpu", seed=0)
     common.seed_everything(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
     x = torch.randint(0, 256, (16, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
