@@ -202,7 +202,7 @@ def score_var(train_z, test_z, k=10):
     cos, nearest = common.knn(test_z, train_z, k=k, metric="cosine")
     train_z = train_z.float()
     spread = torch.empty(len(test_z), device=train_z.device)
-    step = common._chunk_rows(k * train_z.shape[1])                     # chunk x K x d neighbours at a time
+    step = common.chunk_rows(k * train_z.shape[1])                     # chunk x K x d neighbours at a time
     for i in range(0, len(test_z), step):
         spread[i:i + step] = train_z[nearest[i:i + step]].var(dim=1).sum(1).sqrt()   # var: 1 / (K - 1)
     return cos[:, 0] * test_z.float().norm(dim=1) / spread.clamp_min(1e-12)

@@ -318,7 +318,8 @@ class SimCLRAugment(nn.Module):
 
     forward(x, generator=None, same_for_batch=False): x uint8 or float in [0, 1], any device; returns float
     B x 3 x size x size in [0, 1]. same_for_batch draws one parameter set for the whole batch (CSI's test-time
-    ensemble applies identical augmentations to every test image)."""
+    ensemble applies identical augmentations to every test image); to repeat that set across batches, pass a
+    generator seeded afresh for each batch."""
 
     def __init__(self, size=32, scale=(0.08, 1.0), jitter=0.4, p_jitter=0.8, p_gray=0.2, blur=False, flip=True):
         super().__init__()
@@ -785,7 +786,7 @@ def embed(model, x, batch_size=512, transform=None):
 # ----------------------------------------------------------------------------------------------
 # K-means and nearest neighbours: chunked matrix products on the tensor's device, never an N x N matrix.
 
-def _chunk_rows(n_cols, budget=2 ** 25):
+def chunk_rows(n_cols, budget=2 ** 25):
     """Rows per chunk so that a chunk x n_cols float32 block stays around 128 MiB."""
     return max(1, budget // max(1, n_cols))
 
@@ -795,7 +796,7 @@ def _nearest(x, c, x_sq=None):
     c_sq = (c * c).sum(1)
     idx = torch.empty(len(x), dtype=torch.long, device=x.device)
     dist = torch.empty(len(x), device=x.device)
-    step = _chunk_rows(len(c))
+    step = chunk_rows(len(c))
     for i in range(0, len(x), step):
         xb = x[i:i + step]
         xb_sq = (xb * xb).sum(1) if x_sq is None else x_sq[i:i + step]
@@ -872,7 +873,7 @@ def knn(query, ref, k=1, metric="cosine"):
         fail(f"unknown metric '{metric}' (euclidean, cosine)")
     ref_sq = (ref * ref).sum(1)
     vals, idxs = [], []
-    step = _chunk_rows(len(ref))
+    step = chunk_rows(len(ref))
     for i in range(0, len(query), step):
         s = query[i:i + step] @ ref.T
         if metric == "euclidean":   # -|q - r| ranks like 2 q.r - |r|^2; the |q|^2 term is added back below
@@ -915,8 +916,9 @@ def ood_metrics(score_id, score_ood):
 
 
 def evaluate(score_fn, data):
-    """Metrics for every OOD set of `data` (from load_data) -> {ood set: metrics}. score_fn(images) -> scores,
-    higher = ID; or -> {score name: scores} (several scores from one pass) -> {score name: {ood set: metrics}}."""
+    """Metrics for every OOD set of `data` (from load_data) -> {ood set: metrics}. score_fn(x) -> scores, higher
+    = ID; or -> {score name: scores} (several scores from one pass) -> {score name: {ood set: metrics}}. Only
+    data.test_x and data.ood are read, so `data` may hold features computed once per set instead of images."""
     s_id = score_fn(data.test_x)
     s_ood = {ood: score_fn(x) for ood, x in data.ood.items()}
     if isinstance(s_id, dict):

@@ -327,7 +327,7 @@ def test_knn_matches_brute_force_in_small_chunks(metric, monkeypatch):
     from sklearn.neighbors import NearestNeighbors
     g = torch.Generator().manual_seed(0)
     ref, query = torch.randn(500, 12, generator=g), torch.randn(77, 12, generator=g)
-    monkeypatch.setattr(common, "_chunk_rows", lambda n_cols, budget=0: 10)   # force many chunks
+    monkeypatch.setattr(common, "chunk_rows", lambda n_cols, budget=0: 10)   # force many chunks
     vals, idx = common.knn(query, ref, k=5, metric=metric)
     dist, nn_idx = NearestNeighbors(n_neighbors=5, algorithm="brute", metric=metric).fit(ref).kneighbors(query)
     assert np.array_equal(idx.numpy(), nn_idx)
