@@ -22,6 +22,14 @@ Rows (targets from issue 7):
  7 data loading   first / second start of a run on folder:../shared/data/cifar10           second < 5 s
  8 GPU only       seconds per SimCLR epoch (CIFAR-10, ResNet-18 width 64, batch 512, bf16, channels_last),
                   with and without torch.compile, and the share of the step spent in augmentation
+
+Measured (python bench.py --quick, CPU AMD EPYC 2 cores shared with four other jobs, 1 thread, width 16, commit
+2493c8f; CPU-clock ratios): 1 aug 4.75x (NO); 2 train 1.00 / 1.17 / 1.01 / 0.99 / 0.96 (SimCLR, CCL, MCL, OECL, SCAN;
++-15% noise with one sample each); 3 loss 0.24% / 0.43% / 0.92% / 0.24% / 0.02%; 4 K-means 0.46x (k=10), 0.42x
+(k=100), inertia 1.0005 / 1.0045 (NO); 5 kNN 5.1x, score_cos 5.6x, identical top-1, peak 311 MiB (sklearn 1564 MiB);
+6 OECL 1.04, MCL 1.09 per view (1.11 and 0.92 at ~256 views per forward); 7 second start 3.9 s CPU (import torch
+3.6 s of it), first 25 s CPU. Total 303 s CPU. Rows 1 and 4 miss: common.py changes proposed to the lead (faster
+colour jitter and crop grid: 9.7x; k-means++ without torch.cdist and a fast variance: 0.98x / 1.43x).
 """
 import argparse
 import contextlib
