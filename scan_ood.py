@@ -41,7 +41,6 @@ per epoch under the load), so it ran cut short: --preset quick --epochs 2 --scan
 30 min: SimCLR kNN 52.7, SCAN features 53.7 AUROC vs classes 6-9; cluster accuracy 24.8 (chance 16.7).
 """
 import argparse
-import math
 import os
 import time
 
@@ -115,125 +114,6 @@ QUICK = dict(
 PRESETS = {"paper": PAPER, "quick": QUICK}
 
 STAGES = ("pretext", "scan", "selflabel", "adapt")
-
-
-# ----------------------------------------------------------------------------------------------
-# Strong augmentation (SCAN's "strong" transform), batched: every sample draws its own flip, ops,
-# magnitudes and Cutout box on the batch's device. Self-contained (torch only) so it can move to common.py.
-
-class StrongAugment(nn.Module):
-    """Horizontal flip (p 0.5) -> n_ops ops drawn uniformly with replacement from 14 RandAugment-style ops, each
-    with a uniform random magnitude (SCAN draws magnitudes at random, not a fixed M) -> Cutout: one square of
-    side `cutout` at a uniform centre, clipped at the border (so up to cutout x cutout pixels).
-
-    Magnitude ranges follow the RandAugment lists of FixMatch/SCAN: rotate +-30 deg, shear +-0.3, translate
-    +-30% of the side, posterize 4..8 bits, solarize threshold 0..1, colour/contrast/brightness/sharpness factor
-    0.05..0.95. Pixels uncovered by geometric ops and Cutout are filled with `fill` (0.5 grey: 0 after the
-    Encoder's normalisation, as SCAN's Cutout applied after Normalize).
-
-    forward(x, generator=None): x uint8 or float in [0, 1], B x 3 x H x W -> float in [0, 1], same shape."""
-
-    OPS = ("identity", "autocontrast", "equalize", "rotate", "posterize", "solarize", "color", "contrast",
-           "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
-    GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-
-    def __init__(self, n_ops=4, cutout=16, fill=0.5):
-        super().__init__()
-        self.n_ops, self.cutout, self.fill = n_ops, cutout, fill
-
-    def forward(self, x, generator=None):
-        x = x.float().div(255) if x.dtype == torch.uint8 else x.float().clone()
-        B, dev = len(x), x.device
-        flip = torch.rand(B, device=dev, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        ops = torch.randint(len(self.OPS), (B, self.n_ops), device=dev, generator=generator)
-        mags = torch.rand(B, self.n_ops, device=dev, generator=generator)
-        for r in range(self.n_ops):
-            x = self.apply_ops(x, ops[:, r], mags[:, r])
-        return self.apply_cutout(x, torch.rand(B, 2, device=dev, generator=generator))
-
-    def apply_ops(self, x, op, m):
-        """One round: each sample gets op[i] with magnitude m[i] in [0, 1]; a masked call per op type."""
-        for name in self.OPS[1:]:
-            if name in self.GEOMETRIC:
-                continue
-            idx = (op == self.OPS.index(name)).nonzero()[:, 0]
-            if len(idx):
-                x[idx] = getattr(self, name)(x[idx], m[idx, None, None, None]).clamp(0, 1)
-        geo = torch.isin(op, torch.tensor([self.OPS.index(n) for n in self.GEOMETRIC], device=x.device))
-        idx = geo.nonzero()[:, 0]
-        if len(idx):
-            x[idx] = self.affine(x[idx], op[idx], m[idx])
-        return x
-
-    # Colour ops: m is B x 1 x 1 x 1 in [0, 1]; "enhance" ops blend with a degenerate image like PIL.ImageEnhance.
-    @staticmethod
-    def blend(degenerate, x, m):
-        return degenerate + (0.05 + 0.9 * m) * (x - degenerate)
-
-    def autocontrast(self, x, m):
-        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-        return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-8), x)
-
-    def equalize(self, x, m):
-        """PIL.ImageOps.equalize per channel: lut[i] = (pixels below level i + step // 2) // step, with
-        step = (pixels - pixels at the top level) // 255; identity where step is 0."""
-        B, C, H, W = x.shape
-        q = (x * 255).round().long().view(B, C, H * W)
-        hist = torch.zeros(B, C, 256, device=x.device).scatter_add_(2, q, torch.ones_like(q, dtype=torch.float))
-        top = 255 - (hist.flip(2) > 0).float().argmax(2, keepdim=True)               # highest level present
-        step = torch.div(hist.sum(2, keepdim=True) - hist.gather(2, top), 255, rounding_mode="floor")
-        below = hist.cumsum(2) - hist
-        lut = torch.div(below + torch.div(step, 2, rounding_mode="floor"), step.clamp_min(1), rounding_mode="floor")
-        out = lut.clamp(max=255).gather(2, q).view(B, C, H, W) / 255
-        return torch.where(step.view(B, C, 1, 1) > 0, out, x)
-
-    def posterize(self, x, m):
-        keep = 2.0 ** (8 - (4 + (4 * m).round()))                                      # 4..8 bits kept
-        return torch.floor((x * 255).round() / keep) * keep / 255
-
-    def solarize(self, x, m):
-        return torch.where(x < m, x, 1 - x)
-
-    def color(self, x, m):
-        return self.blend(common.grayscale(x), x, m)
-
-    def contrast(self, x, m):
-        return self.blend(common.grayscale(x).mean((1, 2, 3), keepdim=True), x, m)
-
-    def brightness(self, x, m):
-        return self.blend(torch.zeros_like(x), x, m)
-
-    def sharpness(self, x, m):
-        """PIL's SMOOTH filter (3x3, centre weight 5, total 13) as the degenerate image; border pixels kept."""
-        k = torch.ones(3, 3, device=x.device)
-        k[1, 1] = 5
-        k = (k / 13).expand(3, 1, 3, 3)
-        smooth = x.clone()
-        smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, k, groups=3)
-        return self.blend(smooth, x, m)
-
-    def affine(self, x, op, m):
-        """rotate / shear / translate of every selected sample in one grid_sample (about the image centre)."""
-        v = 2 * m - 1                                                                 # signed magnitude in [-1, 1]
-        is_ = lambda name: (op == self.OPS.index(name)).float()
-        angle = is_("rotate") * v * math.radians(30)
-        cos, sin = angle.cos(), angle.sin()
-        theta = torch.zeros(len(x), 2, 3, device=x.device)
-        theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + is_("shear_x") * 0.3 * v
-        theta[:, 1, 0], theta[:, 1, 1] = sin + is_("shear_y") * 0.3 * v, cos
-        theta[:, 0, 2], theta[:, 1, 2] = is_("translate_x") * 0.6 * v, is_("translate_y") * 0.6 * v  # 30% of 2
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + self.fill
-
-    def apply_cutout(self, x, u):
-        B, _, H, W = x.shape
-        cy, cx = (u[:, 0] * H).long(), (u[:, 1] * W).long()
-        rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-        half = self.cutout // 2
-        in_rows = (rows[None] >= cy[:, None] - half) & (rows[None] < cy[:, None] + half)
-        in_cols = (cols[None] >= cx[:, None] - half) & (cols[None] < cx[:, None] + half)
-        return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], self.fill)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,7 +394,7 @@ def main(argv=None):
     pre_h, pre_z = common.embed(pretext, x)
 
     # Stages 2-3: pseudo-labels, from SCAN + self-labelling or from K-means on the pretext features.
-    strong = StrongAugment(n_ops=4, cutout=args.size // 2)  # SCAN: Cutout 16 px on 32 px CIFAR
+    strong = common.StrongAugment(n_ops=4, cutout=args.size // 2)  # SCAN: Cutout 16 px on 32 px CIFAR
     net = ClusterNet(args.arch, K, 1, args.width).to(device)
     net.backbone.load_state_dict(pretext.backbone.state_dict())
     sl_args = stage_args(args, epochs=args.selflabel_epochs, batch_size=args.selflabel_batch_size,

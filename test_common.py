@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 
 import common
 
@@ -165,6 +165,30 @@ def test_rotate90_per_sample():
     for i in range(8):
         assert torch.equal(out[i], torch.rot90(x[i], int(k[i]), (1, 2)))
     assert torch.equal(common.rotate90(x, 2), torch.rot90(x, 2, (2, 3)))
+
+
+def test_strong_augment_batched_per_sample_and_deterministic():
+    x = (torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    aug = common.StrongAugment()
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    same = aug(x[:1].expand(64, -1, -1, -1), torch.Generator().manual_seed(2))
+    assert len({bytes(v.numpy()) for v in (same * 255).round().byte().reshape(64, -1)}) > 60  # per-sample params
+    assert ((a == 0.5).all(1).sum((1, 2)) > 0).float().mean() > 0.9         # a Cutout square nearly always shows
+
+
+def test_strong_augment_pixel_ops_match_pil():
+    img = (torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) ** 2 * 255).to(torch.uint8)
+    aug, x = common.StrongAugment(), img.float() / 255
+    pil = lambda t: Image.fromarray(t.permute(1, 2, 0).numpy())
+    back = lambda p: torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255
+    eq = aug.equalize(x, None)
+    post = aug.posterize(x, torch.tensor([0.0, 0.5, 1.0])[:, None, None, None])   # 4, 6, 8 bits
+    for i, bits in enumerate((4, 6, 8)):
+        assert torch.allclose(eq[i], back(ImageOps.equalize(pil(img[i]))), atol=1e-6)
+        assert torch.allclose(post[i], back(ImageOps.posterize(pil(img[i]), bits)), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- backbones

@@ -1,15 +1,12 @@
 """Tests of scan_ood.py: each loss against a literal per-sample loop, neighbour mining against brute force,
-self-labelling's mask and weights, weight averaging, scoring, StrongAugment against PIL, presets, and a short
+self-labelling's mask and weights, weight averaging, scoring, presets, and a short
 end-to-end digits run."""
-import argparse
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image, ImageOps
 
 import common
 import scan_ood
@@ -168,32 +165,6 @@ def test_scorers_against_literal():
         t = test_h[i].double().numpy()
         d = min((t - m) @ prec @ (t - m) for m, prec in gauss)
         assert abs(maha[i].item() + d) < 1e-3 * max(1, d)
-
-
-# ---------------------------------------------------------------------------------------------- augmentation
-
-def test_strong_augment_batched_per_sample_and_deterministic():
-    x = (torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    aug = scan_ood.StrongAugment()
-    a = aug(x, torch.Generator().manual_seed(1))
-    b = aug(x, torch.Generator().manual_seed(1))
-    assert a.shape == x.shape and a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
-    assert torch.equal(a, b)
-    same = aug(x[:1].expand(64, -1, -1, -1), torch.Generator().manual_seed(2))
-    assert len({bytes(v.numpy()) for v in (same * 255).round().byte().reshape(64, -1)}) > 60  # per-sample params
-    assert ((a == 0.5).all(1).sum((1, 2)) > 0).float().mean() > 0.9         # a Cutout square nearly always shows
-
-
-def test_strong_augment_pixel_ops_match_pil():
-    img = (torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) ** 2 * 255).to(torch.uint8)
-    aug, x = scan_ood.StrongAugment(), img.float() / 255
-    pil = lambda t: Image.fromarray(t.permute(1, 2, 0).numpy())
-    back = lambda p: torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255
-    eq = aug.equalize(x, None)
-    post = aug.posterize(x, torch.tensor([0.0, 0.5, 1.0])[:, None, None, None])   # 4, 6, 8 bits
-    for i, bits in enumerate((4, 6, 8)):
-        assert torch.allclose(eq[i], back(ImageOps.equalize(pil(img[i]))), atol=1e-6)
-        assert torch.allclose(post[i], back(ImageOps.posterize(pil(img[i]), bits)), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- presets, end to end
