@@ -23,13 +23,13 @@ Rows (targets from issue 7):
  8 GPU only       seconds per SimCLR epoch (CIFAR-10, ResNet-18 width 64, batch 512, bf16, channels_last),
                   with and without torch.compile, and the share of the step spent in augmentation
 
-Measured (python bench.py --quick, CPU AMD EPYC 2 cores shared with four other jobs, 1 thread, width 16, commit
-2493c8f; CPU-clock ratios): 1 aug 4.75x (NO); 2 train 1.00 / 1.17 / 1.01 / 0.99 / 0.96 (SimCLR, CCL, MCL, OECL, SCAN;
-+-15% noise with one sample each); 3 loss 0.24% / 0.43% / 0.92% / 0.24% / 0.02%; 4 K-means 0.46x (k=10), 0.42x
-(k=100), inertia 1.0005 / 1.0045 (NO); 5 kNN 5.1x, score_cos 5.6x, identical top-1, peak 311 MiB (sklearn 1564 MiB);
-6 OECL 1.04, MCL 1.09 per view (1.11 and 0.92 at ~256 views per forward); 7 second start 3.9 s CPU (import torch
-3.6 s of it), first 25 s CPU. Total 303 s CPU. Rows 1 and 4 miss: common.py changes proposed to the lead (faster
-colour jitter and crop grid: 9.7x; k-means++ without torch.cdist and a fast variance: 0.98x / 1.43x).
+Measured (python bench.py --quick at commit 69f5529's code, CPU AMD EPYC 2 cores shared with other jobs, 1 thread,
+width 16; 289 s wall, 269 s CPU): 1 aug 4.65x (NO); 2 train 0.93 / 0.92 / 1.09 / 0.98 / 1.06 (SimCLR, CCL, MCL, OECL,
+SCAN; one sample each, +-10%); 3 loss 0.19% / 0.34% / 0.66% / 0.20% / 0.01%; 4 K-means 0.41x (k=10), 0.38x (k=100),
+inertia 1.0005 / 1.0045 (NO); 5 kNN 4.6x, score_cos 3.8x, identical top-1, peak 311 MiB (sklearn 1564 MiB); 6 OECL
+1.15 per view (NO: the augmentation), MCL 0.99; 7 second start 3.55 s CPU (python + import torch 3.08 s of it),
+first 31 s. Rows 1, 4 and 6-OECL miss; the common.py changes that fix them (faster colour jitter and crop grid:
+row 1 9.7x; k-means++ without torch.cdist and a fast variance: 0.98x / 1.43x) went to the lead.
 """
 import argparse
 import contextlib
