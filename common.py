@@ -271,41 +271,29 @@ def grayscale(x):
     return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-def rgb_to_hsv(x):
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+def adjust_hue(x, shift):
+    """Rotate the HSV hue of RGB x in [0, 1] by `shift` turns (one per sample), without building an HSV tensor:
+    with V = max, C = max - min and h6 the hue in sixths of a turn, channel n (R, G, B: n = 5, 3, 1) is
+    V - C clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6: the closed form of HSV -> RGB (torchvision's adjust_hue)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
     delta = maxc - minc
-    s = delta / maxc.clamp_min(1e-8)
-    d = delta.clamp_min(1e-8)
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
-    h = torch.where(delta > 0, (h / 6) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], 1)
-
-
-def hsv_to_rgb(x):
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6)
-    f = h * 6 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i[:, None])
-    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i[:, None])
-    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i[:, None])
-    return torch.cat([r, g, b], 1)
+    num = torch.where(maxc == r, g - b, torch.where(maxc == g, 2 * delta + b - r, 4 * delta + r - g))
+    h6 = num / delta.clamp_min(1e-8) + 6 * shift[:, None, None, None]
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6).remainder_(6)
+    return maxc - delta * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def color_jitter(x, brightness, contrast, saturation, hue):
     """Per-sample colour jitter with torchvision's formulas (adjust_brightness, _contrast, _saturation, _hue),
     in that order; each argument holds one factor per sample (hue: a shift in turns, in [-0.5, 0.5])."""
     f = lambda v: v[:, None, None, None]
-    x = (x * f(brightness)).clamp(0, 1)
+    x = (x * f(brightness)).clamp_(0, 1)                          # a new tensor: in place from here on
     mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-    x = ((x - mean) * f(contrast) + mean).clamp(0, 1)
+    x = x.sub_(mean).mul_(f(contrast)).add_(mean).clamp_(0, 1)
     gray = grayscale(x)
-    x = ((x - gray) * f(saturation) + gray).clamp(0, 1)
-    h, s, v = rgb_to_hsv(x).unbind(1)
-    return hsv_to_rgb(torch.stack([(h + hue[:, None, None]) % 1.0, s, v], 1)).clamp(0, 1)
+    x = x.sub_(gray).mul_(f(saturation)).add_(gray).clamp_(0, 1)
+    return adjust_hue(x, hue).clamp_(0, 1)
 
 
 class SimCLRAugment(nn.Module):
@@ -345,7 +333,7 @@ class SimCLRAugment(nn.Module):
 
     def crop_flip(self, x, u_scale, u_ratio, u_pos, u_flip):
         """Crop boxes as fractions of the image side, sampled as torchvision's RandomResizedCrop, then one
-        affine grid_sample for crop + resize + flip of the whole batch."""
+        grid_sample for crop + resize + flip of the whole batch."""
         lo, hi = self.scale
         area = lo + (hi - lo) * u_scale                                             # B x 10 tries
         log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u_ratio
@@ -356,9 +344,11 @@ class SimCLRAugment(nn.Module):
         h = torch.where(ok.any(1), h.gather(1, first)[:, 0], torch.ones_like(h[:, 0]))
         cx, cy = (1 - w) * (2 * u_pos[:, 0] - 1), (1 - h) * (2 * u_pos[:, 1] - 1)   # centre in [-1, 1] coords
         sx = torch.where(u_flip < 0.5, -w, w) if self.flip else w
-        zero = torch.zeros_like(w)
-        theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
-        grid = F.affine_grid(theta, (len(x), 3, self.size, self.size), align_corners=False)
+        s = self.size           # output pixel centres in [-1, 1] (align_corners=False), scaled and shifted per sample
+        base = (torch.arange(s, device=x.device, dtype=x.dtype) * 2 + 1) / s - 1
+        gx = (sx[:, None] * base + cx[:, None])[:, None, :].expand(-1, s, -1)
+        gy = (h[:, None] * base + cy[:, None])[:, :, None].expand(-1, -1, s)
+        grid = torch.stack([gx, gy], -1)                                            # B x s x s x (x, y)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     def gaussian_blur(self, x, on, sigma):
@@ -848,6 +838,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
         if on_epoch_start:
             on_epoch_start(epoch, model)
         t0, sums = time.time(), {}
+        first_bad = torch.tensor(-1, device=device)   # first step of the epoch with a non-finite loss or gradient
         # the shuffle of an epoch depends on (seed, epoch) alone: the same on every rank, and after a resume
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(device)
         for it in range(steps_per_epoch):
@@ -863,15 +854,18 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
-                where = f"epoch {epoch + 1} step {it}"
-                kept = f"last good checkpoint {ckpt}" if os.path.exists(ckpt) else "no checkpoint written yet"
-                fail(f"non-finite loss or gradient at {where} (loss {loss.item():.4g}, grad norm {gnorm.item():.4g}); "
-                     f"{kept}; try a lower --lr or --amp off")
+            ok = torch.isfinite(loss.detach())
+            if not scaler.is_enabled():   # under fp16 an inf gradient is an overflow the scaler skips, not a failure
+                ok &= torch.isfinite(gnorm)
+            first_bad = torch.where(ok | (first_bad >= 0), first_bad, it)   # on the device: no sync per step
             scaler.step(opt)
             scaler.update()
             for k, v in {"loss": loss, **logs}.items():   # summed on the device: no sync per step
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float()
+        if first_bad >= 0:   # checked once per epoch, before anything is saved: the last checkpoint stays good
+            kept = f"last good checkpoint {ckpt}" if os.path.exists(ckpt) else "no checkpoint written yet"
+            fail(f"non-finite loss or gradient at epoch {epoch + 1} step {int(first_bad)}; {kept}; "
+                 f"try a lower --lr or --amp off")
         n_seen += steps_per_epoch * args.batch_size
         done = epoch + 1
         speed = n_seen / (time.time() - t_start)
@@ -885,7 +879,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
 
 
 @torch.no_grad()
-def embed(model, x, batch_size=512, transform=None):
+def embed(model, x, batch_size=256, transform=None):
     """Run `model` over uint8 images x in eval mode, batch by batch; `transform` (e.g. an augmentation) maps
     each uint8 batch to floats first. Returns the concatenated outputs (a tuple if the model returns one)."""
     was_training = model.training
@@ -932,7 +926,8 @@ def _kmeans_pp(x, k, gen, x_sq):
     d2 = _nearest(x, centers, x_sq)[1]
     for _ in range(1, k):
         cand = torch.multinomial(d2 + 1e-12, n_trials, replacement=True, generator=gen)
-        cand_d2 = torch.minimum(d2[None], torch.cdist(x[cand], x).pow_(2))       # n_trials x N
+        cand_d2 = (x_sq[cand][:, None] + x_sq[None]).addmm_(x[cand], x.T, alpha=-2).clamp_min_(0)  # n_trials x N
+        cand_d2 = torch.minimum(d2[None], cand_d2)
         best = cand_d2.sum(1).argmin()
         d2 = cand_d2[best]
         centers = torch.cat([centers, x[cand[best]][None]])
@@ -955,7 +950,7 @@ def kmeans(x, k, iters=100, n_init=1, metric="euclidean", seed=0, tol=1e-4):
         fail(f"unknown metric '{metric}' (euclidean, cosine)")
     gen = torch.Generator(device=x.device).manual_seed(seed)
     x_sq = (x * x).sum(1)
-    tol = tol * x.var(0).mean()
+    tol = tol * (x - x.mean(0)).pow_(2).mean()        # scikit-learn's tolerance scale (biased variance)
     best = None
     for _ in range(n_init):
         c = _kmeans_pp(x, k, gen, x_sq)
