@@ -35,8 +35,6 @@ import argparse
 import contextlib
 import ctypes
 import io
-import json
-import math
 import os
 import platform
 import statistics
@@ -47,7 +45,6 @@ import time
 import traceback
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -287,11 +284,11 @@ def method_oecl(cfg, device, n_images):
 
 
 def method_scan(cfg, device, n_images):
-    scan, why = try_import("scan_ood", ["scan_loss", "StrongAugment", "ClusterNet"])
+    scan, why = try_import("scan_ood", ["scan_loss", "ClusterNet"])
     if scan is None:
         return why
     k = 10
-    strong = scan.StrongAugment(n_ops=4, cutout=16)
+    strong = common.StrongAugment(n_ops=4, cutout=16)
     model = scan.ClusterNet("resnet18", k, 1, width=cfg.width).to(device)
     pool = random_images(n_images, seed=2).to(device)
     neighbors = torch.randint(n_images, (n_images, 21), device=device)
