@@ -220,7 +220,8 @@ def spa_loss(z, y_main, y_aux, alpha=0.05, beta=2.5, tau=0.2, generator=None):
 
 def mcl_loss(z, y_main, y_aux, alpha=0.05, beta=2.5, tau=0.2, spa_weight=1.0, generator=None):
     """L_MCL = L_ccm + lambda L_spa (Eq. 10) -> (loss, {"ccm": ..., "spa": ...}). spa_weight 0 skips SPA.
-    Under torchrun, over the views of all ranks (every rank draws the same SPA positives: same seed)."""
+    Under torchrun, over the views of all ranks; each rank draws its own SPA positives for that global batch, so
+    the gradient DDP averages is the mean over one draw per rank (as unbiased as a single draw)."""
     z, y_main, y_aux = (torch.cat([common.all_gather(half) for half in t.chunk(2)]) for t in (z, y_main, y_aux))
     ccm = ccm_loss(z, y_main, y_aux, alpha, beta, tau)
     if spa_weight == 0:

@@ -170,9 +170,7 @@ def make_loss_fn(args, augment, oe_x=None):
         if oe_x is None:
             x_id, x_oe = self_oe_split(xb)
         else:
-            # Drawn for the global batch, this rank's share kept: under torchrun all ranks share one RNG state.
-            pick = torch.randint(len(oe_x), (len(xb) * common.world_size(),), device=oe_x.device)
-            x_id, x_oe = xb, oe_x[pick.chunk(common.world_size())[common.rank()]]
+            x_id, x_oe = xb, oe_x[torch.randint(len(oe_x), (len(xb),), device=oe_x.device)]
         z = net(augment(torch.cat([x_id, x_id, x_oe])))[1]       # rows: view 1 | view 2 | outliers
         return oecl_loss(z[:2 * len(x_id)], z[2 * len(x_id):], args.tau, alpha_at(epoch, args))
     return loss_fn
@@ -206,12 +204,6 @@ def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
         out["mean_sq_norm"].append(z.pow(2).sum(2).mean(0))
     model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-def held_out_labels(args, data):
-    """Labels of the held-out-classes OOD set (load_data keeps only its images), for per-class AUROC."""
-    _, y, _ = common.load_dataset(args.dataset, False, args.data_root, True, args.size)
-    return y[~torch.isin(y, torch.tensor(data.id_classes))] if data.id_classes else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,11 +262,11 @@ def run(args):
     for k in ("norm", "mean_sq_norm", "ensemble"):
         common.print_results(metrics[k], f"{method}, score {k}" + (f" over the clean view + {args.n_aug} augmentations"
                                                                    if k != "norm" else " (clean view)"))
-    per_class, labels = {}, held_out_labels(args, data)
-    if labels is not None and len(labels):                    # load_data names the held-out set by its classes
-        held_out = s_ood[f"classes {common.format_classes(labels.unique().tolist())}"]
+    per_class = {}
+    for name, labels in data.ood_y.items():                    # the held-out classes: AUROC of each class
         for c in labels.unique().tolist():
-            per_class[c] = {k: common.ood_metrics(s_id[k], held_out[k][(labels == c).to(device)])["auroc"] for k in s_id}
+            keep = (labels == c).to(device)
+            per_class[c] = {k: common.ood_metrics(s_id[k], s_ood[name][k][keep])["auroc"] for k in s_id}
         print("ensemble AUROC per held-out class: " + ", ".join(f"{c}: {v['ensemble']:.2f}" for c, v in per_class.items()))
     results = {"method": method, "config": vars(args), "metrics": metrics["ensemble"], "scores": metrics,
                "per_class_auroc": per_class, "seconds": time.time() - t0, "device": str(device)}

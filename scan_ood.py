@@ -175,7 +175,7 @@ def scan_loss(anchor_logits, neighbor_logits, entropy_weight=5.0):
     log_p = F.log_softmax(anchor_logits.float(), -1)
     log_q = F.log_softmax(neighbor_logits.float(), -1)
     consistency = -torch.logsumexp(log_p + log_q, -1).mean(-1)
-    mean_p = log_p.exp().mean(-2)
+    mean_p = common.all_gather(log_p.exp().mean(-2)[None]).mean(0)   # under torchrun: pbar over the global batch
     entropy = -(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1)
     return consistency - entropy_weight * entropy, consistency, entropy
 
