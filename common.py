@@ -1029,6 +1029,18 @@ def ood_metrics(score_id, score_ood):
             "aupr_out": 100 * average_precision_score(1 - y, -s)}
 
 
+def cluster_accuracy(pred, labels):
+    """Hungarian-matched accuracy in % (SCAN's metric, for information: labels never train anything): clusters
+    mapped one-to-one onto classes so that the most images agree; works for as many or more clusters than classes."""
+    from scipy.optimize import linear_sum_assignment
+    _, p = np.unique(torch.as_tensor(pred).cpu().numpy(), return_inverse=True)
+    _, t = np.unique(torch.as_tensor(labels).cpu().numpy(), return_inverse=True)
+    counts = np.zeros((p.max() + 1, t.max() + 1))
+    np.add.at(counts, (p, t), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return 100.0 * counts[rows, cols].sum() / len(p)
+
+
 def evaluate(score_fn, data):
     """Metrics for every OOD set of `data` (from load_data) -> {ood set: metrics}. score_fn(x) -> scores, higher
     = ID; or -> {score name: scores} (several scores from one pass) -> {score name: {ood set: metrics}}. Only

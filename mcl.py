@@ -74,7 +74,6 @@ import os
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -335,16 +334,6 @@ def sei_scores(feats, gaussians):
     return torch.stack([-mahalanobis(feats[:, v], *gaussians[v % len(gaussians)]) for v in range(feats.shape[1])], 1)
 
 
-def cluster_accuracy(pred, truth):
-    """Accuracy after the best one-to-one matching of predicted clusters to classes (Hungarian)."""
-    from scipy.optimize import linear_sum_assignment
-    pred, truth = pred.cpu().numpy(), truth.cpu().numpy()
-    counts = np.zeros((pred.max() + 1, truth.max() + 1))
-    np.add.at(counts, (pred, truth), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    return 100 * counts[rows, cols].sum() / len(pred)
-
-
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -421,7 +410,7 @@ def main(argv=None):
                 acc = None
                 if test_y is not None:
                     acc = (100 * (pred == test_y).float().mean().item() if args.labels == "true"
-                           else cluster_accuracy(pred, test_y))
+                           else common.cluster_accuracy(pred, test_y))
                 grid[f"{layer} sei{n} {how if n > 1 else '-'}"] = {"accuracy": acc, "metrics": metrics}
     main_key = f"{args.feature_layer} sei{args.sei} {args.sei_agg if args.sei > 1 else '-'}"
     results, accuracy = grid[main_key]["metrics"], grid[main_key]["accuracy"]

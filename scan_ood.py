@@ -44,7 +44,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -214,18 +213,6 @@ def self_label_loss(weak_logits, strong_logits, threshold=0.99):
     return weighted_cross_entropy(strong_logits, target, mask), {"confident": mask.float().mean()}
 
 
-def cluster_accuracy(pred, labels):
-    """Hungarian-matched accuracy in % (SCAN's metric): clusters mapped one-to-one onto classes so that the
-    most images agree (scipy's linear_sum_assignment); works for as many or more clusters than classes."""
-    from scipy.optimize import linear_sum_assignment
-    _, p = np.unique(np.asarray(pred), return_inverse=True)
-    _, t = np.unique(np.asarray(labels), return_inverse=True)
-    counts = np.zeros((p.max() + 1, t.max() + 1))
-    np.add.at(counts, (p, t), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    return 100.0 * counts[rows, cols].sum() / len(p)
-
-
 # ----------------------------------------------------------------------------------------------
 # Pre-trained variant (Sec. 3.2): weight averaging over the fine-tuning epochs.
 
@@ -380,7 +367,7 @@ def main(argv=None):
 
     def report_clusters(name, pred):
         if labelled:
-            acc = cluster_accuracy(pred.cpu().numpy(), data.train_y.numpy())
+            acc = common.cluster_accuracy(pred, data.train_y)
             results["cluster_accuracy"][name] = acc
             print(f"cluster accuracy ({name}, training images, Hungarian): {acc:.2f}%  (chance ~{100 / K:.1f}%)")
 

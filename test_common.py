@@ -385,6 +385,15 @@ def test_ood_metrics_conventions():
     assert swapped["auroc"] == 0.0 and swapped["fpr95"] == 100.0
 
 
+def test_cluster_accuracy_hungarian():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    assert common.cluster_accuracy(np.array([5, 5, 3, 3, 9, 9, 9]), labels) == 100.0   # any renaming
+    assert common.cluster_accuracy(np.array([1, 1, 1, 0, 2, 2, 0]), labels) == pytest.approx(100 * 5 / 7)
+
+
+# ---------------------------------------------------------------------------------------------- weight averaging
+
+
 def test_print_and_save_results(tmp_path, capsys):
     res = {"a": common.ood_metrics([3, 4], [1, 2]), "b": common.ood_metrics([3, 4], [1, 5])}
     common.print_results(res, "title")

@@ -113,14 +113,6 @@ def test_confidence_mask_and_weighted_cross_entropy_match_literal():
     assert nothing.item() == 0
 
 
-def test_cluster_accuracy_hungarian():
-    labels = np.array([0, 0, 1, 1, 2, 2, 2])
-    assert scan_ood.cluster_accuracy(np.array([5, 5, 3, 3, 9, 9, 9]), labels) == 100.0   # any renaming
-    assert scan_ood.cluster_accuracy(np.array([1, 1, 1, 0, 2, 2, 0]), labels) == pytest.approx(100 * 5 / 7)
-
-
-# ---------------------------------------------------------------------------------------------- weight averaging
-
 def test_average_weights_includes_batchnorm_buffers():
     torch.manual_seed(0)
     nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)) for _ in range(2)]
