@@ -519,15 +519,15 @@ def bench_ensembles(cfg, device):
         aug = common.SimCLRAugment(32)
         fns["oecl"] = lambda: oecl.ensemble_scores(model, x, aug, 32, batch_size=batch)
         views["oecl"], label["oecl"] = 33, "OECL ensemble score, clean + 32 augmentations"
-    mcl, why = try_import("mcl", ["view_features", "fit_gaussians", "sei_scores"])
+    mcl, why = try_import("mcl", ["view_features", "sei_scores"])
     if mcl is None:
         rows.append(missing(6, "ensemble: MCL 8-view SEI", "<= 1.1 x views", why))
     else:
         g = torch.Generator(device=device).manual_seed(0)
         feats = F.normalize(torch.randn(2000, 128, device=device, generator=g), dim=1)
         labels = torch.randint(10, (2000,), device=device, generator=g)
-        gaussians = {"ph": [mcl.fit_gaussians(feats, labels, 10) for _ in range(4)]}
-        gaussians["lf"] = [mcl.fit_gaussians(F.normalize(torch.randn(2000, model.feat_dim, device=device,
+        gaussians = {"ph": [common.fit_gaussians(feats, labels, 10) for _ in range(4)]}
+        gaussians["lf"] = [common.fit_gaussians(F.normalize(torch.randn(2000, model.feat_dim, device=device,
                                                                      generator=g), dim=1), labels, 10)] * 4
 
         def sei():                     # mcl.py's inference per test set: 8 views, both layers, Mahalanobis

@@ -1006,6 +1006,38 @@ def knn_scores(train, test, k=1, metric="cosine"):
     return knn(test, train, k, metric)[0][:, -1]
 
 
+# Class-conditional Gaussians (MCL's SEI, SCAN-OOD's Mahalanobis score)
+
+def fit_gaussians(feats, labels, n_classes, ridge=0.01):
+    """One Gaussian per class (labels 0..C-1; MCL Eq. 12, SCAN-OOD's per-cluster Mahalanobis) -> (means C x d,
+    Cholesky factors C x d x d), float64. Covariance as np.cov (n - 1), plus ridge x its mean variance on the
+    diagonal so that small classes stay invertible."""
+    feats = feats.double()
+    counts = torch.bincount(labels, minlength=n_classes)
+    if counts.min() < 2:
+        fail(f"class {int(counts.argmin())} has {int(counts.min())} training images; Gaussians need 2")
+    means = torch.zeros(n_classes, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    means.index_add_(0, labels, feats).div_(counts[:, None])
+    centred = feats - means[labels]
+    covs = torch.stack([centred[labels == c].T @ centred[labels == c] / (counts[c] - 1) for c in range(n_classes)])
+    eye = torch.eye(feats.shape[1], dtype=feats.dtype, device=feats.device)
+    covs = covs + ridge * covs.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
+    return means, torch.linalg.cholesky(covs)
+
+
+def mahalanobis(feats, means, chol):
+    """Squared Mahalanobis distance of every row of feats to every Gaussian -> N x C (float64): |L^-1 (x - mu)|^2
+    with Sigma = L L^T, one batched triangular solve per chunk of rows (no inverse is formed)."""
+    C, d = means.shape
+    step = max(1, 2 ** 22 // (C * d))
+    out = []
+    for i in range(0, len(feats), step):
+        diff = feats[i:i + step].double()[None] - means[:, None]                  # C x n x d
+        white = torch.linalg.solve_triangular(chol, diff.transpose(1, 2), upper=False)
+        out.append(white.pow(2).sum(1).T)
+    return torch.cat(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # OOD metrics
 

@@ -272,35 +272,6 @@ def sei_views(xb, n_views):
 # ----------------------------------------------------------------------------------------------
 # Inference: class-conditional Gaussians, Mahalanobis scores, self-ensemble (Sec. 3).
 
-def fit_gaussians(feats, labels, n_classes, ridge=0.01):
-    """Mean and covariance of each class (Eq. 12: one per class, not tied) -> (means C x d, Cholesky factors
-    C x d x d), in float64. Covariance as np.cov (n - 1), plus ridge x its mean variance on the diagonal."""
-    feats = feats.double()
-    counts = torch.bincount(labels, minlength=n_classes)
-    if counts.min() < 2:
-        common.fail(f"class {int(counts.argmin())} has {int(counts.min())} training images; Gaussians need 2")
-    means = torch.zeros(n_classes, feats.shape[1], dtype=feats.dtype, device=feats.device)
-    means.index_add_(0, labels, feats).div_(counts[:, None])
-    centred = feats - means[labels]
-    covs = torch.stack([centred[labels == c].T @ centred[labels == c] / (counts[c] - 1) for c in range(n_classes)])
-    eye = torch.eye(feats.shape[1], dtype=feats.dtype, device=feats.device)
-    covs = covs + ridge * covs.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye
-    return means, torch.linalg.cholesky(covs)
-
-
-def mahalanobis(feats, means, chol):
-    """Squared Mahalanobis distance of every row of feats to every Gaussian -> N x C (float64): |L^-1 (x - mu)|^2
-    with Sigma = L L^T, one batched triangular solve per chunk of rows (no inverse is formed)."""
-    C, d = means.shape
-    step = max(1, 2 ** 22 // (C * d))
-    out = []
-    for i in range(0, len(feats), step):
-        diff = feats[i:i + step].double()[None] - means[:, None]                  # C x n x d
-        white = torch.linalg.solve_triangular(chol, diff.transpose(1, 2), upper=False)
-        out.append(white.pow(2).sum(1).T)
-    return torch.cat(out)
-
-
 def sei_aggregate(S, how):
     """S: N x V x C scores (minus squared distances) of V views -> (predicted class, its score), Eq. 13-14.
     avg: mean over views (Eq. 17); max: max over views (Eq. 18); w-avg (Eq. 19-20): weights 1/distance per view
@@ -331,7 +302,7 @@ def sei_scores(feats, gaussians):
     """feats N x V x d, gaussians[r] = (means, chol) of rotation r -> N x V x C scores: each view against the
     Gaussians of its own rotation (Eq. 15-16). Score = minus the squared distance (Eq. 12 as printed drops the
     minus sign its text and Eq. 15 state)."""
-    return torch.stack([-mahalanobis(feats[:, v], *gaussians[v % len(gaussians)]) for v in range(feats.shape[1])], 1)
+    return torch.stack([-common.mahalanobis(feats[:, v], *gaussians[v % len(gaussians)]) for v in range(feats.shape[1])], 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +362,7 @@ def main(argv=None):
     keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:n_fit].to(device)
     fit_rot = min(args.sei, N_ROT)                                  # rotations the test views need Gaussians for
     train_feats = view_features(model, x[keep], fit_rot, device)
-    gaussians = {layer: [fit_gaussians(f[:, r], labels[keep], n_classes, args.ridge) for r in range(fit_rot)]
+    gaussians = {layer: [common.fit_gaussians(f[:, r], labels[keep], n_classes, args.ridge) for r in range(fit_rot)]
                  for layer, f in train_feats.items()}
     sets = {"test": data.test_x, **data.ood}
     scores = {}

@@ -235,22 +235,11 @@ def average_weights(state_dicts, weights=None):
 
 def mahalanobis_scorer(train_h, labels, ridge=1e-6):
     """Per-cluster Gaussians on the training features ("the empirical covariance matrix of each cluster", Sec. 3.2)
-    -> score(h) = -min_c (h - mu_c)^T S_c^-1 (h - mu_c), via Cholesky whitening; ridge x mean variance is added
-    to each S_c so that small clusters stay invertible. Empty clusters are skipped."""
-    train_h = train_h.float()
-    eye = torch.eye(train_h.shape[1], device=train_h.device)
-    gaussians = []
-    for c in labels.unique():                                  # a loop over the K clusters, not over samples
-        h = train_h[labels == c]
-        mu = h.mean(0)
-        cov = (h - mu).T @ (h - mu) / len(h)
-        gaussians.append((mu, torch.linalg.cholesky(cov + (ridge * cov.diagonal().mean() + 1e-12) * eye)))
-
-    def score(h):
-        h = h.float()
-        d = [torch.linalg.solve_triangular(L, (h - mu).T, upper=False).pow(2).sum(0) for mu, L in gaussians]
-        return -torch.stack(d, 1).min(1).values
-    return score
+    -> score(h) = -min_c (h - mu_c)^T S_c^-1 (h - mu_c); ridge x mean variance keeps small clusters invertible.
+    Empty clusters are skipped."""
+    _, labels = labels.unique(return_inverse=True)
+    means, chol = common.fit_gaussians(train_h, labels, int(labels.max()) + 1, ridge)
+    return lambda h: -common.mahalanobis(h, means, chol).min(1).values.float()
 
 
 def make_scorer(kind, train_h, train_logits, k=1):

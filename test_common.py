@@ -360,6 +360,44 @@ def test_knn_matches_brute_force_in_small_chunks(metric, monkeypatch):
     assert torch.allclose(common.knn_scores(ref, query, k=5, metric=metric), vals[:, -1])
 
 
+# ---------------------------------------------------------------------------------------------- Gaussians
+
+def test_gaussians_and_mahalanobis_match_numpy():
+    rng = np.random.RandomState(0)
+    C, d, ridge = 3, 4, 0.01
+    feats = rng.randn(60, d) * rng.rand(d) + rng.randn(d)
+    labels = np.repeat(np.arange(C), 20)
+    query = rng.randn(7, d)
+    means, chol = common.fit_gaussians(torch.tensor(feats).float(), torch.tensor(labels), C, ridge)
+    dist = common.mahalanobis(torch.tensor(query), means, chol)
+    for c in range(C):
+        fc = feats[labels == c].astype(np.float32).astype(np.float64)
+        cov = np.cov(fc, rowvar=False)
+        cov += ridge * np.trace(cov) / d * np.eye(d)
+        np.testing.assert_allclose(means[c].numpy(), fc.mean(0), rtol=1e-6)
+        np.testing.assert_allclose((chol[c] @ chol[c].T).numpy(), cov, rtol=1e-6, atol=1e-9)
+        precision = np.linalg.inv(cov)
+        for i in range(len(query)):
+            diff = query[i] - fc.mean(0)
+            assert dist[i, c].item() == pytest.approx(diff @ precision @ diff, rel=1e-6)
+
+
+def test_mahalanobis_matches_scikit_learn():
+    from sklearn.covariance import EmpiricalCovariance
+    rng = np.random.RandomState(1)
+    feats = rng.randn(200, 5) @ rng.randn(5, 5)
+    est = EmpiricalCovariance().fit(feats)                                          # ML covariance (n, not n - 1)
+    means, chol = common.fit_gaussians(torch.tensor(feats), torch.zeros(200, dtype=torch.long), 1, ridge=0.0)
+    query = rng.randn(9, 5)
+    ours = common.mahalanobis(torch.tensor(query), means, chol)[:, 0].numpy()
+    np.testing.assert_allclose(ours * 200 / 199, est.mahalanobis(query), rtol=1e-6)
+
+
+def test_fit_gaussians_refuses_a_class_with_one_image():
+    with pytest.raises(SystemExit, match="class 1"):
+        common.fit_gaussians(torch.randn(5, 3), torch.tensor([0, 0, 1, 2, 2]), 3)
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 def literal_metrics(s_id, s_ood):

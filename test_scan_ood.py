@@ -151,7 +151,7 @@ def test_scorers_against_literal():
     gauss = []
     for c in sorted(set(y)):
         hc = h[y == c]
-        cov = np.cov(hc.T, bias=True)
+        cov = np.cov(hc.T)
         gauss.append((hc.mean(0), np.linalg.inv(cov + 1e-6 * np.trace(cov) / 5 * np.eye(5))))
     for i in range(9):
         t = test_h[i].double().numpy()
