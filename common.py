@@ -608,7 +608,6 @@ def load_weights(model, source):
     sd = sd.get("model", sd)
     sd = {k.replace("module.", "", 1).replace("_orig_mod.", "") if k.startswith(("module.", "_orig_mod.")) else k: v
           for k, v in sd.items()}
-    missing, unexpected = [], []
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -803,7 +802,7 @@ def train(model, loss_fn, x, args, ckpt, state=None, on_epoch_start=None, keys=I
     opt = make_optimizer(model.parameters(), args)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start = 0
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     if args.resume and os.path.exists(ckpt):
         c = torch.load(ckpt, map_location=device, weights_only=False)
         check_config(c["config"], args, keys)
