@@ -1,5 +1,7 @@
 """Tests of common.py against independent references: literal loops, scikit-learn, torchvision."""
 import argparse
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -38,8 +40,9 @@ def test_parse_and_select_classes():
     x, y = torch.arange(10)[:, None], torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
     xs, ys = common.select_classes(x, y, [1, 3])
     assert ys.tolist() == [1, 3, 1, 3] and xs[:, 0].tolist() == [1, 3, 6, 8]
-    with pytest.raises(SystemExit, match="bad --id-classes"):
-        common.parse_classes("a-b")
+    for bad in ("a-b", "5-2", "", "1,,2", "-3"):
+        with pytest.raises(SystemExit, match="--id-classes .*expected class ids"):
+            common.parse_classes(bad)
 
 
 def test_load_data_default_split_and_errors(tmp_path):
@@ -49,7 +52,8 @@ def test_load_data_default_split_and_errors(tmp_path):
     xte, yte, _ = common.load_dataset("digits", train=False)
     assert len(ood) == int((yte >= 6).sum()) and name == "classes 6-9"
     assert torch.equal(data.ood_y[name], yte[yte >= 6])
-    both = common.evaluate(lambda x: {"a": x.float().mean((1, 2, 3)), "b": -x.float().mean((1, 2, 3))}, data)
+    both = common.evaluate(lambda x: {"a": x.float().mean((1, 2, 3)), "b": -x.float().mean((1, 2, 3))},
+                           data.test_x, data.ood)
     assert both["a"][name]["auroc"] == pytest.approx(100 - both["b"][name]["auroc"])
     assert len(common.load_data(args_for(tmp_path, "--subset", "100")).train_x) == 100
     with pytest.raises(SystemExit, match="out of range"):
@@ -83,8 +87,15 @@ def test_folder_loader_splits_resizes_caches_and_names_bad_images(tmp_path):
     expected = common.resize_uint8(TF.pil_to_tensor(Image.open(root / "train" / "ant" / "0.png"))[None], 32)[0]
     assert torch.equal(x[0], expected)
     assert len(os.listdir(tmp_path / "cache" / "cache")) == 2                # one decoded tensor per split
-    os.remove(root / "train" / "ant" / "0.png")                             # the cache answers without the files
-    assert torch.equal(common.load_dataset(f"folder:{root}", train=True, root=cache)[0], x)
+    assert torch.equal(common.load_dataset(f"folder:{root}", train=True, root=cache)[0], x)   # from the cache
+    os.remove(root / "train" / "ant" / "0.png")                             # a changed folder is decoded again
+    assert torch.equal(common.load_dataset(f"folder:{root}", train=True, root=cache)[0], x[1:])
+    _write_images(root / "train" / "bee", 1, 40, seed=9)                   # a new class too
+    x2, y2, classes2 = common.load_dataset(f"folder:{root}", train=True, root=cache)
+    assert classes2 == ["ant", "bee", "cat"] and y2.tolist() == [0, 0, 1, 2, 2, 2]
+    for f in os.listdir(tmp_path / "cache" / "cache"):                      # a corrupt cache is rebuilt
+        (tmp_path / "cache" / "cache" / f).write_bytes(b"garbage")
+    assert torch.equal(common.load_dataset(f"folder:{root}", train=True, root=cache)[0], x2)
     flat = tmp_path / "flat"                                                # no class folders: unlabeled
     _write_images(flat, 3, 32, seed=0)
     (flat / "broken.jpg").write_bytes(b"not an image")
@@ -93,6 +104,8 @@ def test_folder_loader_splits_resizes_caches_and_names_bad_images(tmp_path):
     os.remove(flat / "broken.jpg")
     x, y, _ = common.load_dataset(f"folder:{flat}", root=cache)
     assert len(x) == 3 and (y == -1).all()
+    with pytest.raises(SystemExit, match="has no train/ and test/ subfolders"):   # as the in-distribution set
+        common.load_dataset(f"folder:{flat}", root=cache, need_split=True)
 
 
 def test_npy_resized_and_interp(tmp_path):
@@ -103,6 +116,12 @@ def test_npy_resized_and_interp(tmp_path):
     np.save(tmp_path / "bad.npy", a.astype(np.float32))
     with pytest.raises(SystemExit, match="expected a uint8"):
         common.load_dataset(f"npy:{tmp_path}/bad.npy")
+    np.save(tmp_path / "empty.npy", a[:0])
+    np.save(tmp_path / "objects.npy", np.array([None, 1], dtype=object), allow_pickle=True)
+    (tmp_path / "bytes.npy").write_bytes(os.urandom(256))
+    for name, message in (("empty", "N >= 1"), ("objects", "not a readable .npy"), ("bytes", "not a readable .npy")):
+        with pytest.raises(SystemExit, match=f"{name}.npy.*{message}"):
+            common.load_dataset(f"npy:{tmp_path}/{name}.npy")
     x, _, _ = common.load_dataset("interp:digits")
     test, _, _ = common.load_dataset("digits", train=False)
     assert len(x) == len(test) - 100
@@ -275,39 +294,80 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def tiny_run(tmp_path, argv, on_epoch_start=None):
-    args = args_for(tmp_path, "--epochs", "3", "--batch-size", "16", "--save-every", "1", *argv)
-    torch.manual_seed(0)
-    model = common.Encoder(width=2, proj_dim=8)
-    x = common.load_dataset("digits")[0][:32]
-    aug = common.SimCLRAugment(32)
-    loss_fn = lambda net, xb, idx, ep: common.nt_xent(net(torch.cat([aug(xb), aug(xb)]))[1], 0.5)
-    common.train(model, loss_fn, x, args, str(tmp_path / "ckpt.pt"), on_epoch_start=on_epoch_start)
-    return model
+class CountingStep:
+    """A SimCLR step with per-run state (how many steps it made), to check that train saves and restores it."""
 
+    def __init__(self, kill_at=None):
+        self.aug, self.steps, self.kill_at = common.SimCLRAugment(32), torch.zeros((), dtype=torch.long), kill_at
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
-    full = tiny_run(tmp_path / "a", [])
+    def __call__(self, net, xb, idx, epoch):
+        self.steps += 1
+        return common.simclr_step(net, xb, self.aug, 0.5)
 
-    def kill(epoch, net):
-        if epoch == 2:
+    def update(self, model, epoch):
+        if epoch == self.kill_at:
             raise KeyboardInterrupt
+
+    def state_dict(self):
+        return {"steps": self.steps.clone()}
+
+    def load_state_dict(self, d):
+        self.steps = d["steps"].clone()
+
+
+def tiny_run(tmp_path, resume=False, width=2, step=None, script="test"):
+    torch.manual_seed(0)
+    model = common.Encoder(width=width, proj_dim=8)
+    x = common.load_dataset("digits")[0][:32]
+    cfg = common.TrainConfig(epochs=3, batch_size=16, lr=0.1, save_every=1, checkpoint=str(tmp_path / "ckpt.pt"),
+                             resume=resume, run={"script": script, "settings": {"width": width}})
+    os.makedirs(tmp_path, exist_ok=True)
+    step = step or CountingStep()
+    return common.train(model, step, x, cfg), step
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights_and_step_state(tmp_path):
+    full, full_step = tiny_run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
-        tiny_run(tmp_path / "b", [], on_epoch_start=kill)
+        tiny_run(tmp_path / "b", step=CountingStep(kill_at=2))
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["epoch"] == 2
-    resumed = tiny_run(tmp_path / "b", ["--resume"])
+    resumed, resumed_step = tiny_run(tmp_path / "b", resume=True)
     for (k, v), w in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v, w), k
-    with pytest.raises(SystemExit, match="width: checkpoint 16 vs now 8"):
-        tiny_run(tmp_path / "b", ["--resume", "--width", "8"])
+    assert int(resumed_step.steps) == int(full_step.steps) == 6
+    with pytest.raises(SystemExit, match="trained with other settings: --width 2 -> 4"):
+        tiny_run(tmp_path / "b", resume=True, width=4)
+    with pytest.raises(SystemExit, match="was made by test.py, not other.py"):
+        tiny_run(tmp_path / "b", resume=True, script="other")
+    for bad in (b"", b"\x00garbage", b"PK\x03\x04truncated"):
+        (tmp_path / "b" / "ckpt.pt").write_bytes(bad)
+        with pytest.raises(SystemExit, match="ckpt.pt is not a readable checkpoint"):
+            tiny_run(tmp_path / "b", resume=True)
 
 
 def test_nan_guard_stops_with_a_clear_message(tmp_path):
-    args = args_for(tmp_path, "--epochs", "1", "--batch-size", "8")
-    model = nn.Linear(2, 1)
+    cfg = common.TrainConfig(epochs=1, batch_size=8, lr=0.1, checkpoint=str(tmp_path / "c.pt"))
     x = torch.zeros(16, 2)
-    with pytest.raises(SystemExit, match="non-finite loss or gradient at epoch 1 step 0"):
-        common.train(model, lambda net, xb, idx, ep: net(xb.float()).sum() * float("nan"), x, args, str(tmp_path / "c.pt"))
+    with pytest.raises(SystemExit, match="training diverged in epoch 1 .* no checkpoint was written yet"):
+        common.train(nn.Linear(2, 1), lambda net, xb, idx, ep: net(xb.float()).sum() * float("nan"), x, cfg)
+
+
+def test_a_diverged_buffer_never_replaces_the_last_good_checkpoint(tmp_path):
+    """An inf BatchNorm running_var with a finite loss (the --lr 1e6 case): the run stops, the checkpoint of the
+    last good epoch survives byte for byte."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    cfg = common.TrainConfig(epochs=2, batch_size=8, lr=0.01, save_every=1, checkpoint=str(tmp_path / "c.pt"))
+    x = torch.randn(16, 2)
+    common.train(model, lambda net, xb, idx, ep: net(xb).pow(2).mean(), x, cfg)
+    good = (tmp_path / "c.pt").read_bytes()
+
+    def poison(net, xb, idx, epoch):
+        model[1].running_var.fill_(float("inf"))
+        return net(xb).pow(2).mean().nan_to_num(0.0)
+    cfg = dataclasses.replace(cfg, epochs=3, resume=True)
+    with pytest.raises(SystemExit, match="training diverged in epoch 3 .*the last good checkpoint is .*c.pt"):
+        common.train(model, poison, x, cfg)
+    assert (tmp_path / "c.pt").read_bytes() == good
 
 
 def test_presets_apply_beneath_explicit_flags():
@@ -317,7 +377,7 @@ def test_presets_apply_beneath_explicit_flags():
     assert (args.epochs, args.width, args.lr) == (1000, 64, 0.5)
     assert args.sources["epochs"] == "preset paper" and args.sources["lr"] == "command line"
     assert args.sources["seed"] == "default"
-    with pytest.raises(SystemExit, match="unknown --preset 'nope'"):
+    with pytest.raises(SystemExit, match="--preset nope: expected one of paper"):
         common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]), presets, ["--preset", "nope"])
 
 
@@ -453,14 +513,12 @@ def test_import_is_light():
 
 def _one_step(ckpt):
     """One SGD step of a BatchNorm-free model on a global batch of 16 (two views: the image and its mirror)."""
-    args = argparse.Namespace(epochs=1, batch_size=16, lr=0.5, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-                              warmup_epochs=0, final_lr=0.0, amp="off", compile=False, grad_clip=float("inf"),
-                              save_every=1, resume=False, device="cpu", seed=0)
+    cfg = common.TrainConfig(epochs=1, batch_size=16, lr=0.5, amp="off", save_every=1, checkpoint=ckpt)
     common.seed_everything(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
     x = torch.randint(0, 256, (16, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     two_views = lambda net, xb, idx, ep: common.nt_xent(net(common.to_float(torch.cat([xb, xb.flip(3)]))), 0.5)
-    common.train(model, two_views, x, args, ckpt)
+    common.train(model, two_views, x, cfg)
     return model[1].weight.detach()
 
 
