@@ -1,50 +1,29 @@
 """Cluster-aware Contrastive Learning (CCL) for unsupervised OOD detection (Chen, Gui, Fan, 2023, arXiv 2302.02598).
 
-SimCLR, plus K-means on the embedding layer: after a warm-up stage of plain SimCLR, the training images are
-clustered every few epochs, and two extra losses pull each augmented view towards its cluster centre (cluster
-center loss, Eq. 4, global) and towards the other views of its cluster in the batch (cluster instance loss, Eq. 6,
-local). A test image is scored by its cosine similarity to the nearest training image in the projection space
-(CSI's score, Eq. 9), optionally divided by the spread of its K nearest training images (Eq. 10).
+SimCLR, plus K-means on the embedding layer: after a warm-up stage of plain SimCLR (L_self, Eq. 2-3), the
+training images are clustered every few epochs, and two extra losses pull each augmented view towards its cluster
+centre (cluster center loss, Eq. 4, with a per-cluster temperature phi, Eq. 5) and towards the other views of its
+cluster in the batch (cluster instance loss, Eq. 6); Eq. 7-8 mix them with L_self. A test image is scored by its
+cosine similarity to the nearest training image (CSI's score, Eq. 9), optionally divided by the spread of its K
+nearest training images (Eq. 10).
 
-    python ccl.py                                   # digits 0-5 vs 6-9, a few minutes on a CPU
+    python ccl.py                                   # digits 0-5 in, 6-9 out
     python ccl.py --lam 0                           # the same run without the cluster losses (= SimCLR)
     python ccl.py --no-ccl | --no-cil | --cluster-layer projection     # the ablations of Tables 2-3
-    python ccl.py --preset quick                    # CIFAR-10 classes 0-5 vs 6-9, 6,000 images, CPU path check
+    python ccl.py --ccl-form decoupled --phi eq5    # Eq. 4 and Eq. 5 exactly as printed
+    python ccl.py --preset quick --data-root DIR    # CIFAR-10 (torchvision's files under DIR), classes 0-5 vs 6-9
     python ccl.py --preset paper                    # Sec. 4: ResNet-18, 1000 + 1000 epochs, CIFAR-10 vs Table 1's sets
+    python ccl.py --preset paper --simclr-weights runs/simclr/simclr.pt   # the joint stage from a SimCLR model
 
-Schedule: --epochs is the whole run (one cosine learning-rate schedule); the first --cluster-start epochs are the
-warm-up stage (L_self alone), the rest the joint stage (Eq. 8). The paper's 1000 + 1000 is --epochs 2000
---cluster-start 1000. Cluster centres, assignments and concentrations live in the checkpoint: --resume keeps them.
-
-No public code exists for CCL (see reference-code-notes.md): every choice the paper leaves open is marked
-"ambiguity" where it is resolved; CSI's public code settles the shared parts (tau, optimiser, score, ensemble).
-
-Measured: digits, ID 0-5 (320 training images), OOD = digits 6-9, AUROC %, mean ± sample std over --seed 0/1/2;
---size 16 because the digits are 8 x 8 (nothing lost, a quarter of the cost); 1-2 min a run on a shared 2-core CPU.
-
-    python ccl.py --size 16 --subset 320 --seed S ...     score_cos      score_var
-    (CCL, the defaults)                                    84.1 ±  2.9    82.6 ± 6.1
-    --lam 0            (SimCLR, the same scoring)          78.8 ±  9.2    88.6 ± 2.7
-    --no-ccl           (L_self + L_CIL)                    79.5 ±  7.4    85.9 ± 3.5
-    --no-cil           (L_self + L_CCL)                    82.9 ±  1.8    81.5 ± 2.9
-    --cluster-layer projection                             70.2 ± 17.8    80.6 ± 6.9
-
-Re-run at the final common.py (the epoch shuffle is now a function of (seed, epoch)), 1 thread: CCL 75.1 ± 8.3 /
-77.5 ± 10.9, --lam 0 75.4 ± 6.0 / 80.4 ± 10.8: with another data order the gap below vanishes, so on digits at
-this budget CCL and SimCLR are indistinguishable. In the table above, the cluster center loss raised score_cos and steadied it across seeds; score_var, which already uses the
-neighbourhood, does best on plain SimCLR here; clustering the projection layer is worst (as in Table 3). Three
-seeds of 320 images: differences of a few points are within the noise. CSI's ensemble, --n-aug 10 (seed 0 only):
-86.1 / 92.6 against 87.3 / 86.8 without, for 10 passes over every set.
-
-CIFAR-10, path check only: the full --preset quick (20 epochs) needs ~2 h on this CPU when shared by five agents,
-so we ran `python ccl.py --preset quick --epochs 6 --cluster-start 3 --cluster-every 1` (31 min): AUROC 49.5
-(score_cos) / 51.0 (score_var) against classes 6-9; the same with --lam 0 (SimCLR): 48.6 / 52.2. Chance for
-both after 6 CPU epochs: no quality signal.
+Stages: --epochs counts both; the first --cluster-start epochs are the warm-up stage, the rest the joint stage.
+--schedule restart gives each stage its own learning-rate warm-up and cosine (the warm-up stage is saved as
+<out>/simclr.pt, and --simclr-weights starts the joint stage from such a model instead); --schedule single runs one
+schedule over both. Cluster centres, assignments and concentrations live in the checkpoint: --resume keeps them,
+and refuses a changed cluster setting.
 """
 import argparse
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -52,70 +31,108 @@ import torch.nn.functional as F
 import common
 
 # ----------------------------------------------------------------------------------------------
-# Presets (--preset NAME; explicit flags win)
+# Presets: --preset NAME; explicit flags win.
 
 PAPER = dict(
-    dataset="cifar10",            # Sec. 4: unlabeled CIFAR-10 train set as ID
-    ood=["svhn", "lsun_resize", "imagenet_resize", "cifar100", "interp:cifar10"],  # Table 1 (the *_fix sets
+    dataset="cifar10",            # paper: Sec. 4, the unlabeled CIFAR-10 train set as ID
+    ood=["svhn", "lsun_resize", "imagenet_resize", "cifar100", "interp:cifar10"],  # paper: Table 1 (the *_fix sets
                                   # exist only on Google Drive: add them as folder:PATH)
-    arch="resnet18", width=64,    # Sec. 4: ResNet-18
-    epochs=2000,                  # Sec. 4: 1000 warm-up epochs + 1000 joint epochs
-    cluster_start=1000,           # Sec. 4 / Table 4: the warm-up stage, L_self alone
-    cluster_every=10,             # Table 4: centres updated every 10 epochs
-    clusters=10,                  # Sec. 4 / Table 5: 10 centres
-    cluster_layer="embedding",    # Table 3
-    batch_size=128,               # Sec. 4
-    lr=0.1,                       # Sec. 4
-    warmup_epochs=50,             # Sec. 4: 50-epoch linear warm-up, then cosine annealing
-    optimizer="lars",             # public code: Sec. 4 follows CSI, whose SGD (momentum 0.9) is wrapped in LARS
-    weight_decay=1e-6,            # public code (CSI)
-    tau=0.5,                      # public code (CSI's NT-Xent temperature); the paper gives no value
-    lam=0.5,                      # our choice: the paper does not state lambda of Eq. 8
-    alpha=10.0,                   # public code (PCL's smoothing of Eq. 5); the paper gives no value
-    n_aug=10,                     # public code (CSI's README: --ood_samples 10 --resize_factor 0.54 --resize_fix)
-    score_k=10,                   # our choice: the paper does not state K of Eq. 10
+    arch="resnet18", width=64,    # paper: Sec. 4, ResNet-18
+    epochs=2000,                  # paper: Sec. 4, 1000 warm-up-stage epochs + 1000 joint epochs
+    cluster_start=1000,           # paper: Sec. 4 / Table 4, the warm-up stage (L_self alone)
+    schedule="restart",           # paper: Sec. 4 / Table 4 (ambiguity: resolved at --schedule)
+    cluster_every=10,             # paper: Table 4, centres updated every 10 epochs
+    clusters=10,                  # paper: Sec. 4 / Table 5
+    cluster_layer="embedding",    # paper: Table 3
+    batch_size=128,               # paper: Sec. 4
+    lr=0.1,                       # paper: Sec. 4
+    warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up, then cosine annealing
+    optimizer="lars",             # public code: CSI's SGD wrapped in LARS
+    momentum=0.9,                 # public code: CSI
+    weight_decay=1e-6,            # public code: CSI
+    tau=0.5,                      # public code: CSI's NT-Xent temperature; the paper gives no value
+    lam=0.5,                      # ours: the paper does not state lambda of Eq. 8
+    alpha=10.0,                   # public code: PCL's smoothing of Eq. 5; the paper gives no value
+    n_aug=10,                     # public code: CSI's README, --ood_samples 10 --resize_factor 0.54 --resize_fix
+    score_k=10,                   # ours: the paper does not state K of Eq. 10
+    score_layer="projection",     # paper: Eq. 9-10 score Z, the projection layer
 )
 
 QUICK = dict(
-    dataset="folder:../shared/data/cifar10", id_classes="0-5", subset=6000, width=16,  # the README's CPU setting
-    epochs=20, cluster_start=10, cluster_every=2,   # our choice: half warm-up, 5 K-means updates in the joint stage
-    clusters=6,                   # our choice: the number of ID classes, as the paper's 10 for CIFAR-10 (Table 5)
+    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
+    epochs=20, cluster_start=10, cluster_every=2,   # ours: half warm-up stage, 5 K-means updates in the joint stage
+    clusters=6,                   # ours: the number of ID classes, as the paper's 10 for CIFAR-10 (Table 5)
 )
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
 
-CSI_TEST_CROP_SCALE = 0.54        # CSI's --resize_factor 0.54 --resize_fix: each test-time crop covers 54% of the image
+PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour distortion, plus Gaussian blur
+CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's --resize_factor 0.54 --resize_fix, each test-time crop 54%
 
+
+# ----------------------------------------------------------------------------------------------
+# Command line: build_parser() and check_args(), every flag checked before any work.
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
     g = parser.add_argument_group("ccl")
-    # ambiguity (issue 3 calls it --warmup-epochs): that name is common's learning-rate warm-up, so the stage is
-    # --cluster-start
     g.add_argument("--cluster-start", type=int, default=10,
                    help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
     g.add_argument("--cluster-every", type=int, default=3,
                    help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
+    # ambiguity (Sec. 4 / Table 4: "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50 epoch
+    # warm-up, same with CSI"): one schedule over both stages, or one per stage. Restart: each stage is a CSI run
+    # of its own, and Table 4's warm-up is a SimCLR model "trained for 1000 epochs in advance"; one cosine over
+    # 2000 epochs would start clustering from a half-annealed model and make --lam 0 a 2000-epoch SimCLR.
+    g.add_argument("--schedule", default="single", choices=["restart", "single"],
+                   help="restart: each stage its own learning-rate warm-up and cosine; single: one over both stages")
+    g.add_argument("--simclr-weights", default=None,
+                   help="start the joint stage from this SimCLR model (a checkpoint of these scripts or a state "
+                        "dict of the same encoder) instead of training the warm-up stage; needs --schedule restart")
     g.add_argument("--clusters", type=int, default=6, help="K-means centres R (paper: 10 on CIFAR-10)")
     g.add_argument("--cluster-layer", default="embedding", choices=["embedding", "projection"],
                    help="where K-means runs and the cluster losses apply (Table 3)")
     g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
     g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
-    g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5)")
-    g.add_argument("--phi-mean", type=float, default=0.0,
-                   help="PCL's rescaling of phi: clip to its 10th-90th percentile, scale to this mean (0: Eq. 5 as is)")
+    g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5, PCL's 10)")
+    g.add_argument("--phi", default="eq5", choices=["pcl", "eq5"],
+                   help="pcl: Eq. 5 clipped to its 10th-90th percentile and scaled to mean --tau, as PCL's code; "
+                        "eq5: Eq. 5 as printed")
+    g.add_argument("--ccl-form", default="decoupled", choices=["softmax", "decoupled"],
+                   help="Eq. 4's denominator: every centre (softmax, as PCL's ProtoNCE) or the other centres only "
+                        "(decoupled, as printed)")
     g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
     g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
+    g.add_argument("--score-layer", default="projection", choices=["embedding", "projection"],
+                   help="the features Eq. 9-10 score: z (projection, as the paper) or h (embedding)")
     g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
     g.add_argument("--n-aug", type=int, default=0,
-                   help="CSI's test-time ensemble: average z over T augmented views (paper: 10; 0 = clean images)")
-    # Defaults: digits 0-5 (860 training images) at 32 x 32, a few minutes on a 2-core CPU.
-    parser.set_defaults(epochs=20, batch_size=64, lr=0.1, width=8)
+                   help="CSI's test-time ensemble: average the features of T augmented views (paper: 10; 0 = clean)")
+    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a small ResNet-18.
+    parser.set_defaults(size=16, width=8, epochs=20, batch_size=64, lr=0.1)
     return parser
 
 
+def check_args(args):
+    common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
+    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
+    common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
+    common.check(args.clusters >= 2, "--clusters", args.clusters, "an integer >= 2 (Eq. 4 needs other centres)")
+    common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
+    common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
+    common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
+    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
+    clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
+    common.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
+                 f"fewer than --epochs {args.epochs}: no joint stage is left")
+    if args.simclr_weights is not None:
+        common.check(os.path.isfile(args.simclr_weights), "--simclr-weights", args.simclr_weights, "an existing file")
+        common.check(args.schedule == "restart", "--simclr-weights", args.simclr_weights,
+                     "--schedule restart (the joint stage then runs its own schedule)")
+
+
 # ----------------------------------------------------------------------------------------------
-# Losses. L_self is common.nt_xent on z (Eq. 2-3). h: 2N x d features of the views, row i and i + N one image.
+# Losses: L_self is common.nt_xent on z (Eq. 2-3). h: 2N x d features of the views, row i and i + N one image.
 
 def concentration(h, centers, assign, alpha=10.0, mean=None):
     """Eq. 5, PCL's concentration of each cluster c: phi_c = sum_t ||h_t - c|| / (T log(T + alpha)), T its size.
@@ -136,17 +153,24 @@ def concentration(h, centers, assign, alpha=10.0, mean=None):
     return mean * phi / phi.mean()
 
 
-def cluster_center_loss(h, centers, assign, phi):
-    """Eq. 4: -log exp(s(h_i, c_i) / phi_i) / sum_{j: c_j != c_i} exp(s(h_i, c_j) / phi_j), mean over the rows.
+@common.float32
+def cluster_center_loss(h, centers, assign, phi, form="softmax"):
+    """Eq. 4: the mean over the 2N rows of -log exp(s(h_i, c_i) / phi_i) / sum_j exp(s(h_i, c_j) / phi_j).
 
-    s = cosine similarity; each centre carries its own temperature phi_j. The denominator runs over the OTHER
-    centres, as printed and as the text says ("removing the cluster center to which h_i belongs"): the decoupled
-    form (Yeh et al., DCL), which can go below zero. We keep it; it is not a typo for the softmax."""
-    sim = F.normalize(h.float(), dim=1) @ F.normalize(centers.float(), dim=1).T     # 2N x R
+    s = cosine similarity; each centre j carries its own temperature phi_j. ambiguity (Eq. 4's denominator):
+    form 'decoupled' sums over the OTHER centres, as printed (the indicator 1[c_j != c_i]); form 'softmax' over all
+    R centres, as PCL's ProtoNCE, Eq. 2 (whose indicator leaves out the anchor, not its positive) and Eq. 6 (whose
+    positives stay in the denominator). The decoupled loss can go below zero but is bounded within a clustering
+    period: on the embedding layer (h after a ReLU) cosines lie in [0, 1], so each term >= -1 / phi_i + log(R - 1);
+    it drifts down only because phi is re-estimated as the clusters tighten. Its gradient in the own-centre cosine
+    is -1 / phi_i wherever h_i lies: it never saturates, where the softmax's, -(1 - p_i) / phi_i with p_i the
+    weight of the own centre, vanishes once h_i is nearest its centre by a few phi."""
+    sim = F.normalize(h, dim=1) @ F.normalize(centers, dim=1).T                  # 2N x R
     logits = sim / phi[None]
-    own = F.one_hot(assign, len(centers)).bool()
     positive = logits.gather(1, assign[:, None])[:, 0]
-    return (torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1) - positive).mean()
+    if form == "decoupled":
+        logits = logits.scatter(1, assign[:, None], float("-inf"))               # the own centre leaves the sum
+    return (torch.logsumexp(logits, dim=1) - positive).mean()
 
 
 def cluster_instance_loss(h, assign, tau=0.5):
@@ -164,7 +188,7 @@ def ccl_loss(l_self, l_ccl, l_cil, lam):
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedule: warm-up stage, then K-means every --cluster-every epochs (Sec. 3.3, Table 4).
+# Training step: CCLStep, the step of Eq. 8 with its clustering state (Sec. 3.3).
 
 def is_cluster_epoch(epoch, start, every):
     """True before the (0-based) epochs that re-run K-means: start, start + every, ... (every 0: start only)."""
@@ -174,21 +198,74 @@ def is_cluster_epoch(epoch, start, every):
 
 
 @torch.no_grad()
-def cluster(net, x, layer, k, alpha, phi_mean, seed):
-    """K-means on the features of ALL training images, un-augmented (Sec. 3.3) -> state for the cluster losses.
+def cluster(encoder, x, layer, k, alpha, phi_mean, seed):
+    """K-means on the features of ALL training images, un-augmented (Sec. 3.3) -> centres, assignments, phi.
 
     ambiguity (Eq. 4-5 compare by cosine, Table 5 reports cosine): K-means is spherical, on L2-normalised features."""
-    h, z = common.embed(net, x)
+    h, z = common.embed(encoder, x)
     feats = F.normalize(h if layer == "embedding" else z, dim=1)
     centers, assign = common.kmeans(feats, k, metric="cosine", seed=seed)
-    # ambiguity (Eq. 5 vs PCL's code): phi as printed by default; PCL's rescaling only with --phi-mean (digits seed 0,
-    # score_cos / score_var: 70.5 / 80.5 as printed, 63.7 / 79.0 rescaled to mean 0.5)
-    return {"centers": centers, "assign": assign, "phi": concentration(feats, centers, assign, alpha, phi_mean or None)}
+    return centers, assign, concentration(feats, centers, assign, alpha, phi_mean)
+
+
+class CCLStep:
+    """CCL's training step, step(net, xb, idx, epoch) -> (loss, {term: value}), and its clustering state.
+
+    x: the uint8 training images (K-means clusters all of them); aug: the training augmentation; start: the first
+    epoch of the joint stage (epochs before it train L_self alone, Sec. 4); every: the K-means interval (0: once).
+    update(encoder, epoch) re-clusters when due; state_dict() / load_state_dict() carry the clusters through a
+    checkpoint. With lam 0, or both cluster losses dropped, the step is SimCLR's and never clusters."""
+
+    def __init__(self, x, aug, tau=0.5, lam=0.5, clusters=10, layer="embedding", start=0, every=10, alpha=10.0,
+                 phi="pcl", form="softmax", use_ccl=True, use_cil=True, seed=0):
+        self.x, self.aug, self.tau, self.lam, self.clusters, self.layer = x, aug, tau, lam, clusters, layer
+        self.start, self.every, self.alpha, self.form, self.seed = start, every, alpha, form, seed
+        self.use_ccl, self.use_cil = use_ccl, use_cil
+        # ambiguity (Eq. 5 "the same as" PCL): PCL's code rescales phi to mean its own temperature; ours is tau
+        self.phi_mean = tau if phi == "pcl" else None
+        self.clustering = lam > 0 and (use_ccl or use_cil)
+        self.centers = self.assign = self.phi = None
+
+    def update(self, encoder, epoch):
+        """K-means before the epochs that are due, and before any joint epoch that has no clusters yet."""
+        if not self.clustering or epoch < self.start:
+            return
+        if self.assign is not None and not is_cluster_epoch(epoch, self.start, self.every):
+            return
+        self.centers, self.assign, self.phi = cluster(encoder, self.x, self.layer, self.clusters, self.alpha,
+                                                      self.phi_mean, seed=self.seed + epoch)
+        sizes = torch.bincount(self.assign, minlength=self.clusters).tolist()
+        print(f"epoch {epoch + 1}: K-means on the {self.layer} layer, sizes {sizes}, "
+              f"phi {self.phi.min():.3f}..{self.phi.max():.3f}", flush=True)
+
+    def __call__(self, net, xb, idx, epoch):
+        h, z = net(torch.cat([self.aug(xb), self.aug(xb)]))
+        l_self = common.nt_xent(z, self.tau)                                      # Eq. 2-3
+        if not self.clustering or epoch < self.start:
+            return l_self, {}                       # warm-up stage: L_self alone, weight 1 (Sec. 4)
+        feats = h if self.layer == "embedding" else z
+        assign = self.assign[idx].repeat(2)                                       # both views share the image's id
+        l_ccl = cluster_center_loss(feats, self.centers, assign, self.phi, self.form) if self.use_ccl else None
+        l_cil = cluster_instance_loss(feats, assign, self.tau) if self.use_cil else None
+        logs = {name: t for name, t in (("self", l_self), ("ccl", l_ccl), ("cil", l_cil)) if t is not None}
+        return ccl_loss(l_self, l_ccl, l_cil, self.lam), logs
+
+    def state_dict(self):
+        return {"centers": self.centers, "assign": self.assign, "phi": self.phi}
+
+    def load_state_dict(self, d):
+        self.centers, self.assign, self.phi = d.get("centers"), d.get("assign"), d.get("phi")
+
+
+def make_step(x, aug, args, start):
+    return CCLStep(x, aug, tau=args.tau, lam=args.lam, clusters=args.clusters, layer=args.cluster_layer, start=start,
+                   every=args.cluster_every, alpha=args.alpha, phi=args.phi, form=args.ccl_form,
+                   use_ccl=not args.no_ccl, use_cil=not args.no_cil, seed=args.seed)
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring (Sec. 3.4), on the projection layer z, the training images as reference. Chunked by common.knn: at most
-# a chunk x len(train) block of similarities exists at once.
+# Scores (Sec. 3.4), on the chosen layer, the training images as reference. Chunked by common.knn: at most a
+# chunk x len(train) block of similarities exists at once.
 
 def score_cos(train_z, test_z):
     """Eq. 9: max_m cos(z_m, z) * ||z||. ambiguity: the paper prints the norm of the training feature z_m; CSI's
@@ -211,87 +288,71 @@ def score_var(train_z, test_z, k=10):
 
 
 @torch.no_grad()
-def projections(model, x, n_aug, size, blur):
-    """z of the images x (on the model's device); with n_aug > 0, CSI's test-time ensemble: the mean z over n_aug
-    augmented views, view t drawn from seed t with one parameter set for every image, so the training images, the
-    ID test images and every OOD set see the same n_aug augmentations (crop area fixed at 54%)."""
+def features(model, x, layer="projection", n_aug=0, aug=None):
+    """h or z of the images x (on the model's device); with n_aug > 0, CSI's test-time ensemble: the mean over n_aug
+    views made by `aug`, view t drawn from seed t with one parameter set for every image, so the training images,
+    the ID test images and every OOD set see the same n_aug augmentations."""
+    pick = 0 if layer == "embedding" else 1
     if n_aug == 0:
-        return common.embed(model, x)[1]
-    aug = common.SimCLRAugment(size, scale=(CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE), blur=blur)
+        return common.embed(model, x)[pick]
     total = 0
     for t in range(n_aug):
         view = lambda xb: aug(xb, generator=torch.Generator(xb.device).manual_seed(t), same_for_batch=True)
-        total = total + common.embed(model, x, transform=view)[1]
+        total = total + common.embed(model, x, transform=view)[pick]
     return total / n_aug
 
 
 # ----------------------------------------------------------------------------------------------
+# Stages: the warm-up stage (SimCLR), the joint stage (Eq. 8), the scores -> models and metrics.
+
+def warmup_stage(model, x, aug, args):
+    """Sec. 3.3 "when to cluster": SimCLR alone for --cluster-start epochs, its own schedule, saved as <out>/simclr.pt;
+    with --simclr-weights that model is loaded instead."""
+    if args.simclr_weights is not None:
+        return common.load_weights(model, args.simclr_weights)
+    if args.cluster_start == 0:
+        return model
+    cfg = common.TrainConfig.from_args(args, os.path.join(args.out, "simclr.pt"), epochs=args.cluster_start)
+    return common.train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, args.tau), x, cfg)
+
+
+def train_ccl(model, x, aug, args):
+    """Both stages -> the trained model. single: one schedule over --epochs, the step switching at --cluster-start;
+    restart: the warm-up stage, then the joint stage with a learning-rate warm-up and cosine of its own."""
+    checkpoint = os.path.join(args.out, "checkpoint.pt")
+    if args.schedule == "single":
+        return common.train(model, make_step(x, aug, args, start=args.cluster_start), x,
+                            common.TrainConfig.from_args(args, checkpoint))
+    model = warmup_stage(model, x, aug, args)
+    joint = common.TrainConfig.from_args(args, checkpoint, epochs=args.epochs - args.cluster_start)
+    return common.train(model, make_step(x, aug, args, start=0), x, joint)
+
+
+def score_stage(model, data, args, device):
+    """Eq. 9-10 for the ID test images and every OOD set -> {score name: {ood set: metrics}}. Features are computed
+    once per set (the ensemble costs n_aug passes); the scores then work on features, not images."""
+    test_aug = common.simclr_augment(args, **{**PAPER_AUGMENT, "scale": (CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE)})
+    feats = lambda imgs: features(model, imgs.to(device), args.score_layer, args.n_aug, test_aug)
+    train_f = feats(data.train_x)
+    scores = lambda f: {"score_cos": score_cos(train_f, f), "score_var": score_var(train_f, f, args.score_k)}
+    return common.evaluate(scores, feats(data.test_x), {name: feats(v) for name, v in data.ood.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: warm-up stage -> joint stage -> scores.
 
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
-    if not 0 <= args.lam <= 1:
-        common.fail(f"--lam must lie in [0, 1], got {args.lam}")
-    if args.clusters < 2:
-        common.fail(f"--clusters must be at least 2 (Eq. 4 needs other centres), got {args.clusters}")
-    if args.cluster_start < 0 or args.cluster_every < 0 or args.n_aug < 0:
-        common.fail("--cluster-start, --cluster-every and --n-aug must be >= 0")
-    if args.score_k < 2:
-        common.fail(f"--score-k must be at least 2 (a standard deviation needs 2 samples), got {args.score_k}")
-    clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
-    if clustering and args.cluster_start >= args.epochs:
-        common.fail(f"--cluster-start {args.cluster_start} leaves no joint stage in --epochs {args.epochs}")
+    check_args(args)
     t_start = time.time()
-    device = common.setup(args, "ccl")
+    device = common.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
     data = common.load_data(args)
     x = data.train_x.to(device)
-    if args.score_k > len(x):
-        common.fail(f"--score-k {args.score_k} is larger than the training set ({len(x)} images)")
-    model = common.Encoder(args.arch, width=args.width).to(device)
-    aug = common.SimCLRAugment(args.size, blur=True)       # Sec. 3.1: crop, colour distortion, Gaussian blur
-    state = {}                                             # centers, assign, phi: saved with every checkpoint
-
-    def on_epoch_start(epoch, encoder):
-        # "assign" missing in the joint stage: resumed from a checkpoint of a run without clustering
-        due = is_cluster_epoch(epoch, args.cluster_start, args.cluster_every) or "assign" not in state
-        if clustering and epoch >= args.cluster_start and due:
-            state.update(cluster(encoder, x, args.cluster_layer, args.clusters, args.alpha, args.phi_mean,
-                                 seed=args.seed + epoch))
-            sizes = torch.bincount(state["assign"], minlength=args.clusters).tolist()
-            print(f"epoch {epoch + 1}: K-means on the {args.cluster_layer} layer, sizes {sizes}, "
-                  f"phi {state['phi'].min():.3f}..{state['phi'].max():.3f}", flush=True)
-
-    def loss_fn(net, xb, idx, epoch):
-        h, z = net(torch.cat([aug(xb), aug(xb)]))
-        l_self = common.nt_xent(z, args.tau)                                     # Eq. 2-3
-        if not clustering or epoch < args.cluster_start:
-            return l_self                                   # warm-up stage: L_self alone, weight 1 (Sec. 4)
-        feats = h if args.cluster_layer == "embedding" else z
-        assign = state["assign"][idx].repeat(2)                                  # both views share the image's id
-        terms = {}
-        if not args.no_ccl:
-            terms["ccl"] = cluster_center_loss(feats, state["centers"], assign, state["phi"])
-        if not args.no_cil:
-            terms["cil"] = cluster_instance_loss(feats, assign, args.tau)
-        return ccl_loss(l_self, terms.get("ccl"), terms.get("cil"), args.lam), {"self": l_self, **terms}
-
-    # ambiguity (Sec. 4): one cosine schedule (with its --warmup-epochs) over both stages, not restarted at the joint
-    # stage; --epochs counts both stages.
-    common.train(model, loss_fn, x, args, os.path.join(args.out, "checkpoint.pt"), state=state,
-                 on_epoch_start=on_epoch_start)
-
-    # Features once per set (the ensemble costs n_aug passes); common.evaluate then scores features, not images.
-    feats = lambda imgs: projections(model, imgs.to(device), args.n_aug, args.size, blur=True)
-    train_z = feats(x)
-    test = SimpleNamespace(test_x=feats(data.test_x), ood={name: feats(v) for name, v in data.ood.items()})
-    metrics = {"score_cos": common.evaluate(lambda z: score_cos(train_z, z), test),
-               "score_var": common.evaluate(lambda z: score_var(train_z, z, args.score_k), test)}
-    what = "CCL" if clustering else "SimCLR (no cluster loss)"
-    for name, m in metrics.items():
-        common.print_results(m, f"{what}, {name}, AUROC etc. in % (higher score = in-distribution)")
-    results = {"method": "ccl", "config": vars(args), "metrics": metrics,
-               "seconds": time.time() - t_start, "device": str(device)}
-    common.save_results(os.path.join(args.out, "results.json"), results)
-    return results
+    model = common.Encoder(args.arch, width=args.width, init=args.init).to(device)
+    aug = common.simclr_augment(args, **PAPER_AUGMENT)
+    model = train_ccl(model, x, aug, args)
+    metrics = score_stage(model, data, args, device)
+    return common.finish(args, "ccl", metrics, data, device, t_start)
 
 
 if __name__ == "__main__":
