@@ -1,5 +1,6 @@
-"""Tests of oecl.py: the loss against a literal loop of Eq. 12, the warm-up, the scores, self-OECL's rotation
-split, presets, and short end-to-end runs on the embedded digits."""
+"""Tests of oecl.py: the loss against a literal loop of Eq. 12, the warm-up, the scores, self-OECL's views (flips
+drawn per view, rotations), the batch composition of both steps and of the paper preset, host syncs, and short
+end-to-end runs on the embedded digits."""
 import math
 
 import numpy as np
@@ -40,6 +41,14 @@ def test_oecl_loss_matches_literal_loop(tau, alpha):
     assert math.isclose(logs["norm_out"], z_oe.norm(dim=1).mean().item(), rel_tol=1e-5)
 
 
+def test_oecl_loss_is_float32_under_autocast():
+    z_id, z_oe = torch.randn(16, 8), torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = oecl.oecl_loss(z_id.bfloat16(), z_oe.bfloat16(), 0.5, 1.0)[0]
+    ref = oecl.oecl_loss(z_id.bfloat16().float(), z_oe.bfloat16().float(), 0.5, 1.0)[0]
+    assert loss.dtype == torch.float32 and torch.allclose(loss, ref, atol=1e-5)
+
+
 def test_alpha_zero_is_simclr():
     z_id, z_oe = torch.randn(16, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
     loss = oecl.oecl_loss(z_id, z_oe, 0.5, 0.0)[0]
@@ -47,18 +56,17 @@ def test_alpha_zero_is_simclr():
     assert torch.all(torch.autograd.grad(loss, z_oe)[0] == 0)        # outliers get no gradient at alpha = 0
 
 
-def test_oe_warmup_switches_the_outlier_term_on():
-    args = common.parse_args(oecl.arg_parser(), oecl.PRESETS, ["--oe-warmup", "3", "--alpha", "0.7"])
-    assert [oecl.alpha_at(e, args) for e in range(5)] == [0, 0, 0, 0.7, 0.7]
+def test_warmup_switches_the_outlier_term_on():
+    assert [oecl.alpha_at(e, 0.7, 3) for e in range(5)] == [0, 0, 0, 0.7, 0.7]
     model = common.Encoder("resnet18", bn_in_head=True, width=4)
     x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     oe_x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
-    loss_fn = oecl.make_loss_fn(args, common.SimCLRAugment(16), oe_x)
+    aug = common.SimCLRAugment(16)
     out = {}
-    for epoch in (2, 3):                                             # same draws, last warm-up epoch vs first after
+    for alpha in (0.0, 0.7):                                         # same draws, warm-up vs after
         torch.manual_seed(0)
-        out[epoch] = loss_fn(model, x, None, epoch)
-    (before, logs), (after, _) = out[2], out[3]
+        out[alpha] = oecl.oecl_step(model, x, oe_x, aug, 0.5, alpha)
+    (before, logs), (after, _) = out[0.0], out[0.7]
     assert torch.allclose(after - before, 0.7 * logs["norm_out"], atol=1e-5) and logs["norm_out"] > 0
 
 
@@ -85,83 +93,164 @@ def test_ensemble_scores_match_a_loop_over_views():
     assert torch.allclose(no_aug["ensemble"], s["norm"]) and torch.allclose(no_aug["mean_sq_norm"], s["norm"] ** 2)
 
 
-def test_self_oe_split_rotations():
+class Recorder(torch.nn.Module):
+    """A stand-in network: remembers its input batch, returns (h, z) with z a fixed function of the pixels."""
+    def forward(self, x):
+        self.seen = x
+        return None, x.flatten(1)[:, :8] + 1
+
+
+identity = common.to_float                                               # an augmentation that changes nothing
+
+
+def rot(t, k):
+    return torch.rot90(t, k, dims=(2, 3))                                # counter-clockwise, k x 90 degrees
+
+
+def test_self_oe_views_rotate_each_flipped_view():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    x_id, x_oe = oecl.self_oe_split(x)
-    assert x_id.shape == x_oe.shape == (12, 3, 8, 8)
-    base = x_id[:6]                                                      # each image, possibly flipped (before rotating)
-    flipped = [not torch.equal(base[i], x[i]) for i in range(6)]
-    assert all(torch.equal(base[i], x[i].flip(2) if f else x[i]) for i, f in enumerate(flipped)) and 0 < sum(flipped) < 6
-    rot = lambda t, k: torch.rot90(t, k, dims=(2, 3))                   # counter-clockwise, k x 90 degrees
-    assert torch.equal(x_id[6:], rot(base, 1))                          # ID: 0 and 90 degrees
-    assert torch.equal(x_oe[:6], rot(base, 2)) and torch.equal(x_oe[6:], rot(base, 3))   # outliers: 180, 270
+    x_id, x_oe = oecl.self_oe_views(x)
+    assert x_id.shape == x_oe.shape == (24, 3, 8, 8)
+    for v, first in ((0, 0), (1, 12)):                                   # view 1: rows 0-5 (+6), view 2: rows 12-17 (+6)
+        base = x_id[first:first + 6]                                     # each image, flipped or not, before rotating
+        assert all(torch.equal(base[i], x[i]) or torch.equal(base[i], x[i].flip(2)) for i in range(6))
+        assert torch.equal(x_id[first + 6:first + 12], rot(base, 1))     # ID: 0 and 90 degrees
+        assert torch.equal(x_oe[first:first + 6], rot(base, 2)) and torch.equal(x_oe[first + 6:first + 12], rot(base, 3))
+    x_id, x_oe = oecl.self_oe_views(x, flip=False)
+    assert torch.equal(x_id[:6], x) and torch.equal(x_id[12:18], x)
+
+
+def test_self_oecl_positive_pairs_differ_by_a_flip():
+    # Augmentation off, so that only the flip varies: about half of the positive pairs (rows i and i + 2B of the ID
+    # views) must be mirror images of each other, i.e. the two views of a pair draw their flips independently.
+    torch.manual_seed(0)
+    b = 200
+    x = torch.randint(0, 256, (b, 3, 8, 8), dtype=torch.uint8)
+    net = Recorder()
+    oecl.self_oecl_step(net, x, identity, flip=True)
+    v1, v2 = net.seen[:4 * b].chunk(2)                                   # 2B instances (0 and 90 degrees), two views
+    same = [torch.equal(v1[i], v2[i]) for i in range(2 * b)]
+    mirrored = [torch.equal(v1[i], v2[i].flip(2)) or torch.equal(v1[i], v2[i].flip(1)) for i in range(2 * b)]
+    assert all(s or m for s, m in zip(same, mirrored))                  # a pair is one image, flipped or not
+    n_flipped = sum(m and not s for s, m in zip(same, mirrored))
+    assert 0.4 * 2 * b < n_flipped < 0.6 * 2 * b, n_flipped             # binomial(400, 1/2): 200 +- 10
+    oecl.self_oecl_step(net, x, identity, flip=False)
+    assert torch.equal(*net.seen[:4 * b].chunk(2))                       # no flip: the two views are identical
+
+
+def test_batch_composition_of_both_steps_and_the_paper_preset():
+    b, m = 6, 5
+    x = torch.randint(0, 256, (b, 3, 8, 8), dtype=torch.uint8)
+    oe_x = torch.randint(0, 256, (m, 3, 8, 8), dtype=torch.uint8)
+    net = Recorder()
+    oecl.oecl_step(net, x, oe_x, identity)                               # OECL: 2B ID views + 2 views of B outliers
+    seen = (net.seen * 255).round().to(torch.uint8)
+    assert len(seen) == 4 * b and torch.equal(seen[:b], x) and torch.equal(seen[b:2 * b], x)
+    assert torch.equal(seen[2 * b:3 * b], seen[3 * b:])                  # each outlier twice (two views)
+    assert all(any(torch.equal(o, e) for e in oe_x) for o in seen[2 * b:])
+    oecl.self_oecl_step(net, x, identity)                                # self-OECL: 2B instances x 2 views, 2B outliers x 2
+    seen = (net.seen * 255).round().to(torch.uint8)
+    assert len(seen) == 8 * b
+    assert all(torch.equal(seen[i], x[i]) or torch.equal(seen[i], x[i].flip(2)) for i in range(b))   # view 1, 0 deg.
+    parse = lambda *argv: oecl.check_args(common.parse_args(oecl.build_parser(), oecl.PRESETS, list(argv)))
+    args = parse("--preset", "paper", "--oe", "cifar100")                # App. I: 256 ID + 256 outlier images a step
+    assert not args.self_oe and args.batch_size == 256 and args.epochs == 500
+    args = parse("--preset", "paper", "--self-oe")                       # 128 images: 256 + 256 instances, 1000 epochs
+    assert args.self_oe and args.oe is None and args.epochs == 1000 and args.sources["epochs"] == "preset paper (self-OECL)"
+    x_id, x_oe = oecl.self_oe_views(torch.zeros(args.batch_size, 3, 8, 8, dtype=torch.uint8))
+    assert len(x_id) // 2 == 256 and len(x_oe) // 2 == 256               # instances (each in two views)
+    args = parse("--preset", "paper", "--self-oe", "--batch-size", "32", "--epochs", "7")
+    assert args.batch_size == 32 and args.epochs == 7                    # typed flags still win
+
+
+@pytest.mark.parametrize("self_oe", [False, True])
+def test_steps_make_no_host_sync(self_oe):
+    torch.manual_seed(0)
+    model = common.Encoder("resnet18", bn_in_head=True, width=2)
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    oe_x = torch.randint(0, 256, (9, 3, 8, 8), dtype=torch.uint8)
+    for aug in (common.SimCLRAugment(8, flip=not self_oe), common.SimCLRAugment(8, **common.DIGITS_AUGMENT)):
+        with common.DispatchCounter() as c:
+            if self_oe:
+                loss, logs = oecl.self_oecl_step(model, x, aug, 0.5, 1.0)
+            else:
+                loss, logs = oecl.oecl_step(model, x, oe_x, aug, 0.5, 1.0)
+            loss.backward()
+        assert c.syncs == 0, c.sync_ops
+        assert c.launches > 0 and torch.isfinite(loss)
 
 
 def test_presets_resolve_and_flags_override():
-    parser = oecl.arg_parser
+    parser = oecl.build_parser
     for name, preset in oecl.PRESETS.items():
         args = common.parse_args(parser(), oecl.PRESETS, ["--preset", name])
         assert all(getattr(args, k) == v for k, v in preset.items())   # every key is a real argument
         assert all(args.sources[k] == f"preset {name}" for k in preset)
         args = common.parse_args(parser(), oecl.PRESETS, ["--preset", name, "--epochs", "3", "--alpha", "0.1"])
         assert args.epochs == 3 and args.alpha == 0.1 and args.sources["epochs"] == "command line"
-    args = oecl.resolve_outliers(common.parse_args(parser(), oecl.PRESETS, ["--preset", "paper"]))
-    assert args.oe == oecl.PAPER["oe"] and args.self_oe is False
-    args = oecl.resolve_outliers(common.parse_args(parser(), oecl.PRESETS, ["--preset", "paper", "--self-oe"]))
-    assert args.oe is None and args.self_oe is True                     # a typed --self-oe replaces the preset's set
+    assert oecl.QUICK["dataset"] == "cifar10" and not oecl.QUICK["oe"].startswith(("folder:", "npy:"))
+    assert all(hasattr(common.parse_args(parser(), {}, []), k) for k in oecl.PAPER_SELF_OECL)
 
 
-def test_digits_oecl_far_above_chance_and_checkpoint_records_preset(tmp_path):
-    # The quick preset with digits in place of CIFAR: its other values (id_classes, oe, n_aug) stay. Outliers:
-    # training-split digits 6-9, the test OOD classes (other images): the easiest case, so that 6 epochs suffice.
-    res = oecl.main(["--preset", "quick", "--dataset", "digits", "--subset", "0", "--oe-classes", "6-9",
-                     "--size", "16", "--width", "8", "--batch-size", "64", "--crop-scale", "0.5",
-                     "--epochs", "6", "--oe-warmup", "1", "--out", str(tmp_path)])
-    auroc = res["metrics"]["classes 6-9"]["auroc"]
-    assert auroc > 75, auroc                                             # measured: 81 (seed 0)
-    assert set(res["scores"]) == {"norm", "ensemble", "mean_sq_norm"} and set(res["per_class_auroc"]) == {6, 7, 8, 9}
-    config = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]
-    assert config["oe"] == "digits" and config["n_aug"] == oecl.QUICK["n_aug"] and config["epochs"] == 6
-    assert config["sources"]["n_aug"] == "preset quick" and config["sources"]["epochs"] == "command line"
-    assert config["self_oe"] is False                                    # the resolved value, not None
+def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings(tmp_path):
+    # Outliers: training digits 6-7; the OOD test set keeps only the never-seen classes 8-9.
+    res = oecl.main(["--oe", "digits", "--oe-classes", "6-7", "--epochs", "4", "--oe-warmup", "1", "--n-aug", "4",
+                     "--out", str(tmp_path)])
+    assert set(res["metrics"]) == {"norm", "ensemble", "mean_sq_norm"}
+    assert set(res["metrics"]["ensemble"]) == {"classes 8-9"} and set(res["baselines"]["pixels_knn"]) == {"classes 8-9"}
+    assert 0 <= res["metrics"]["ensemble"]["classes 8-9"]["auroc"] <= 100
+    run = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["run"]
+    assert run["script"] == "oecl" and run["settings"]["oe"] == "digits" and run["settings"]["self_oe"] is False
+    assert "n_aug" not in run["settings"]                               # evaluation only: may change on --resume
 
 
-def test_self_oecl_and_outliers_of_another_size_and_count(tmp_path):
+def test_self_oecl_above_chance_on_digits(tmp_path):
+    res = oecl.main(["--epochs", "6", "--n-aug", "4", "--no-baselines", "--out", str(tmp_path)])
+    assert res["method"] == "self-OECL" and res["config"]["self_oe"] is True
+    auroc = res["metrics"]["ensemble"]["classes 6-9"]["auroc"]
+    assert auroc > 60, auroc                                             # chance: 50
+
+
+def test_outliers_of_another_size_and_count(tmp_path):
     np.save(tmp_path / "oe.npy", np.random.RandomState(0).randint(0, 256, (37, 20, 20, 3), dtype=np.uint8))
     res = oecl.main(["--oe", f"npy:{tmp_path / 'oe.npy'}", "--subset", "96", "--epochs", "1", "--n-aug", "1",
-                     *TINY, "--out", str(tmp_path / "oe")])                # 37 outliers of 20 px vs 96 images of 16 px
-    assert 0 <= res["metrics"]["classes 6-9"]["auroc"] <= 100
-    res = oecl.main(["--subset", "64", "--epochs", "1", "--n-aug", "1", *TINY, "--out", str(tmp_path / "self")])
-    assert res["method"] == "self-OECL" and res["config"]["self_oe"] is True
+                     "--no-baselines", *TINY, "--out", str(tmp_path / "oe")])  # 37 outliers of 20 px vs 96 of 16 px
+    assert 0 <= res["metrics"]["ensemble"]["classes 6-9"]["auroc"] <= 100
 
 
 def test_bad_input_fails_clearly(tmp_path):
-    out = ["--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="exactly one of"):
-        oecl.main(["--oe", "digits", "--self-oe", *out])
-    with pytest.raises(SystemExit, match="exactly one of"):
-        oecl.main(["--no-self-oe", *out])
-    with pytest.raises(SystemExit, match="overlap the in-distribution"):
-        oecl.main(["--oe", "digits", "--oe-classes", "5-6", "--epochs", "0", *out])
-    with pytest.raises(SystemExit, match="go together"):
-        oecl.main(["--protocol", "one-vs-rest", *out])
-    with pytest.raises(SystemExit, match="go together"):
-        oecl.main(["--all-classes", *out])
-    with pytest.raises(SystemExit, match="drop --id-classes"):
-        oecl.main(["--protocol", "leave-one-out", "--all-classes", "--id-classes", "3", *out])
+    out = ["--out", str(tmp_path / "never")]
+    for argv, msg in ((["--oe", "digits", "--self-oe"], "exactly one of"),
+                      (["--no-self-oe"], "exactly one of"),
+                      (["--oe", "digits", "--oe-classes", "5-6"], "outside the in-distribution classes"),
+                      (["--oe", "digits", "--oe-classes", "six"], "--oe-classes six: expected class ids"),
+                      (["--oe-classes", "6"], "--oe SPEC with it"),
+                      (["--oe", "npy:/no/such.npy"], "--oe npy:/no/such.npy"),
+                      (["--alpha", "-1"], "--alpha -1.0"),
+                      (["--crop-scale", "0"], "--crop-scale 0.0"),
+                      (["--n-aug", "-1"], "--n-aug -1"),
+                      (["--protocol", "one-vs-rest"], "together"),
+                      (["--all-classes"], "together"),
+                      (["--protocol", "leave-one-out", "--all-classes", "--id-classes", "3"], "none with --all-classes")):
+        with pytest.raises(SystemExit, match=msg):
+            oecl.main([*argv, *out])
+    assert not (tmp_path / "never").exists()                             # refused before any folder is made
 
 
 def test_protocol_loops_over_every_class(tmp_path):
     from PIL import Image
     rng = np.random.RandomState(0)
     for c in range(3):                                                   # a labelled folder: 3 classes x 12 images
-        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        (tmp_path / "imgs" / "train" / f"c{c}").mkdir(parents=True)
+        (tmp_path / "imgs" / "test" / f"c{c}").mkdir(parents=True)
         for i in range(12):
-            Image.fromarray(rng.randint(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+            for split in ("train", "test"):
+                img = Image.fromarray(rng.randint(0, 256, (8, 8, 3), dtype=np.uint8))
+                img.save(tmp_path / "imgs" / split / f"c{c}" / f"{i}.png")
     res = oecl.main(["--dataset", f"folder:{tmp_path / 'imgs'}", "--protocol", "leave-one-out", "--all-classes",
                      "--size", "8", "--width", "2", "--batch-size", "8", "--epochs", "1", "--n-aug", "1",
-                     "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")])
+                     "--no-baselines", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")])
     assert sorted(res["per_class"]) == [0, 1, 2] and (tmp_path / "runs" / "class-2" / "results.json").exists()
     assert all(0 <= m["held-out classes"]["auroc"] <= 100 for m in res["per_class"].values())
     assert set(res["mean_auroc"]) == {"held-out classes"}
