@@ -1,8 +1,10 @@
 """Tests of mcl.py: each loss against a literal per-view loop of the paper's equation (values and gradients),
 the Gaussians against numpy, the SEI aggregations against loops, the batch layout, presets, and short digits runs."""
+import inspect
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -137,7 +139,8 @@ def test_mcl_loss_is_ccm_plus_lambda_spa():
     ccm = mcl.ccm_loss(z, y_main, y_aux, ALPHA, BETA, TAU)
     assert loss.item() == pytest.approx((ccm + 0.5 * spa).item(), rel=1e-6)
     assert set(logs) == {"ccm", "spa"}
-    assert mcl.mcl_loss(z, y_main, y_aux, spa_weight=0)[0].item() == pytest.approx(mcl.ccm_loss(z, y_main, y_aux).item())
+    ccm_only = mcl.mcl_loss(z, y_main, y_aux, spa_weight=0)[0]
+    assert ccm_only.item() == pytest.approx(mcl.ccm_loss(z, y_main, y_aux).item())
 
 
 def test_alpha_conditions_of_appendix_a():
@@ -172,28 +175,36 @@ def test_sei_views_are_rotations_then_mirrors():
             torch.testing.assert_close(views[b, v], torch.rot90(src, v % 4, dims=(1, 2)))
 
 
+def literal_harmonic_mean(values):
+    return len(values) / sum(1 / v for v in values)
+
+
 @pytest.mark.parametrize("how", mcl.AGGREGATIONS)
 def test_sei_aggregations_match_loops(how):
+    """Eq. 13-14 and 17-20 view by view: avg and max on squared distances (Eq. 12), w-avg = minus the harmonic
+    mean over views of the distances, not of their squares."""
     g = torch.Generator().manual_seed(0)
-    S = -torch.rand(5, 8, 3, generator=g, dtype=torch.float64) * 10                 # minus squared distances
-    pred, score = mcl.sei_aggregate(S, how)
+    d2 = torch.rand(5, 8, 3, generator=g, dtype=torch.float64) * 10                  # squared distances
+    pred, score = mcl.sei_aggregate(d2, how)
     for n in range(5):
         agg = []
         for c in range(3):
-            views = [S[n, v, c].item() for v in range(8)]
+            views = [d2[n, v, c].item() for v in range(8)]
             if how == "avg":                                                        # Eq. 17
-                agg.append(sum(views) / len(views))
+                agg.append(-sum(views) / len(views))
             elif how == "max":                                                      # Eq. 18
-                agg.append(max(views))
-            else:                                                                   # Eq. 19-20, weights 1/d
-                w = [1 / -s for s in views]
-                agg.append(sum(wi * s for wi, s in zip(w, views)) / sum(w))
+                agg.append(max(-d for d in views))
+            else:                                                                   # Eq. 19-20, on distances
+                agg.append(-literal_harmonic_mean([math.sqrt(d) for d in views]))
         best = max(range(3), key=lambda c: agg[c])
         assert pred[n].item() == best
         assert score[n].item() == pytest.approx(agg[best])
-    if how == "w-avg":                                                              # = minus the harmonic mean
-        d = -S[0, :, pred[0]]
-        assert score[0].item() == pytest.approx(-(len(d) / (1 / d).sum()).item())
+
+
+def test_w_avg_is_not_the_harmonic_mean_of_squared_distances():
+    d2 = torch.tensor([[[1.0], [9.0]]], dtype=torch.float64)                       # distances 1 and 3
+    assert mcl.sei_aggregate(d2, "w-avg")[1].item() == pytest.approx(-1.5)          # 2 / (1 + 1/3)
+    assert -literal_harmonic_mean([1.0, 9.0]) == pytest.approx(-1.8)                 # the squared form: 2 / (1 + 1/9)
 
 
 def test_presets_resolve_and_flags_override():
@@ -205,7 +216,66 @@ def test_presets_resolve_and_flags_override():
         for k, v in preset.items():
             if k != "epochs":
                 assert getattr(args, k) == v and args.sources[k] == f"preset {name}"
-    assert mcl.QUICK["dataset"] == "folder:../shared/data/cifar10" and mcl.QUICK["width"] == 16
+    assert mcl.QUICK["dataset"] == "cifar10"                                        # nothing outside the repository
+
+
+def test_every_preset_value_names_its_source():
+    text = inspect.getsource(mcl)
+    for name in ("PAPER", "QUICK"):
+        body = text[text.index(f"{name} = {{"):]
+        body = body[body.index("\n") + 1:body.index("\n}")]
+        entries = [line for line in body.splitlines() if line.lstrip().startswith('"')]
+        assert len(entries) == len(getattr(mcl, name)), name
+        for line in entries:
+            assert re.search(r"# (paper|public code|ours):", line), line
+
+
+def resolved(*argv):
+    args = common.parse_args(mcl.build_parser(), mcl.PRESETS, list(argv))
+    mcl.check_args(args)
+    return args.feature_layer, args.sei, args.sei_agg
+
+
+def test_inference_defaults_digits_and_paper():
+    assert resolved() == ("lf", 4, "w-avg")                                         # digits: no mirrored views
+    assert resolved("--preset", "paper") == ("ph", 8, "w-avg")                      # the paper's SEI
+    assert resolved("--dataset", "cifar10") == ("ph", 8, "w-avg")
+    assert resolved("--sei", "1", "--feature-layer", "ph") == ("ph", 1, "w-avg")
+
+
+@pytest.mark.parametrize("flag, value", [("--tau", "0.0"), ("--alpha", "-1.0"), ("--spa-weight", "-0.5"),
+                                         ("--fit-fraction", "0.0"), ("--min-crop", "1.5"), ("--ridge", "-1.0"),
+                                         ("--clusters", "-2"), ("--simclr-epochs", "0"), ("--proj-dim", "0")])
+def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flag, value):
+    with pytest.raises(SystemExit, match=f"{flag} {value}: expected"):
+        mcl.main([flag, value, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def tiny_net():
+    return common.Encoder("resnet18", proj_dim=8, width=2)
+
+
+@pytest.mark.parametrize("setting", ["mcl", "simclr"])
+def test_training_step_makes_no_host_sync(setting):
+    torch.manual_seed(0)
+    net, xb = tiny_net(), torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 0, 1, 2, 2])
+    aug = common.SimCLRAugment(8)
+    kw = dict(alpha=5.0, beta=5.0, spa_weight=0.0) if setting == "simclr" else {}
+    mcl.mcl_step(net, xb, y, aug, **kw)[0].backward()                              # warm-up outside the count
+    with common.DispatchCounter() as c:
+        loss, _ = mcl.mcl_step(net, xb, y, aug, **kw)
+        loss.backward()
+    assert c.launches > 0 and c.syncs == 0, c.sync_ops
+
+
+def test_losses_run_in_float32_under_autocast():
+    z, y_main, y_aux = random_batch(n_images=8, n_classes=2)
+    expected = mcl.mcl_loss(z, y_main, y_aux, generator=torch.Generator().manual_seed(0))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):                              # the cosines' matmul included
+        got = mcl.mcl_loss(z, y_main, y_aux, generator=torch.Generator().manual_seed(0))[0]
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def tiny_run(tmp_path, *flags):
@@ -213,21 +283,26 @@ def tiny_run(tmp_path, *flags):
             "--out", str(tmp_path), *flags]
 
 
-def test_checkpoint_records_the_resolved_preset(tmp_path):
+def test_run_records_the_resolved_preset_and_resumes_with_another_reading(tmp_path):
     out = mcl.main(tiny_run(tmp_path, "--preset", "quick", "--dataset", "digits", "--sei", "4"))
-    config = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["config"]
-    assert config["lr"] == mcl.QUICK["lr"] and config["sources"]["lr"] == "preset quick"
-    assert config["width"] == 4 and config["sources"]["width"] == "command line"
-    assert config["dataset"] == "digits" and config["sei"] == 4
+    settings = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["run"]["settings"]
+    assert settings["lr"] == mcl.QUICK["lr"] and settings["width"] == 4 and settings["dataset"] == "digits"
+    assert "sei" not in settings                                                    # evaluation only
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
-    assert saved["method"] == "mcl" and saved["metrics"].keys() == out["metrics"].keys()
+    assert saved["config"]["sources"]["lr"] == "preset quick" and saved["config"]["sources"]["width"] == "command line"
+    assert saved["method"] == "mcl" and list(saved["metrics"]) == ["lf sei4 w-avg"] == list(out["metrics"])
+    assert set(saved["baselines"]) == {"pixels_knn", "random_init_knn"}
     assert set(saved["grid"]) == {f"{layer} {key}" for layer in ("ph", "lf")
                                   for key in ["sei1 -"] + [f"sei4 {a}" for a in mcl.AGGREGATIONS]}
+    again = mcl.main(tiny_run(tmp_path, "--preset", "quick", "--dataset", "digits", "--sei", "4", "--resume",
+                              "--feature-layer", "ph", "--no-baselines"))                # the trained model, read again
+    assert again["metrics"]["ph sei4 w-avg"] == out["grid"]["ph sei4 w-avg"]["metrics"]
 
 
 def test_kmeans_labels_run_and_bad_cluster_count(tmp_path):
-    out = mcl.main(tiny_run(tmp_path, "--labels", "kmeans", "--simclr-epochs", "1", "--clusters", "4", "--sei", "1"))
-    assert 0 <= out["accuracy"] <= 100 and math.isfinite(next(iter(out["metrics"].values()))["auroc"])
+    out = mcl.main(tiny_run(tmp_path, "--labels", "kmeans", "--simclr-epochs", "1", "--clusters", "4", "--sei", "1",
+                            "--feature-layer", "ph"))
+    assert 0 <= out["accuracy"] <= 100 and math.isfinite(out["metrics"]["ph sei1 -"]["classes 6-9"]["auroc"])
     with pytest.raises(SystemExit, match="--clusters"):
         mcl.main(tiny_run(tmp_path / "bad", "--labels", "kmeans", "--clusters", "1000"))
 
@@ -236,5 +311,5 @@ def test_digits_run_is_far_above_chance(tmp_path):
     """Digits 0-5 vs 6-9: a short MCL run (without rotations, to stay fast) separates them and classifies the
     six classes with class-wise Gaussians; the rotation path runs in the tests above."""
     out = mcl.main(["--no-aux", "--sei", "1", "--feature-layer", "lf", "--epochs", "3", "--out", str(tmp_path)])
-    assert next(iter(out["metrics"].values()))["auroc"] > 70                   # chance: 50
+    assert out["metrics"]["lf sei1 -"]["classes 6-9"]["auroc"] > 70                # chance: 50
     assert out["accuracy"] > 60                                                     # chance: 1/6
