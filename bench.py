@@ -1,35 +1,35 @@
-"""Speed and memory of the hot paths, against what a user would otherwise write (issue 7).
+"""Speed of the hot paths: ratios measured in one run, and exact counts of what a GPU would wait for.
 
-    python bench.py --quick          # every row in under 5 minutes on a 2-core CPU (fewer repeats)
-    python bench.py                  # more repeats
-    python bench.py --rows 1,4,5     # some rows only; --json PATH for the output (default bench.json)
+    python bench.py --quick              # every CPU row, fewer repeats: about 10 minutes on a 2-core CPU
+    python bench.py                      # more repeats
+    python bench.py --rows 1,9-10        # some rows only; --json PATH for the output (default bench.json)
+    python bench.py --cifar10 PATH       # rows 7 and 8 on CIFAR-10 as an ImageFolder with train/ and test/
 
-One run prints a table and writes bench.json. Every number that is judged is a RATIO of two measurements taken in
-the same run, interleaved (A, B, A, B, ...) and summarised by the median, because this machine is shared and
-absolute times drift by 2x from minute to minute. Threads: --threads (default 1) for torch AND for scikit-learn's
-BLAS/OpenMP, so that both sides of a comparison get the same cores. On CPU the ResNet-18 is the CIFAR one at a
-narrow --width (the table says which); the loss and augmentation fractions only get smaller at width 64.
+Timed rows compare two measurements taken in the same run, interleaved (A, B, A, B, ...) and summarised by the
+median, so that a busy minute of the machine hits both alike; on a CPU the clock is the process's CPU time. Rows 9
+and 10 are exact counts, the same on every run and every machine: they predict GPU behaviour without a GPU.
+Threads: --threads (default 1) for torch and for scikit-learn's BLAS/OpenMP alike. On a CPU the ResNet-18 is the
+CIFAR one at a narrow --width (the table says which). Every method's step is the one its script trains with
+(imported, never copied).
 
-Rows (targets from issue 7):
- 1 augmentation   common.SimCLRAugment on a batch vs torchvision's per-image PIL pipeline      >= 5x faster
- 2 training       images/s of each method's full step (common.train: augmentation, forward, loss, backward,
-                  optimizer) / images/s of a bare forward+backward+step on pre-made tensors   >= 0.85
- 3 loss overhead  each loss forward+backward at batch 512 (1024 views) / the backbone step     < 5%
- 4 K-means        common.kmeans vs sklearn KMeans, 50,000 x 512, k = 10 and 100              faster, inertia +-1%
- 5 kNN scores     common.knn_scores, CCL's score_cos vs sklearn NearestNeighbors(brute, cosine), 10,000 x
-                  50,000 x 128                                      faster, identical top-1, peak extra < 1 GiB
- 6 ensembles      OECL's 1 + 32 view score and MCL's 8-view SEI / one plain forward pass   <= 1.1 x views
- 7 data loading   first / second start of a run on folder:../shared/data/cifar10           second < 5 s
- 8 GPU only       seconds per SimCLR epoch (CIFAR-10, ResNet-18 width 64, batch 512, bf16, channels_last),
-                  with and without torch.compile, and the share of the step spent in augmentation
-
-Measured (python bench.py --quick at commit 69f5529's code, CPU AMD EPYC 2 cores shared with other jobs, 1 thread,
-width 16; 289 s wall, 269 s CPU): 1 aug 4.65x (NO); 2 train 0.93 / 0.92 / 1.09 / 0.98 / 1.06 (SimCLR, CCL, MCL, OECL,
-SCAN; one sample each, +-10%); 3 loss 0.19% / 0.34% / 0.66% / 0.20% / 0.01%; 4 K-means 0.41x (k=10), 0.38x (k=100),
-inertia 1.0005 / 1.0045 (NO); 5 kNN 4.6x, score_cos 3.8x, identical top-1, peak 311 MiB (sklearn 1564 MiB); 6 OECL
-1.15 per view (NO: the augmentation), MCL 0.99; 7 second start 3.55 s CPU (python + import torch 3.08 s of it),
-first 31 s. Rows 1, 4 and 6-OECL miss; the common.py changes that fix them (faster colour jitter and crop grid:
-row 1 9.7x; k-means++ without torch.cdist and a fast variance: 0.98x / 1.43x) went to the lead.
+Rows and targets:
+ 1 augmentation  common.SimCLRAugment on a batch vs torchvision's per-image PIL pipeline        >= 5x faster
+ 2 training      images/s of each method's full step in common.train (augmentation, forward, loss, backward,
+                 optimizer) / images/s of a bare forward + backward + step on pre-made views      >= 0.85
+ 3 loss          each loss forward + backward at batch 512 (1024 views) / the backbone step      < 5%
+ 4 K-means       common.kmeans vs scikit-learn, 50,000 x 512, k = 10 and 100: faster, inertia +-1%; and the
+                 seeding failure rate on 10 Gaussian blobs over 30 seeds: no worse than scikit-learn's
+ 5 kNN           common.knn_scores, ccl.score_cos vs NearestNeighbors(brute, cosine), 10,000 x 50,000 x 128:
+                 faster, identical top-1, peak extra memory < 1 GiB
+ 6 ensembles     OECL's 1 + 32-view score and MCL's 8-view SEI / one plain forward pass          <= 1.1 x views
+ 7 data loading  second start of a run on --cifar10 (decoded cache)                              < 5 s
+ 8 GPU only      seconds per SimCLR epoch (CIFAR-10, ResNet-18 width 64, batch 512, bf16, channels_last), with
+                 and without torch.compile, against the 0.33 s floor (see the README's Speed section)
+ 9 counts        host syncs and kernel launches per training step (common.DispatchCounter): 0 syncs in fp32 or
+                 bf16; launches <= 1.3 x the bare backbone forward + backward + SGD step on the same views;
+                 StrongAugment <= 2 x SimCLRAugment's launches per call
+10 compile       graph breaks of torch.compile on each whole step (augmentation + model + loss): 0 for SimCLR,
+                 CCL, OECL
 """
 import argparse
 import contextlib
@@ -48,10 +48,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+import ccl
 import common
+import mcl
+import oecl
+import scan_ood
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CIFAR_FOLDER = "../shared/data/cifar10"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,19 +172,6 @@ def missing(number, name, target, why):
     return row(number, name, "n/a", target, None, why)
 
 
-def try_import(module, names):
-    """A method file's public functions, or None with a reason (the file may not be written yet)."""
-    try:
-        mod = __import__(module)
-    except Exception as e:   # not written yet, or broken: the row says so, the other rows still run
-        return None, f"n/a ({module}.py not present)" if isinstance(e, ModuleNotFoundError) else \
-            f"n/a ({module}.py fails to import: {type(e).__name__}: {e})"
-    lacking = [n for n in names if not hasattr(mod, n)]
-    if lacking:
-        return None, f"n/a ({module}.py lacks {', '.join(lacking)})"
-    return mod, ""
-
-
 def random_images(n, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
@@ -210,110 +200,67 @@ def bench_augmentation(cfg, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rows 2 and 3: each method's training step and loss. A method is (model, views per image, optimizer, a
-# common.train loss_fn, a loss on stand-in features for row 3). Each mirrors the loss_fn of its method file's
-# main(), built from that file's public functions.
+# The training steps every row measures: each method's own step, imported from its script.
 
-def method_simclr(cfg, device):
-    aug = common.SimCLRAugment(32)
-    model = common.Encoder("resnet18", width=cfg.width).to(device)
-    step = lambda net, xb, idx, ep: common.nt_xent(net(torch.cat([aug(xb), aug(xb)]))[1])
-    loss = lambda h, z, n: common.nt_xent(z)
-    return SimpleNamespace(model=model, views=2, optimizer="sgd", step=step, loss=loss, label="SimCLR (nt_xent)")
+def training_steps(width, device, n_images, size=32):
+    """{name: namespace(model, views per image, optimizer, step for common.train, loss on stand-in features for
+    row 3)}; the optimizer is the one of the method's paper preset."""
+    images = lambda seed: random_images(n_images, size, seed).to(device)
+    aug = common.SimCLRAugment(size)
+    encoder = lambda: common.Encoder("resnet18", width=width).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    labels = torch.randint(10, (n_images,), device=device, generator=gen)
+    steps = {}
 
+    steps["simclr"] = SimpleNamespace(
+        model=encoder(), views=2, optimizer="sgd", label="SimCLR (common.simclr_step)",
+        step=lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, 0.5),
+        loss=lambda h, z, n: common.nt_xent(z, 0.5), loss_label="SimCLR NT-Xent")
 
-def method_ccl(cfg, device, n_images):
-    ccl, why = try_import("ccl", ["concentration", "cluster_center_loss", "cluster_instance_loss", "ccl_loss"])
-    if ccl is None:
-        return why
-    k = 10
-    aug = common.SimCLRAugment(32, blur=True)                      # ccl.py: crop, colour, Gaussian blur
-    model = common.Encoder("resnet18", width=cfg.width).to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    centers = F.normalize(torch.randn(k, model.feat_dim, device=device, generator=g), dim=1)
-    assign_all = torch.randint(k, (n_images,), device=device, generator=g)
-    phi = torch.full((k,), 0.3, device=device)
+    model, x = encoder(), images(1)
+    cstep = ccl.CCLStep(aug=common.SimCLRAugment(size, blur=True), x=x, clusters=10, start=0, every=10)
+    with quiet():
+        cstep.update(model, 0)                                   # K-means once: the joint stage's state
+    steps["ccl"] = SimpleNamespace(
+        model=model, views=2, optimizer="lars", label="CCL joint stage (ccl.CCLStep, LARS)", step=cstep,
+        loss=lambda h, z, n: ccl.cluster_center_loss(h, cstep.centers, cstep.assign[:n].repeat(2), cstep.phi)
+        + ccl.cluster_instance_loss(h, cstep.assign[:n].repeat(2)), loss_label="CCL cluster losses (Eq. 4, 6)")
 
-    def cluster_terms(h, assign):
-        return ccl.cluster_center_loss(h, centers, assign, phi), ccl.cluster_instance_loss(h, assign)
+    def mcl_loss(h, z, n):          # z: 2n views = n / 4 images in 4 rotations, 2 views each
+        y_aux = torch.arange(2 * n, device=z.device) // (n // mcl.N_ROT) % mcl.N_ROT
+        return mcl.mcl_loss(z, labels[:n // mcl.N_ROT].repeat(2 * mcl.N_ROT), y_aux)[0]
+    steps["mcl"] = SimpleNamespace(
+        model=encoder(), views=2 * mcl.N_ROT, optimizer="sgd", label="MCL (mcl.mcl_step, 4 rotations)",
+        step=lambda net, xb, idx, epoch: mcl.mcl_step(net, xb, labels[idx], aug),
+        loss=mcl_loss, loss_label="MCL CCM + SPA (Eq. 4-10)")
 
-    def step(net, xb, idx, ep):       # ccl.py's loss_fn in the joint stage, clustering on the embedding layer
-        h, z = net(torch.cat([aug(xb), aug(xb)]))
-        return ccl.ccl_loss(common.nt_xent(z), *cluster_terms(h, assign_all[idx].repeat(2)), 0.5)
+    outliers = images(2)
+    steps["oecl"] = SimpleNamespace(
+        model=encoder(), views=4, optimizer="sgd", label="OECL (oecl.oecl_step, 2 views of ID and outliers)",
+        step=lambda net, xb, idx, epoch: oecl.oecl_step(net, xb, outliers, aug),
+        loss=lambda h, z, n: oecl.oecl_loss(z[:n], z[n:])[0], loss_label="OECL loss (Eq. 12)")
+    no_flip = common.SimCLRAugment(size, flip=False)
+    steps["self_oecl"] = SimpleNamespace(
+        model=encoder(), views=8, optimizer="sgd", label="self-OECL (oecl.self_oecl_step, rotations)",
+        step=lambda net, xb, idx, epoch: oecl.self_oecl_step(net, xb, no_flip))
 
-    def loss(h, z, n):                # row 3: the cluster losses alone (Eq. 4 and 6)
-        a, b = cluster_terms(h, assign_all[:n].repeat(2))
-        return a + b
-    return SimpleNamespace(model=model, views=2, optimizer="sgd", step=step, loss=loss,
-                           label="CCL (L_self + cluster losses)", loss_label="CCL cluster losses (Eq. 4, 6)")
-
-
-def method_mcl(cfg, device, n_images):
-    mcl, why = try_import("mcl", ["mcl_loss", "rotated_views"])
-    if mcl is None:
-        return why
-    n_rot = getattr(mcl, "N_ROT", 4)
-    aug = common.SimCLRAugment(32)
-    model = common.Encoder("resnet18", width=cfg.width).to(device)
-    labels = torch.randint(10, (n_images,), device=device, generator=torch.Generator(device=device).manual_seed(0))
-
-    def step(net, xb, idx, ep):       # mcl.py's loss_fn: every image in its 4 rotations, 2 views each
-        views, y_aux = mcl.rotated_views(xb, aug, n_rot)
-        return mcl.mcl_loss(net(views)[1], labels[idx].repeat(2 * n_rot), y_aux)[0]
-
-    def loss(h, z, n):                # z: 2 x n views; n / 4 images in 4 rotations, 10 pseudo-classes
-        y_aux = torch.arange(n_rot, device=z.device).repeat_interleave(n // n_rot).repeat(2)
-        y_main = labels[:n // n_rot].repeat(2 * n_rot)
-        return mcl.mcl_loss(z, y_main, y_aux)[0]
-    return SimpleNamespace(model=model, views=2 * n_rot, optimizer="sgd", step=step, loss=loss,
-                           label=f"MCL (CCM + SPA, {n_rot} rotations)", loss_label="MCL CCM + SPA (Eq. 4-10)")
-
-
-def method_oecl(cfg, device, n_images):
-    oecl, why = try_import("oecl", ["oecl_loss", "make_loss_fn"])
-    if oecl is None:
-        return why
-    aug = common.SimCLRAugment(32)
-    model = common.Encoder("resnet18", width=cfg.width).to(device)
-    outliers = random_images(n_images, seed=1).to(device)
-    args = SimpleNamespace(tau=0.5, alpha=1.0, oe_warmup=0)
-    step = oecl.make_loss_fn(args, aug, outliers)                   # OECL with an outlier set (paper preset)
-    loss = lambda h, z, n: oecl.oecl_loss(z, z[:n].detach().clone().requires_grad_())[0]
-    return SimpleNamespace(model=model, views=3, optimizer="sgd", step=step, loss=loss,
-                           label="OECL (2 ID views + 1 outlier)", loss_label="OECL loss (Eq. 12)")
+    strong = common.StrongAugment()
+    x, neighbors = images(3), torch.randint(n_images, (n_images, 21), device=device, generator=gen)
+    steps["scan"] = SimpleNamespace(
+        model=scan_ood.ClusterNet("resnet18", 10, 1, width=width).to(device), views=2, optimizer="adam",
+        label="SCAN stage (scan_ood.scan_step, StrongAugment)",
+        step=lambda net, xb, idx, epoch: scan_ood.scan_step(net, xb, idx, x, neighbors, strong, 5.0),
+        loss=lambda h, logits, n: scan_ood.scan_loss(logits[:, :n], logits[:, n:])[0].sum(), loss_label="SCAN loss",
+        logits_dim=10)
+    steps["selflabel"] = SimpleNamespace(
+        model=scan_ood.ClusterNet("resnet18", 10, 1, width=width).to(device), views=2, optimizer="adam",
+        label="self-labelling (scan_ood.selflabel_step)",
+        step=lambda net, xb, idx, epoch: scan_ood.selflabel_step(net, xb, strong, 0.99))
+    return steps
 
 
-def method_scan(cfg, device, n_images):
-    scan, why = try_import("scan_ood", ["scan_loss", "ClusterNet"])
-    if scan is None:
-        return why
-    k = 10
-    strong = common.StrongAugment(n_ops=4, cutout=16)
-    model = scan.ClusterNet("resnet18", k, 1, width=cfg.width).to(device)
-    pool = random_images(n_images, seed=2).to(device)
-    neighbors = torch.randint(n_images, (n_images, 21), device=device)
-
-    def step(net, xb, idx, ep):       # scan_ood.py's SCAN stage: anchor and a mined neighbour, strong aug, one pass
-        pick = torch.randint(neighbors.shape[1], (len(idx),), device=device)
-        logits = net(torch.cat([strong(xb), strong(pool[neighbors[idx, pick]])]))[1]
-        anchor, neighbor = logits.transpose(0, 1).chunk(2, dim=1)
-        return scan.scan_loss(anchor, neighbor)[0].sum()
-
-    def loss(h, logits, n):
-        return scan.scan_loss(logits[:, :n], logits[:, n:])[0].sum()
-    return SimpleNamespace(model=model, views=2, optimizer="adam", step=step, loss=loss, logits_dim=k,
-                           label="SCAN (strong aug, anchor + neighbour)", loss_label="SCAN loss")
-
-
-def methods(cfg, device, n_images):
-    """{name: method namespace or the reason it is missing}."""
-    out = {"simclr": method_simclr(cfg, device)}
-    for name, make in (("ccl", method_ccl), ("mcl", method_mcl), ("oecl", method_oecl), ("scan", method_scan)):
-        try:
-            out[name] = make(cfg, device, n_images)
-        except Exception as e:   # a method file mid-edit must not take the other rows down
-            out[name] = f"n/a (building the {name} step failed: {type(e).__name__}: {e})"
-    return out
+def optimizer_for(model, name, lr=1e-3):
+    return common.make_optimizer(model.parameters(), common.TrainConfig(epochs=1, batch_size=2, lr=lr, optimizer=name))
 
 
 def bare_step(model, opt, views):
@@ -323,81 +270,60 @@ def bare_step(model, opt, views):
     opt.step()
 
 
+# ----------------------------------------------------------------------------------------------
+# Rows 2 and 3: each method's training step and loss.
+
 def bench_training(cfg, device):
-    batch = 256
-    steps = cfg.train_steps
-    ms = methods(cfg, device, max(batch * steps, 1024))      # row 3 uses the first 512 too
+    batch, steps = 256, cfg.train_steps
     rows = []
-    tmp = tempfile.mkdtemp(prefix="bench-train-")
-    for name, m in ms.items():
-        label = getattr(m, "label", name)
-        if isinstance(m, str):
-            rows.append(missing(2, f"training step: {name}", ">= 0.85", m))
-            continue
-        try:
-            x = random_images(batch * steps, seed=3).to(device)
-            args = common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]), argv=[
-                "--epochs", "1", "--batch-size", str(batch), "--optimizer", m.optimizer, "--lr", "1e-3",
-                "--save-every", "1000000", "--device", str(device)])
-            views = torch.rand(m.views * batch, 3, 32, 32, device=device)
-            opt = common.make_optimizer(m.model.parameters(), args)
-            ckpt = os.path.join(tmp, f"{name}.pt")
+    for name, m in training_steps(cfg.width, device, batch * steps).items():
+        x = random_images(batch * steps, seed=3).to(device)
+        tcfg = common.TrainConfig(epochs=1, batch_size=batch, lr=1e-3, optimizer=m.optimizer, save_every=10 ** 6,
+                                  checkpoint=os.path.join(tempfile.mkdtemp(prefix="bench-"), "c.pt"))
+        views = torch.rand(m.views * batch, 3, 32, 32, device=device)
+        opt = optimizer_for(m.model, "sgd")
 
-            def full():
-                with quiet():
-                    common.train(m.model, m.step, x, args, ckpt)
-
-            # The warm-up round runs the bare step only: it creates the convolution kernels for this model and
-            # view count, which the full step then shares; augmentation and loss need no warm-up.
-            t = race({"full": full, "bare": lambda: [bare_step(m.model, opt, views) for _ in range(steps)]},
-                     cfg.repeat_train, device, warm=["bare"])
-            ratio = t["bare"] / t["full"]       # (images/s full) / (images/s bare)
-            rows.append(row(2, f"training step: {label}", f"{ratio:.3f}", ">= 0.85", ratio >= 0.85,
-                            f"batch {batch} x {m.views} views, width {cfg.width}, {m.optimizer}; img/s full "
-                            f"{fmt_rate(batch * steps / t['full'])}, bare {fmt_rate(batch * steps / t['bare'])}",
-                            ratio=ratio, full_s=t["full"], bare_s=t["bare"], method=name))
-        except Exception as e:
-            rows.append(missing(2, f"training step: {name}", ">= 0.85", f"failed: {type(e).__name__}: {e}"))
-            traceback.print_exc()
-    return rows, ms
+        def full():
+            with quiet():
+                common.train(m.model, m.step, x, tcfg)
+        # The warm-up round runs the bare step only: it creates the convolution kernels for this model and view
+        # count, which the full step then shares; augmentation and loss need no warm-up.
+        t = race({"full": full, "bare": lambda: [bare_step(m.model, opt, views) for _ in range(steps)]},
+                 cfg.repeat_train, device, warm=["bare"])
+        ratio = t["bare"] / t["full"]       # (images/s full) / (images/s bare)
+        rows.append(row(2, f"training step: {m.label}", f"{ratio:.3f}", ">= 0.85", ratio >= 0.85,
+                        f"batch {batch} x {m.views} views, width {cfg.width}, {m.optimizer} (bare: sgd); img/s full "
+                        f"{fmt_rate(batch * steps / t['full'])}, bare {fmt_rate(batch * steps / t['bare'])}",
+                        ratio=ratio, full_s=t["full"], bare_s=t["bare"], method=name))
+    return rows
 
 
-def bench_losses(cfg, device, ms):
+def bench_losses(cfg, device):
     """Row 3: loss forward+backward on stand-in features of 1024 views (batch 512) / a bare backbone step of
     1024 views. The features are leaves that require grad, so backward stops at the loss: only its own cost."""
     n = 512
-    rows = []
+    ms = {k: m for k, m in training_steps(cfg.width, device, 2 * n).items() if hasattr(m, "loss")}
     model = common.Encoder("resnet18", width=cfg.width).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = optimizer_for(model, "sgd")
     views = torch.rand(2 * n, 3, 32, 32, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(2 * n, model.feat_dim, device=device, generator=g).requires_grad_()
     z = torch.randn(2 * n, 128, device=device, generator=g).requires_grad_()
 
-    def loss_step(loss_fn, h, z):
-        def go():
-            loss = loss_fn(h, z, n)
-            grads = torch.autograd.grad(loss, [t for t in (h, z) if t.requires_grad], allow_unused=True)
-            return grads
-        return go
-
-    fns = {"backbone": lambda: bare_step(model, opt, views)}
-    labels = {}
+    def loss_step(loss_fn, z):
+        return lambda: torch.autograd.grad(loss_fn(h, z, n), [h, z], allow_unused=True)
+    fns = {}
     for name, m in ms.items():
-        if isinstance(m, str):
-            rows.append(missing(3, f"loss overhead: {name}", "< 5%", m))
-            continue
         zz = torch.randn(1, 2 * n, m.logits_dim, device=device, generator=g).requires_grad_() \
             if hasattr(m, "logits_dim") else z                 # SCAN: heads x views x clusters
-        fns[name] = loss_step(m.loss, h, zz)
-        labels[name] = getattr(m, "loss_label", m.label)
+        fns[name] = loss_step(m.loss, zz)
     # The backbone step is ~100x a loss: time it fewer times, the losses many times, interleaved.
-    t_losses = race({k: v for k, v in fns.items() if k != "backbone"}, cfg.repeat_loss, device)
-    t_backbone = race({"backbone": fns["backbone"]}, cfg.repeat_train, device)["backbone"]
-    t_losses.update(race({k: v for k, v in fns.items() if k != "backbone"}, cfg.repeat_loss, device))
+    t_losses = race(fns, cfg.repeat_loss, device)
+    t_backbone = race({"backbone": lambda: bare_step(model, opt, views)}, cfg.repeat_train, device)["backbone"]
+    rows = []
     for name, t in t_losses.items():
         frac = t / t_backbone
-        rows.append(row(3, f"loss overhead: {labels[name]}", f"{100 * frac:.2f}%", "< 5%", frac < 0.05,
+        rows.append(row(3, f"loss overhead: {ms[name].loss_label}", f"{100 * frac:.2f}%", "< 5%", frac < 0.05,
                         f"1024 views fwd+bwd {1e3 * t:.1f} ms vs backbone step (width {cfg.width}) "
                         f"{1e3 * t_backbone:.0f} ms", fraction=frac, loss_s=t, backbone_s=t_backbone, method=name))
     return rows
@@ -444,6 +370,26 @@ def bench_kmeans(cfg, device):
     return rows
 
 
+def bench_kmeans_seeding(cfg, device):
+    """Row 4b: how often a k-means++ seeding ends more than 1% above the best inertia found, on 10 Gaussian blobs
+    (centres randn(10, d) * 3, points centre + randn * 2), k = 10, 30 seeds: ours vs scikit-learn's KMeans(n_init=1)."""
+    from sklearn.cluster import KMeans
+    n, d = (2000, 64) if cfg.quick else (20_000, 512)
+    ours, ref = [], []
+    for s in range(30):
+        g = torch.Generator().manual_seed(s)
+        x = (torch.randn(10, d, generator=g) * 3)[torch.randint(10, (n,), generator=g)] + torch.randn(n, d, generator=g) * 2
+        c, a = common.kmeans(x.to(device), 10, seed=s)
+        ours.append(float(((x.to(device) - c[a]) ** 2).sum()))
+        ref.append(KMeans(10, n_init=1, random_state=s).fit(x.numpy()).inertia_)
+    best = [min(a, b) for a, b in zip(ours, ref)]
+    fails = lambda v: sum(a > 1.01 * b for a, b in zip(v, best))
+    f_ours, f_ref = fails(ours), fails(ref)
+    return [row(4, "K-means seeding: failures over 30 seeds, ours vs sklearn", f"{f_ours}/30 vs {f_ref}/30",
+                "ours <= sklearn", f_ours <= f_ref, f"10 blobs, {n:,} x {d}, k = 10; a failure ends > 1% above the "
+                f"best inertia of both", fails_ours=f_ours, fails_sklearn=f_ref)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Row 5: kNN scores.
 
@@ -453,12 +399,9 @@ def bench_knn(cfg, device):
     train, test = torch.randn(50_000, 128, generator=g), torch.randn(10_000, 128, generator=g)
     train_d, test_d = train.to(device), test.to(device)
     tn, qn = train.numpy(), test.numpy()
-    ccl, why = try_import("ccl", ["score_cos"])
     contenders = {"knn_scores": lambda: common.knn_scores(train_d, test_d, 1, "cosine"),
                   "sklearn": lambda: NearestNeighbors(n_neighbors=1, algorithm="brute", metric="cosine").fit(tn)
-                  .kneighbors(qn)}
-    if ccl is not None:
-        contenders["score_cos"] = lambda: ccl.score_cos(train_d, test_d)
+                  .kneighbors(qn), "score_cos": lambda: ccl.score_cos(train_d, test_d)}
     # Round 1 measures peak memory (each contender alone, before timing rounds leave buffers around) and time;
     # further interleaved rounds only time. sklearn is a CPU library: its memory is the process's on any device.
     times, peaks, now = {name: [] for name in contenders}, {}, clock(device)
@@ -495,8 +438,6 @@ def bench_knn(cfg, device):
                         f"{len(differ)} of 10,000 ({ties} float64 ties); sklearn peak {mib(peaks['sklearn'])}",
                         speedup=speedup, peak_bytes=peak, sklearn_peak_bytes=peaks["sklearn"],
                         top1_differ=len(differ), top1_ties=ties))
-    if ccl is None:
-        rows.append(missing(5, "kNN: ccl.score_cos vs sklearn brute cosine", "> 1x, same top-1, peak < 1 GiB", why))
     return rows
 
 
@@ -505,44 +446,35 @@ def bench_knn(cfg, device):
 
 def bench_ensembles(cfg, device):
     # Every forward pass holds ~256 views, the plain pass as the ensembles' chunks: on a CPU the cost per view
-    # grows with the batch (512 views cost 1.45x two batches of 256 at width 16: caches), which is not the
-    # per-image overhead this row looks for.
+    # grows with the batch, which is not the per-image overhead this row looks for.
     n = batch = 256
     x = random_images(n, seed=4).to(device)
     model = common.Encoder("resnet18", width=cfg.width).to(device).eval()
-    fns = {"plain": lambda: common.embed(model, x, batch)}
-    views, label, rows = {}, {}, []
-    oecl, why = try_import("oecl", ["ensemble_scores"])
-    if oecl is None:
-        rows.append(missing(6, "ensemble: OECL 1 + 32 views", "<= 1.1 x views", why))
-    else:
-        aug = common.SimCLRAugment(32)
-        fns["oecl"] = lambda: oecl.ensemble_scores(model, x, aug, 32, batch_size=batch)
-        views["oecl"], label["oecl"] = 33, "OECL ensemble score, clean + 32 augmentations"
-    mcl, why = try_import("mcl", ["view_features", "sei_scores"])
-    if mcl is None:
-        rows.append(missing(6, "ensemble: MCL 8-view SEI", "<= 1.1 x views", why))
-    else:
-        g = torch.Generator(device=device).manual_seed(0)
-        feats = F.normalize(torch.randn(2000, 128, device=device, generator=g), dim=1)
-        labels = torch.randint(10, (2000,), device=device, generator=g)
-        gaussians = {"ph": [common.fit_gaussians(feats, labels, 10) for _ in range(4)]}
-        gaussians["lf"] = [common.fit_gaussians(F.normalize(torch.randn(2000, model.feat_dim, device=device,
-                                                                     generator=g), dim=1), labels, 10)] * 4
+    aug = common.SimCLRAugment(32)
+    g = torch.Generator(device=device).manual_seed(0)
+    labels = torch.randint(10, (2000,), device=device, generator=g)
+    fit = lambda dim: common.fit_gaussians(F.normalize(torch.randn(2000, dim, device=device, generator=g), dim=1),
+                                           labels, 10)
+    gaussians = {"ph": [fit(128) for _ in range(4)], "lf": [fit(model.feat_dim) for _ in range(4)]}
 
-        def sei():                     # mcl.py's inference per test set: 8 views, both layers, Mahalanobis
-            f = mcl.view_features(model, x, 8, device, batch_size=batch)
-            return {layer: mcl.sei_scores(v, gaussians[layer]) for layer, v in f.items()}
-        fns["mcl"] = sei
-        views["mcl"], label["mcl"] = 8, "MCL SEI, 8 views (4 rotations x mirror), Mahalanobis"
+    def sei():                         # mcl.py's inference per test set: 8 views, both layers, Mahalanobis
+        f = mcl.view_features(model, x, 8, device, batch_size=batch)
+        return {layer: mcl.sei_aggregate(mcl.sei_distances(v, gaussians[layer]), "w-avg") for layer, v in f.items()}
+    fns = {"plain": lambda: common.embed(model, x, batch),
+           "oecl": lambda: oecl.ensemble_scores(model, x, aug, 32, batch_size=batch), "mcl": sei}
+    views = {"oecl": 33, "mcl": 8}
+    label = {"oecl": "OECL ensemble score, clean + 32 augmentations",
+             "mcl": "MCL SEI, 8 views (4 rotations x mirror), Mahalanobis"}
     t = race(fns, cfg.repeat_ens, device)
+    rows = []
     for name in views:
         ratio = t[name] / t["plain"]
         per_view = ratio / views[name]
         rows.append(row(6, f"ensemble: {label[name]}", f"{ratio:.1f}x = {per_view:.2f} per view",
                         f"<= {1.1 * views[name]:.1f}x (1.1 per view)", per_view <= 1.1,
-                        f"{n} test images, ~{batch} views per forward, width {cfg.width}; plain forward {t['plain']:.2f} s, ensemble "
-                        f"{t[name]:.2f} s", ratio=ratio, per_view=per_view, views=views[name]))
+                        f"{n} test images, ~{batch} views per forward, width {cfg.width}; plain forward "
+                        f"{t['plain']:.2f} s, ensemble {t[name]:.2f} s", ratio=ratio, per_view=per_view,
+                        views=views[name]))
     return rows
 
 
@@ -564,9 +496,9 @@ def bench_loading(cfg, device):
     """A start = a fresh python that imports common and runs load_data with the quick preset's data flags. Judged
     on its CPU time (user + system, children included): on this shared machine the wall clock measures the other
     jobs; on an idle one the two agree up to disk reads, which the page cache serves on a second start."""
-    folder = os.path.join(HERE, CIFAR_FOLDER)
-    if not os.path.isdir(folder):
-        return [missing(7, "data loading, second start", "< 5 s", f"skipped: {CIFAR_FOLDER} not found")]
+    folder = cfg.cifar10
+    if folder is None:
+        return [missing(7, "data loading, second start", "< 5 s", "skipped: no --cifar10 folder")]
     root = tempfile.mkdtemp(prefix="bench-data-")          # a fresh cache: the first start really decodes
     argv = ["--dataset", f"folder:{folder}", "--id-classes", "0-5", "--subset", "6000", "--data-root", root]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
@@ -587,55 +519,9 @@ def bench_loading(cfg, device):
     return [row(7, "data loading: second start (decoded cache)", f"{cpu:.2f} s", "< 5 s", cpu < 5,
                 f"CPU seconds (wall on this loaded machine {wall:.1f} s); load_data {load:.2f} s of it, python + "
                 f"import torch alone {floor:.2f} s; first start {first_cpu:.0f} s CPU, {first_wall:.0f} s wall "
-                f"(decodes 60,000 JPEGs on {os.cpu_count()} threads); --dataset folder:{CIFAR_FOLDER} "
+                f"(decodes 60,000 JPEGs on {os.cpu_count()} threads); --dataset folder:{folder} "
                 f"--id-classes 0-5 --subset 6000", first_cpu_s=first_cpu, first_wall_s=first_wall, second_cpu_s=cpu,
                 second_wall_s=wall, load_data_s=load, import_torch_s=floor)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Row 8: GPU epoch (CUDA only).
-
-def bench_gpu(cfg, device):
-    if device.type != "cuda":
-        return [missing(8, "GPU SimCLR epoch", "measured", "skipped: no CUDA device")]
-    folder = os.path.join(HERE, CIFAR_FOLDER)
-    if os.path.isdir(folder):
-        x, source = common.load_dataset(f"folder:{folder}", True, os.path.join(HERE, "data"))[0], "CIFAR-10"
-    else:   # the time of an epoch does not depend on the pixels
-        x, source = random_images(50_000), "random images (CIFAR-10 folder not found)"
-    x = x.to(device)
-    aug = common.SimCLRAugment(32)
-    rows = []
-    for compiled in (False, True):
-        model = common.Encoder("resnet18", width=64).to(device).to(memory_format=torch.channels_last)
-        args = common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]), argv=[
-            "--epochs", "3", "--batch-size", "512", "--lr", "0.1", "--amp", "bf16", "--save-every", "1000000",
-            "--device", "cuda"] + (["--compile"] if compiled else []))
-        stamps = []
-
-        def on_epoch_start(epoch, net):
-            torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-        loss_fn = lambda net, xb, idx, ep: common.nt_xent(net(torch.cat([aug(xb), aug(xb)]))[1])
-        with quiet():
-            common.train(model, loss_fn, x, args, os.path.join(tempfile.mkdtemp(), "c.pt"),
-                         on_epoch_start=on_epoch_start)
-        epoch_s = stamps[2] - stamps[1]                     # the second epoch: compiled and warm
-        rows.append(row(8, f"GPU SimCLR epoch, {'with' if compiled else 'without'} torch.compile",
-                        f"{epoch_s:.2f} s", "measured", None,
-                        f"{source}, {len(x)} images, ResNet-18 width 64, batch 512, bf16, channels_last; "
-                        f"first epoch {stamps[1] - stamps[0]:.1f} s", epoch_s=epoch_s))
-    xb = x[:512]
-    t_aug = race({"aug": lambda: (aug(xb), aug(xb))}, 20, device)["aug"]
-    share = t_aug * (len(x) // 512) / rows[0]["epoch_s"]
-    rows.append(row(8, "GPU: share of the (uncompiled) epoch spent in augmentation", f"{100 * share:.1f}%",
-                    "measured", None, f"2 views of 512 images: {1e3 * t_aug:.2f} ms", share=share))
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-
-ROWS = {1: bench_augmentation, 4: bench_kmeans, 5: bench_knn, 6: bench_ensembles, 7: bench_loading, 8: bench_gpu}
 
 
 def print_table(rows, cfg, device):
@@ -665,15 +551,158 @@ def machine(device):
     return f"CPU {cpu}, {os.cpu_count()} cores (torch {torch.__version__})"
 
 
+# ----------------------------------------------------------------------------------------------
+# Row 8: GPU epoch (CUDA only).
+
+class TimedSimCLR:
+    """common.simclr_step with a clock read (synchronised) before every epoch: train's update hook."""
+
+    def __init__(self, aug):
+        self.aug, self.stamps = aug, []
+
+    def __call__(self, net, xb, idx, epoch):
+        return common.simclr_step(net, xb, self.aug, 0.5)
+
+    def update(self, model, epoch):
+        torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+
+def bench_gpu(cfg, device):
+    if device.type != "cuda":
+        return [missing(8, "GPU SimCLR epoch", "measured", "skipped: no CUDA device")]
+    if cfg.cifar10:
+        x, source = common.load_dataset(f"folder:{cfg.cifar10}", True, os.path.join(HERE, "data"))[0], "CIFAR-10"
+    else:   # the time of an epoch does not depend on the pixels
+        x, source = random_images(50_000), "random images (no --cifar10)"
+    x = x.to(device)
+    rows = []
+    for compiled in (False, True):
+        model = common.Encoder("resnet18", width=64).to(device)
+        step = TimedSimCLR(common.SimCLRAugment(32))
+        tcfg = common.TrainConfig(epochs=3, batch_size=512, lr=0.1, amp="bf16", compile=compiled, save_every=10 ** 6,
+                                  checkpoint=os.path.join(tempfile.mkdtemp(), "c.pt"))
+        with quiet():
+            common.train(model, step, x, tcfg)
+        torch.cuda.synchronize()
+        step.stamps.append(time.perf_counter())
+        epoch_s = step.stamps[2] - step.stamps[1]                      # the second epoch: compiled and warm
+        floor = 0.33 * len(x) / 50_000
+        rows.append(row(8, f"GPU SimCLR epoch, {'with' if compiled else 'without'} torch.compile",
+                        f"{epoch_s:.2f} s = {epoch_s / floor:.1f}x the floor", "measured", None,
+                        f"{source}, {len(x)} images, ResNet-18 width 64, batch 512, bf16, channels_last; first epoch "
+                        f"{step.stamps[1] - step.stamps[0]:.1f} s; floor {floor:.2f} s (3.33 GFLOP per view at 989 "
+                        f"TFLOP/s)", epoch_s=epoch_s, floor_s=floor))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Row 9: host syncs and kernel launches per step, counted exactly (common.DispatchCounter).
+
+def count(fn):
+    with common.DispatchCounter() as c:
+        fn()
+    return c
+
+
+def counted_step(m, x, opt):
+    """One whole training iteration of m: the step, backward, the optimizer (the loop's own bookkeeping aside)."""
+    idx = torch.arange(len(x), device=x.device)
+
+    def one():
+        out = m.step(m.model, x, idx, 0)
+        loss = out[0] if isinstance(out, tuple) else out
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    one()                                        # the first step makes the optimizer's state: not a steady step
+    return count(one)
+
+
+def bench_counts(cfg, device):
+    """Exact, so one run is enough. Tiny settings (16 images, width 4, 32 px): the counts do not depend on them."""
+    n, rows = 16, []
+    x = random_images(n, seed=5).to(device)
+    syncs, launches = {}, {}
+    for name, m in training_steps(4, device, n).items():
+        c = counted_step(m, x, optimizer_for(m.model, m.optimizer))
+        views = torch.rand(m.views * n, 3, 32, 32, device=device)
+        opt = optimizer_for(m.model, "sgd")
+        bare_step(m.model, opt, views)
+        bare = count(lambda: bare_step(m.model, opt, views)).launches
+        syncs[name], launches[name] = c.syncs, c.launches
+        ok = c.syncs == 0 and c.launches <= 1.3 * bare
+        detail = f"{m.optimizer}; bare backbone + SGD on {m.views * n} views: {bare} launches"
+        if c.syncs:
+            detail += f"; syncs: {dict(c.sync_ops)}"
+        rows.append(row(9, f"per step: {m.label}", f"{c.syncs} syncs, {c.launches} launches ({c.launches / bare:.2f}x)",
+                        "0 syncs, <= 1.3x bare", ok, detail, syncs=c.syncs, launches=c.launches, bare_launches=bare,
+                        method=name))
+    xf = common.to_float(x)
+    simclr_aug = count(lambda: common.SimCLRAugment(32, blur=True)(xf))
+    strong = count(lambda: common.StrongAugment()(xf))
+    ok = strong.syncs == 0 and strong.launches <= 2 * simclr_aug.launches
+    rows.append(row(9, "per call: StrongAugment vs SimCLRAugment (blur on)",
+                    f"{strong.syncs} syncs, {strong.launches} vs {simclr_aug.launches} launches", "0 syncs, <= 2x", ok,
+                    f"StrongAugment syncs: {dict(strong.sync_ops)}" if strong.syncs else "", syncs=strong.syncs,
+                    launches=strong.launches, simclr_launches=simclr_aug.launches))
+    return rows, {"syncs_per_step": syncs, "launches_per_step": launches}
+
+
+# ----------------------------------------------------------------------------------------------
+# Row 10: torch.compile of each whole step: graph breaks (torch._dynamo.explain traces without compiling).
+
+def bench_compile(cfg, device):
+    n, rows, breaks = 16, [], {}
+    x = random_images(n, seed=6).to(device)
+    idx = torch.arange(n, device=device)
+    import torch._dynamo
+    for name, m in training_steps(4, device, n).items():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda xb: m.step(m.model, xb, idx, 0))(x)
+        breaks[name] = explained.graph_break_count
+        target = 0 if name in ("simclr", "ccl", "oecl") else None
+        reasons = sorted({str(b.reason).splitlines()[0][:90] for b in explained.break_reasons})
+        rows.append(row(10, f"compile: {m.label}", f"{explained.graph_break_count} graph breaks",
+                        "0" if target == 0 else "reported", None if target is None else explained.graph_break_count == 0,
+                        "; ".join(reasons[:3]), graph_breaks=explained.graph_break_count, method=name))
+    torch._dynamo.reset()
+    return rows, {"graph_breaks_per_step": breaks}
+
+
+# ----------------------------------------------------------------------------------------------
+
+ROWS = {1: bench_augmentation, 2: bench_training, 3: bench_losses, 4: bench_kmeans, 5: bench_knn, 6: bench_ensembles,
+        7: bench_loading, 8: bench_gpu, 9: bench_counts, 10: bench_compile}
+
+
+def parse_rows(text):
+    """'1,4-6' -> [1, 4, 5, 6]; anything else ends with one line naming --rows."""
+    rows = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (hi.isdigit() if dash else True)):
+            common.fail(f"--rows {text!r}: expected row numbers or ranges from 1 to {max(ROWS)}, e.g. 1,4-6")
+        rows += range(int(lo), int(hi if dash else lo) + 1)
+    if not rows or not set(rows) <= set(ROWS):
+        common.fail(f"--rows {text!r}: expected row numbers or ranges from 1 to {max(ROWS)}, e.g. 1,4-6")
+    return sorted(set(rows))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats: under 5 min on 2 cores")
-    parser.add_argument("--rows", default="1-8", help="rows to run, e.g. 1,4-6")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller K-means seeding row")
+    parser.add_argument("--rows", default=f"1-{max(ROWS)}", help="rows to run, e.g. 1,4-6")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch and scikit-learn alike")
     parser.add_argument("--width", type=int, default=None, help="CIFAR ResNet-18 width (default: 16 on CPU, 64 on CUDA)")
+    parser.add_argument("--cifar10", default=None, help="CIFAR-10 as an ImageFolder with train/ and test/ (rows 7, 8)")
     parser.add_argument("--json", default="bench.json")
     cfg = parser.parse_args(argv)
+    wanted = parse_rows(cfg.rows)
+    common.check(cfg.threads >= 1, "--threads", cfg.threads, "an integer >= 1")
+    common.check(cfg.cifar10 is None or os.path.isdir(os.path.join(cfg.cifar10, "train")), "--cifar10", cfg.cifar10,
+                 "a folder with train/<class>/ and test/<class>/")
     device = common.get_device(cfg.device)
     limit_threads(cfg.threads)
     cfg.width = cfg.width or (64 if device.type == "cuda" else 16)
@@ -681,20 +710,19 @@ def main(argv=None):
     cfg.repeat, cfg.repeat_train, cfg.repeat_loss = (5, 1, 10) if q else (9, 3, 20)
     cfg.repeat_kmeans, cfg.repeat_knn, cfg.repeat_ens, cfg.repeat_start = (1, 0, 1, 1) if q else (3, 2, 3, 3)
     cfg.train_steps, cfg.kmeans_iters = (1, 100) if q else (2, 100)
-    wanted = common.parse_classes(cfg.rows)
     torch.manual_seed(0)
     t0, cpu0 = time.time(), cpu_seconds()
-    rows, ms = [], None
+    rows, counts = [], {}
     for number in wanted:
         t_row, cpu_row = time.time(), cpu_seconds()
         try:
-            if number == 2 or (number == 3 and ms is None):
-                r2, ms = bench_training(cfg, device) if 2 in wanted else ([], methods(cfg, device, 1024))
-                rows += r2
-            if number == 3:
-                rows += bench_losses(cfg, device, ms)
-            elif number in ROWS:
-                rows += ROWS[number](cfg, device)
+            out = ROWS[number](cfg, device)
+            if number == 4:
+                out += bench_kmeans_seeding(cfg, device)
+            if isinstance(out, tuple):                  # rows 9 and 10 also return their counts by step
+                out, extra = out
+                counts.update(extra)
+            rows += out
         except Exception as e:   # one broken row must not lose the others
             traceback.print_exc()
             rows.append(missing(number, f"row {number}", "", f"failed: {type(e).__name__}: {e}"))
@@ -706,8 +734,7 @@ def main(argv=None):
     print(f"\ntotal {time.time() - t0:.0f} s wall, {cpu_seconds() - cpu0:.0f} s CPU")
     common.save_results(cfg.json, {"machine": machine(device), "device": str(device), "threads": cfg.threads,
                                    "width": cfg.width, "quick": cfg.quick, "seconds": time.time() - t0,
-                                   "cpu_seconds": cpu_seconds() - cpu0,
-                                   "rows": rows})
+                                   "cpu_seconds": cpu_seconds() - cpu0, "rows": rows, **counts})
     return rows
 
 

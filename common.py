@@ -346,18 +346,18 @@ class SimCLRAugment(nn.Module):
     def forward(self, x, generator=None, same_for_batch=False):
         x = to_float(x)
         B, dev = len(x), x.device
-        n = 1 if same_for_batch else B
-        rand = lambda *shape: torch.rand(n, *shape, device=dev, generator=generator).expand(B, *shape)
-        x = self.crop_flip(x, rand(10), rand(10), rand(2), rand())
+        # every random number of the batch in one draw (one launch), then handed out column by column
+        u = torch.rand(1 if same_for_batch else B, 31, device=dev, generator=generator).expand(B, 31)
+        x = self.crop_flip(x, u[:, 0:10], u[:, 10:20], u[:, 20:22], u[:, 22])
         j = self.jitter
         if j > 0 and self.p_jitter > 0:
-            on = (rand() < self.p_jitter).float()                        # off: factors 1 and shift 0 (identity)
-            factor = lambda: 1 + on * j * (2 * rand() - 1)
-            x = color_jitter(x, factor(), factor(), factor(), on * (j / 4) * (2 * rand() - 1))
+            on = (u[:, 23] < self.p_jitter).float()                      # off: factors 1 and shift 0 (identity)
+            f = 1 + on[:, None] * j * (2 * u[:, 24:27] - 1)               # brightness, contrast, saturation
+            x = color_jitter(x, f[:, 0], f[:, 1], f[:, 2], on * (j / 4) * (2 * u[:, 27] - 1))
         if self.p_gray > 0:
-            x = torch.where((rand() < self.p_gray)[:, None, None, None], grayscale(x).expand_as(x), x)
+            x = torch.where((u[:, 28] < self.p_gray)[:, None, None, None], grayscale(x).expand_as(x), x)
         if self.blur:
-            x = self.gaussian_blur(x, rand() < 0.5, 0.1 + 1.9 * rand())
+            x = self.gaussian_blur(x, u[:, 29] < 0.5, 0.1 + 1.9 * u[:, 30])
         return x.clamp_(0, 1)                                                # float rounding can reach 1 + 1e-7
 
     def crop_flip(self, x, u_scale, u_ratio, u_pos, u_flip):
@@ -777,13 +777,12 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum"] = torch.zeros_like(p)
             adapt = [p for p in params if p.ndim > 1]
             d = {p: p.grad for p in params if p.ndim <= 1}
-            if adapt:
+            if adapt:     # every layer's trust ratio in one vector: a handful of launches, whatever the depth
                 grads = torch._foreach_add([p.grad for p in adapt], adapt, alpha=g["weight_decay"])
-                w_norm = torch._foreach_norm(adapt)
-                d_norm = torch._foreach_norm(grads)
-                for p, gr, wn, dn in zip(adapt, grads, w_norm, d_norm):
-                    trust = torch.where((wn > 0) & (dn > 0), g["eta"] * wn / dn, torch.ones_like(wn))
-                    d[p] = gr.mul_(trust)
+                w_norm, d_norm = torch.stack(torch._foreach_norm(adapt)), torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+                d.update(zip(adapt, grads))
             bufs = [self.state[p]["momentum"] for p in params]
             torch._foreach_mul_(bufs, g["momentum"])
             torch._foreach_add_(bufs, [d[p] for p in params])
@@ -798,7 +797,9 @@ def make_optimizer(params, cfg):
     if cfg.optimizer == "lars":
         return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        # fused: one kernel, and no step counter read on the host per parameter (foreach Adam's .item())
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                fused=params[0].device.type in ("cuda", "cpu"))
     fail(f"--optimizer {cfg.optimizer}: expected sgd, lars or adam")
 
 
@@ -916,8 +917,9 @@ class TrainConfig:
 
 
 def simclr_step(net, xb, aug, tau=0.5):
-    """SimCLR's training step (Eq. 1 of every paper here): two augmented views of the batch, NT-Xent on z."""
-    _, z = net(torch.cat([aug(xb), aug(xb)]))        # 2B x d: row i and i + B are the views of image i
+    """SimCLR's training step (Eq. 1 of every paper here): two augmented views of the batch, NT-Xent on z. Both
+    views come from one call of the augmentation (each sample draws its own parameters): half the launches."""
+    _, z = net(aug(torch.cat([xb, xb])))             # 2B x d: row i and i + B are the views of image i
     return nt_xent(z, tau)
 
 
