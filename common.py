@@ -975,7 +975,10 @@ def train(model, step, x, cfg):
         if distributed():   # the checkpoint holds rank 0's RNG: give the other ranks their own streams again
             torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + rank())
         start = c["epoch"]
-        print(f"resumed {cfg.checkpoint} at epoch {start} of {max(start, cfg.epochs)}")
+        if start > cfg.epochs:
+            fail(f"--epochs {cfg.epochs} is fewer than the {start} epochs {cfg.checkpoint} has done: give at least "
+                 f"--epochs {start}")
+        print(f"resumed {cfg.checkpoint} at epoch {start} of {cfg.epochs}")
     if device.type == "cuda":   # the weights in the input's layout: no layout copy per convolution
         model = model.to(memory_format=torch.channels_last)
     net = model
