@@ -16,12 +16,65 @@ un-adapted features, is reported beside it).
     python scan_ood.py --preset paper                    # CIFAR-10 vs CIFAR-100/SVHN/LSUN, SCAN's settings + ResNet-152
     python scan_ood.py --backbone resnet18 --weights random --adapt-size 64   # exercises the pre-trained path only
 
-Every run also reports the pretext-only SimCLR kNN score and the cluster accuracy (Hungarian matching, for
-information: labels never train anything). Checkpoints: <out>/{pretext,scan,selflabel,adapt}.pt; --resume loads
-the finished stages and continues the unfinished one.
+Every run also reports the pretext-only SimCLR kNN score, the cluster accuracy (Hungarian matching, for
+information: labels never train anything) and the sanity baselines. Checkpoints: <out>/{pretext,scan,selflabel,
+adapt}.pt; --resume loads the finished stages and continues the unfinished one. The digits default takes ~35 s of
+CPU time (one thread of an AMD EPYC, 2 cores; ~80 s of wall time while other jobs share the machine).
+
+Deviations. SCAN's code is the official clustering code; MSCL's code is the same lab's pre-trained pipeline (no
+SCAN-OOD code is public). "-": silent or not applicable.
+  topic          paper          SCAN's code            MSCL's code      ours                    why
+  -------------  -------------  ---------------------  ---------------  ----------------------  -------------------
+  strong         -              PIL per image: flip,   -                the same ops, ranges    one batched call on
+  augmentation                  4 of 14 ops (shear,                     and order, nearest      the device: no host
+                                translate +-0.1),                       pixel, 8-bit levels     sync, ~1.7x the
+                                Cutout side 1..16                       (PIL's to 1 level);     kernels of SimCLR's
+                                after Normalize                         Cutout fill 0.5 = 0     augmentation
+                                (fill: the mean                         after our
+                                colour)                                 normalisation
+  anchor and     -              two forward passes     -                one pass of both        half the launches
+  neighbour                                                             (BatchNorm over both)
+  SCAN loss      -log <p, q>    BCE: the gradient      -                SCAN's gradient, from   exact where <p, q>
+  where <p, q>                  stops (clamp at                         log <p, q> (the value   underflows float32
+  < 1e-12                       1e-12)                                  stays <= 28.6 there)
+  model          -              lowest SCAN loss       -                the same on 10% of the  test images never
+  selection                     (entropy weight 1)                      training images, held   choose a model
+                                over epochs x heads,                    out of stages 2-3
+                                on the test split                       (--val-fraction)
+  heads          -              1 (CIFAR-10 config)    -                1 in the paper preset,  a short stage gains
+                                                                        3 on digits             from a choice
+  nothing        -              an error (a batch      -                no image: the stage is  weight decay alone
+  confident                     with none)                              skipped; a batch: loss  would move the net
+                                                                        0                       and no sync
+  K              10 for every   10 (CIFAR-10)          -                10 in the paper         Sec. 5 advises the
+                 data set                                               preset; digits: the     true count when
+                                                                        class count             known
+  K-means        features not   -                      -                spherical K-means on    the features SCAN
+  labels         named                                                  the pretext backbone;   starts from
+  (Sec. 5)                                                              SCAN's self-label loss
+  ImageNet       "ImageNet      -                      resnet152(       V1 pinned (--weights)   the lab's code;
+  weights        pre-training"                         pretrained=                              torchvision's
+                                                       True): V1                                default is V2
+  input of the   -              -                      Resize(256) +    paper preset: MSCL's;   the lab's code
+  ImageNet net                                         CenterCrop(224)  default: resize
+                                                                        (--adapt-crop)
+  frozen layers  -              -                      conv1 .. layer2  paper preset: MSCL's;   the lab's code
+                                                                        default: none
+                                                                        (--adapt-freeze)
+  fine-tuning    -              -                      -                crop 80-100% + flip,    the paper names
+                                                                        no weight decay         none
+  weight         5 end-of-      -                      -                the same, BatchNorm     --recompute-bn also
+  average        epoch weights                                          statistics averaged     scores recomputed
+                                                                        too                     ones
+  Mahalanobis    per-cluster    -                      -                on the pseudo-labels,   invertible for
+                 covariance                                             ridge 1e-6              small clusters
+  digits         -              -                      -                digit-safe pretext      no paper trains on
+                                                                        augmentation, 16 px,    digits
+                                                                        short stages
 """
 import argparse
 import copy
+import math
 import os
 import time
 
@@ -63,13 +116,16 @@ PAPER = dict(
     selflabel_lr=1e-4,                  # public code: Adam, constant
     selflabel_weight_decay=1e-4,        # public code
     confidence=0.99,                    # public code: self-labelling threshold
+    val_fraction=0.1,                   # ours: SCAN selects on test images (ambiguity: at --val-fraction)
     backbone="resnet152",               # paper: Sec. 4.3 / Tab. 2 "Ours, ResNet-152"
-    weights="torchvision",              # paper: Sec. 4.3, ImageNet pre-training
+    weights="IMAGENET1K_V1",            # public code: MSCL's resnet152(pretrained=True) (ambiguity: at --weights)
+    adapt_crop="center",                # public code: MSCL's Resize(256) + CenterCrop(224) (ambiguity: --adapt-crop)
+    adapt_freeze="layer2",              # public code: MSCL freezes conv1-layer2 (ambiguity: at --adapt-freeze)
     adapt_epochs=5,                     # paper: Sec. 4.3
     adapt_lr=1e-5,                      # paper: Sec. 4.3, Adam, cosine annealing from 1e-5 ...
     adapt_final_lr=1e-6,                # paper: Sec. 4.3 ... to 1e-6
-    adapt_size=224,                     # ours: the ImageNet input size (the paper is silent)
-    adapt_batch_size=64,                # ours: the paper is silent
+    adapt_size=224,                     # public code: MSCL's 224 x 224 input
+    adapt_batch_size=64,                # ours (ambiguity: the paper gives no batch size)
     score="knn",                        # paper: Sec. 3.2
     knn_k=1,                            # paper: Sec. 4.3, k = 1 for every kNN evaluation
 )
@@ -89,6 +145,9 @@ QUICK = dict(
 )
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
+
+HELD_OUT_NEIGHBORS = 5                  # public code: SCAN mines 5 neighbours among its selection images
+TORCHVISION_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,25 +171,42 @@ def build_parser():
     g.add_argument("--selflabel-lr", type=float, default=1e-4, help="Adam, constant")
     g.add_argument("--selflabel-weight-decay", type=float, default=1e-4)
     g.add_argument("--confidence", type=float, default=0.99, help="self-labelling threshold on the softmax maximum")
+    # ambiguity: SCAN keeps the epoch and head of lowest SCAN loss (entropy weight 1) on the CIFAR-10 test split;
+    # the paper does not say how SCAN-OOD selects. Test images must not choose the model: we select on a held-out
+    # part of the training images, which then train no clustering stage (they still train the pretext stage and
+    # are training images for every score).
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training images held out to select the SCAN epoch and head")
     g.add_argument("--labels", default="scan", choices=["scan", "kmeans"],
                    help="pseudo-labels from SCAN, or from K-means on the pretext features (ablation, Sec. 5)")
     g.add_argument("--backbone", default=None, choices=[a[len("imagenet_"):] for a in common.IMAGENET_ARCHS],
                    help="also run the pre-trained variant with this torchvision ResNet (paper: resnet152)")
+    # ambiguity: no SCAN-OOD code is public. "ImageNet pre-training" (Sec. 4.3): the same lab's MSCL and PANDA code
+    # load torchvision's pretrained=True, i.e. IMAGENET1K_V1 (torchvision's default is now V2 for ResNet-152).
     g.add_argument("--weights", default=None,
-                   help="backbone weights: torchvision (default), PATH to a state dict, or random (testing only)")
+                   help=f"backbone weights: {', '.join(TORCHVISION_WEIGHTS)} (torchvision's, default V1), PATH to a "
+                        f"state dict, or random (testing only)")
+    # ambiguity: the paper names neither the input transform nor frozen layers; MSCL's and PANDA's code use
+    # Resize(256) + CenterCrop(224) and freeze conv1 through layer2.
+    g.add_argument("--adapt-crop", default="resize", choices=["resize", "center"],
+                   help="resize: the whole image resized to --adapt-size; center: the central 224/256 of it (MSCL)")
+    g.add_argument("--adapt-freeze", default="none", choices=["none", "layer2"],
+                   help="layer2: conv1, bn1, layer1, layer2 keep their ImageNet weights (MSCL, PANDA)")
     g.add_argument("--adapt-epochs", type=int, default=5)
     g.add_argument("--adapt-batch-size", type=int, default=64)
     g.add_argument("--adapt-lr", type=float, default=1e-5, help="Adam, cosine to --adapt-final-lr")
     g.add_argument("--adapt-final-lr", type=float, default=1e-6)
-    g.add_argument("--adapt-size", type=int, default=224, help="images are resized to this side for the backbone")
+    g.add_argument("--adapt-size", type=int, default=224, help="the backbone's input side")
     g.add_argument("--no-average", action="store_true", help="score the last epoch's weights, not their average")
+    g.add_argument("--recompute-bn", action="store_true",
+                   help="also score the averaged weights with BatchNorm statistics recomputed on the training images")
     g.add_argument("--score", default="knn", choices=["knn", "mahalanobis", "msp"])
     g.add_argument("--knn-k", type=int, default=1, help="kNN score: similarity to the k-th nearest training image")
-    # Defaults: a few-minute run on digits (862 training images of classes 0-5). Its SCAN stage is ~100x shorter than
-    # SCAN's, so it runs at 10x SCAN's lr; self-labelling at 10x collapsed into one cluster (seed 0), so it keeps 1e-4.
-    # Digits are 8x8 images: 16 px loses nothing and costs a quarter of 32 px.
-    p.set_defaults(size=16, epochs=30, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
-                   scan_epochs=20, scan_lr=1e-3, scan_batch_size=64, selflabel_epochs=10, selflabel_batch_size=128)
+    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a width-8 ResNet-18, every stage short.
+    # The SCAN stage is ~100x shorter than SCAN's, so it runs at 10x SCAN's lr; self-labelling at 10x collapsed into
+    # one cluster, so it keeps 1e-4.
+    p.set_defaults(size=16, width=8, epochs=20, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
+                   scan_epochs=10, scan_lr=1e-3, scan_batch_size=64, selflabel_epochs=5, selflabel_batch_size=128)
     return p
 
 
@@ -158,28 +234,52 @@ def check_args(args):
     check(args.knn_k >= 1, "--knn-k", args.knn_k, "an integer >= 1")
     check(args.weights is None or args.backbone is not None, "--weights", args.weights,
           "--backbone too (the weights are the pre-trained variant's)")
-    check(args.weights in (None, "torchvision", "random") or os.path.isfile(args.weights), "--weights",
-          args.weights, "torchvision, random, or an existing state-dict file")
+    check(args.weights in (None, "random", *TORCHVISION_WEIGHTS) or os.path.isfile(args.weights), "--weights",
+          args.weights, f"{', '.join(TORCHVISION_WEIGHTS)}, random, or an existing state-dict file")
+    check(0 < args.val_fraction <= 0.5, "--val-fraction", args.val_fraction, "a number in (0, 0.5]")
     if args.backbone and not args.weights:
-        args.weights = "torchvision"
+        args.weights = "IMAGENET1K_V1"
 
 
 # ----------------------------------------------------------------------------------------------
 # Losses: SCAN (stage 2), self-labelling (stage 3, also the K-means-label ablation), Eq. 2 (cross-entropy).
+
+# torch's binary cross-entropy, which SCAN's loss is, clamps x (1 - x) at 1e-12 in its gradient: a pair whose
+# <p, q> is below 1e-12 pulls with -<p, q> / 1e-12 instead of -1, i.e. stops pulling.
+LOG_BCE_EPS = math.log(1e-12)
+
 
 @common.float32
 def scan_loss(anchor_logits, neighbor_logits, entropy_weight=5.0):
     """SCAN (Van Gansbeke et al. Eq. 2; this paper Sec. 2.1 (ii)) on logits (..., B, K), any leading head dims:
         consistency = -1/B sum_i log <p(x_i), p(n_i)>,   entropy = -sum_k pbar_k log pbar_k,  pbar = mean_i p(x_i),
         total = consistency - entropy_weight * entropy        (so minimising total maximises the entropy).
-    Returns (total, consistency, entropy), each of shape (...). The inner product is taken in log space
-    (logsumexp of the summed log-probabilities): SCAN's log(clamp(<p, q>)) without its clamp."""
+    Returns (total, consistency, entropy), each of shape (...).
+
+    log <p, q> is a logsumexp of the summed log-probabilities (exact where <p, q> underflows). As SCAN's code (a
+    BCE of <p, q> against 1), a pair with <p, q> < 1e-12 stops pulling: its term is -(c + elu(log <p, q> - c)),
+    c = log 1e-12, which is -log <p, q> above 1e-12 and has SCAN's gradient -<p, q> / 1e-12 in log <p, q> below
+    (there its value stays under -c + 1 = 28.6 where SCAN's would be -log <p, q>). pbar is clamped at 1e-8 before
+    the entropy, as SCAN's."""
     log_p = F.log_softmax(anchor_logits, -1)
     log_q = F.log_softmax(neighbor_logits, -1)
-    consistency = -torch.logsumexp(log_p + log_q, -1).mean(-1)
+    log_sim = torch.logsumexp(log_p + log_q, -1)
+    consistency = -(LOG_BCE_EPS + F.elu(log_sim - LOG_BCE_EPS)).mean(-1)
     mean_p = common.all_gather(log_p.exp().mean(-2)[None]).mean(0)   # under torchrun: pbar over the global batch
-    entropy = -(mean_p * mean_p.clamp_min(1e-8).log()).sum(-1)
+    mean_p = mean_p.clamp_min(1e-8)
+    entropy = -(mean_p * mean_p.log()).sum(-1)
     return consistency - entropy_weight * entropy, consistency, entropy
+
+
+@torch.no_grad()
+def selection_loss(logits, neighbors, entropy_weight=1.0):
+    """SCAN's model-selection criterion per head (its scan_evaluate): over every image and each of its mined
+    neighbours (itself included), the mean -log <p, q> (clamped at 100, as the BCE it uses), minus entropy_weight
+    (SCAN: 1) x the entropy of the mean prediction; un-augmented images. logits N x H x K -> H losses."""
+    log_p = F.log_softmax(logits.float().transpose(0, 1), -1)                     # H x N x K
+    log_sim = torch.stack([torch.logsumexp(log_p + log_p[:, nb], -1) for nb in neighbors.T], -1)   # H x N x (k + 1)
+    mean_p = log_p.exp().mean(1).clamp_min(1e-8)
+    return -log_sim.clamp_min(-100).mean((1, 2)) + entropy_weight * (mean_p * mean_p.log()).sum(-1)
 
 
 def confidence_mask(weak_logits, threshold=0.99):
@@ -261,23 +361,47 @@ def scan_step(net, xb, idx, x, neighbors, aug, entropy_weight):
     return total.sum(), {"consistency": consistency.mean(), "entropy": entropy.mean()}
 
 
-@torch.no_grad()
-def head_losses(logits, neighbors, entropy_weight):
-    """SCAN's head selection: each head's total loss over all anchors and all their mined neighbours, on
-    un-augmented images. logits N x H x K -> H losses (one loss evaluation per neighbour column)."""
-    per_head = logits.transpose(0, 1)                                                # H x N x K
-    cols = [scan_loss(per_head, per_head[:, neighbors[:, j]], entropy_weight)[0] for j in range(neighbors.shape[1])]
-    return torch.stack(cols).mean(0)
-
-
 class SCANStep:
-    """scan_step over the images x with their mined neighbours, as a step for common.train."""
+    """scan_step over the images x with their mined neighbours, as a step for common.train, with SCAN's model
+    selection as its state: before every epoch but the first, and once more by select() after the last, every head
+    is evaluated on the held-out images (selection_loss with entropy weight 1, as SCAN's); the weights and head with
+    the lowest loss so far are kept (state_dict: they live in the checkpoint). best(model) -> the kept one-head net.
 
-    def __init__(self, x, neighbors, aug, entropy_weight):
+    SCAN selects on the CIFAR-10 test split with 5 neighbours mined among its images; ours selects on held-out
+    training images (never test images), their neighbours mined among themselves."""
+
+    def __init__(self, x, neighbors, aug, entropy_weight, held_x, held_neighbors):
         self.x, self.neighbors, self.aug, self.entropy_weight = x, neighbors, aug, entropy_weight
+        self.held_x, self.held_neighbors = held_x, held_neighbors
+        self.kept = {"loss": float("inf"), "head": 0, "epoch": 0, "weights": None}
 
     def __call__(self, net, xb, idx, epoch):
         return scan_step(net, xb, idx, self.x, self.neighbors, self.aug, self.entropy_weight)
+
+    def update(self, model, epoch):
+        if epoch > 0:
+            self.select(model, epoch)
+
+    def select(self, model, epochs_done):
+        losses = selection_loss(common.embed(model, self.held_x)[1], self.held_neighbors)
+        head = int(losses.argmin())
+        print(f"  selection loss after epoch {epochs_done} (held-out images, entropy weight 1), per head: "
+              f"{', '.join(f'{v:.4f}' for v in losses.tolist())}", flush=True)
+        if float(losses[head]) < self.kept["loss"]:
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.kept = {"loss": float(losses[head]), "head": head, "epoch": epochs_done, "weights": weights}
+
+    def best(self, model):
+        model.load_state_dict(self.kept["weights"])
+        print(f"keeping head {self.kept['head']} after epoch {self.kept['epoch']} "
+              f"(selection loss {self.kept['loss']:.4f})", flush=True)
+        return keep_head(model, self.kept["head"])
+
+    def state_dict(self):
+        return dict(self.kept)
+
+    def load_state_dict(self, d):
+        self.kept = dict(d)
 
 
 def selflabel_step(net, xb, aug, threshold):
@@ -290,7 +414,7 @@ def selflabel_step(net, xb, aug, threshold):
 
 def label_step(net, xb, target, aug):
     """The K-means-label ablation (Sec. 5): SCAN's self-labelling loss with every image kept, its K-means cluster
-    as the target (ours: the paper does not say how the K-means labels train the network)."""
+    as the target (ambiguity: the paper does not say how the K-means labels train the network)."""
     return weighted_cross_entropy(net(aug(xb))[1][:, 0], target, torch.ones_like(target, dtype=torch.bool))
 
 
@@ -345,32 +469,34 @@ class AdaptStep:
 # Scores (higher = in-distribution): kNN (Sec. 3.1, 3.2, 4.3), Mahalanobis and MSP (Eq. 1) for Tab. 5.
 
 def mahalanobis_scorer(train_h, labels, ridge=1e-6):
-    """Per-cluster Gaussians on the training features ("the empirical covariance matrix of each cluster", Sec. 3.2)
-    -> score(h) = -min_c (h - mu_c)^T S_c^-1 (h - mu_c); ridge x mean variance keeps small clusters invertible.
-    Empty clusters are skipped."""
+    """Per-cluster Gaussians on the training features ("the empirical covariance matrix of each cluster", Sec. 3.2),
+    the clusters being the pseudo-labels -> score(h) = -min_c (h - mu_c)^T S_c^-1 (h - mu_c); ridge x mean
+    variance keeps small clusters invertible. Empty clusters are skipped."""
     _, labels = labels.unique(return_inverse=True)
     means, chol = common.fit_gaussians(train_h, labels, int(labels.max()) + 1, ridge)
     return lambda h: -common.mahalanobis(h, means, chol).min(1).values.float()
 
 
-def make_scorer(kind, train_h, train_logits, k=1):
-    """-> score(h, logits) for one of --score knn | mahalanobis | msp; pseudo-labels = argmax of train_logits."""
+def make_scorer(kind, train_h, labels=None, k=1):
+    """-> score(h, logits) for one of --score knn | mahalanobis (per cluster of `labels`, the pseudo-labels of the
+    training images) | msp."""
     if kind == "knn":
         return lambda h, logits: common.knn_scores(train_h, h, k)
     if kind == "mahalanobis":
-        maha = mahalanobis_scorer(train_h, train_logits.argmax(-1))
+        maha = mahalanobis_scorer(train_h, labels)
         return lambda h, logits: maha(h)
     if kind == "msp":
         return lambda h, logits: F.softmax(logits.float(), -1).amax(-1)
     common.fail(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
 
 
-def score_net(net, data, x, kind, k, device, transform=None):
-    """{ood set: metrics} of a one-head ClusterNet (or a common.Encoder with kind 'knn') on its features."""
+def score_net(net, data, x, kind, k, device, labels=None, transform=None):
+    """{ood set: metrics} of a one-head ClusterNet (or a common.Encoder with kind 'knn') on its features, the
+    training images x (with their pseudo-labels for the Mahalanobis score) as reference."""
     def features(imgs):
         h, out = common.embed(net, imgs.to(device), transform=transform)
         return h, (out[:, 0] if out.dim() == 3 else out)                 # one head: B x K logits
-    score = make_scorer(kind, *features(x), k)
+    score = make_scorer(kind, features(x)[0], labels, k)
     return common.evaluate(lambda imgs: score(*features(imgs)), data.test_x, data.ood)
 
 
@@ -412,69 +538,127 @@ def strong_augment(args):
     return common.StrongAugment(n_ops=4, cutout=args.size // 2)         # public code: Cutout 16 px on 32 px CIFAR
 
 
-def scan_stage(pretext, x, K, args, device, data):
-    """Stage 2 (SCAN step ii): neighbours of the pretext projections, SCAN heads trained from the pretext backbone;
-    the lowest-loss head kept -> (one-head ClusterNet, diagnostics)."""
-    neighbors = mine_neighbors(common.embed(pretext, x)[1], args.num_neighbors)   # public code: on the head's output
+def split_held_out(n, fraction, seed):
+    """The training images split once, seeded: (rows that train the SCAN and self-labelling stages, the held-out
+    rows of SCAN's model selection), each sorted."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_held = max(2, round(fraction * n))
+    return perm[n_held:].sort().values, perm[:n_held].sort().values
+
+
+def scan_stage(pretext, x, K, args, data):
+    """Stage 2 (SCAN step ii) on the training images but the held-out ones: neighbours of the pretext projections,
+    SCAN heads trained from the pretext backbone, the epoch and head of lowest held-out selection loss kept
+    -> (one-head ClusterNet, the rows of x it trained on, diagnostics)."""
+    fit, held = (rows.to(x.device) for rows in split_held_out(len(x), args.val_fraction, args.seed))
+    z = common.embed(pretext, x)[1]                                      # public code: mined on the head's output
+    neighbors = mine_neighbors(z[fit], args.num_neighbors)
+    held_neighbors = mine_neighbors(z[held], min(HELD_OUT_NEIGHBORS, len(held) - 1))
     info = {}
     if data.id_classes and data.train_y.min() >= 0:
-        y = data.train_y.to(device)
+        y = data.train_y.to(x.device)[fit]
         info["neighbor_purity"] = 100 * (y[neighbors[:, 1:]] == y[:, None]).float().mean().item()
         print(f"mined {args.num_neighbors} neighbours per image; {info['neighbor_purity']:.1f}% share the image's class")
-    heads = ClusterNet(args.arch, K, args.heads, args.width, init=args.init).to(device)
+    heads = ClusterNet(args.arch, K, args.heads, args.width, init=args.init).to(x.device)
     heads.backbone.load_state_dict(pretext.backbone.state_dict())
-    step = SCANStep(x, neighbors, strong_augment(args), args.entropy_weight)
-    heads = common.train(heads, step, x, adam_config(args, "scan"))
-    losses = head_losses(common.embed(heads, x)[1], neighbors, args.entropy_weight)
-    best = int(losses.argmin())
-    print(f"head losses {[round(v, 4) for v in losses.tolist()]}: keeping head {best}")
-    return keep_head(heads, best), info
+    step = SCANStep(x[fit], neighbors, strong_augment(args), args.entropy_weight, x[held], held_neighbors)
+    heads = common.train(heads, step, x[fit], adam_config(args, "scan"))
+    step.select(heads, args.scan_epochs)                                 # the last epoch's weights too
+    net = step.best(heads)
+    info.update(selected_epoch=step.kept["epoch"], selected_head=step.kept["head"],
+                cluster_accuracy=cluster_report("scan", common.embed(net, x)[1][:, 0].argmax(1), data, K))
+    return net, fit, info
 
 
 def self_label_stage(net, x, args):
-    """Stage 3 (SCAN step iii) -> the fine-tuned net. Skipped when no prediction is confident: every step would be
-    a zero loss, and Adam's weight decay alone would move the net."""
+    """Stage 3 (SCAN step iii) on the images x -> (the fine-tuned net, % confident before). Skipped when no
+    prediction is confident: every step would be a zero loss, and Adam's weight decay alone would move the net."""
     confident = confidence_mask(common.embed(net, x)[1][:, 0], args.confidence)[0].float().mean().item()
     print(f"{100 * confident:.1f}% of the training images are predicted above --confidence {args.confidence}"
           + ("" if confident else ": nothing to self-label from, stage skipped (train SCAN longer)"), flush=True)
     if confident == 0 or args.selflabel_epochs == 0:
-        return net, {"confident_after_scan": 100 * confident}
+        return net, 100 * confident
     aug = strong_augment(args)
     step = lambda net_, xb, idx, epoch: selflabel_step(net_, xb, aug, args.confidence)
-    return common.train(net, step, x, adam_config(args, "selflabel")), {"confident_after_scan": 100 * confident}
+    return common.train(net, step, x, adam_config(args, "selflabel")), 100 * confident
 
 
-def kmeans_stage(pretext, x, K, args, device):
-    """The ablation of Sec. 5: K-means labels, then SCAN's self-labelling loss on them -> (net, K-means labels).
-    ambiguity: Sec. 5 does not say which features K-means clusters: the pretext backbone's (spherical, 3 restarts)."""
+def kmeans_stage(pretext, x, K, args, data):
+    """The ablation of Sec. 5: K-means labels, then SCAN's self-labelling loss on them -> (net, K-means labels,
+    diagnostics). ambiguity: Sec. 5 does not say which features K-means clusters: the pretext backbone's
+    (spherical, 3 restarts). The K-means labels themselves are the pseudo-labels of the scores and of the
+    pre-trained variant (Sec. 5: "the labels obtained by K means clustering")."""
     labels = common.kmeans(common.embed(pretext, x)[0], K, metric="cosine", seed=args.seed, n_init=3)[1]
-    net = ClusterNet(args.arch, K, 1, args.width, init=args.init).to(device)
+    net = ClusterNet(args.arch, K, 1, args.width, init=args.init).to(x.device)
     net.backbone.load_state_dict(pretext.backbone.state_dict())
     aug = strong_augment(args)
     step = lambda net_, xb, idx, epoch: label_step(net_, xb, labels[idx], aug)
-    cfg = adam_config(args, "selflabel")
-    return common.train(net, step, x, cfg), labels
+    net = common.train(net, step, x, adam_config(args, "selflabel"))
+    accuracy = {**cluster_report("kmeans", labels, data, K),
+                **cluster_report("kmeans_finetuned", common.embed(net, x)[1][:, 0].argmax(1), data, K)}
+    return net, labels, {"cluster_accuracy": accuracy}
 
 
-def adapt_stage(pseudo, x, K, args, device, data):
+def backbone_weights(backbone, weights):
+    """--weights -> what common.Encoder loads: a torchvision weights name (IMAGENET1K_V1, ...) becomes its state
+    dict (downloaded once by torchvision); a path or 'random' pass through."""
+    if weights not in TORCHVISION_WEIGHTS:
+        return weights
+    import torchvision
+    try:
+        return torchvision.models.get_model_weights(backbone)[weights].get_state_dict(progress=False)
+    except Exception as e:
+        common.fail(f"--weights {weights}: could not load torchvision's {backbone} weights ({type(e).__name__}); "
+                    f"give --weights PATH to a local state dict")
+
+
+def adapt_views(args):
+    """-> (view, training view) of the images for the pre-trained network: resized to --adapt-size (resize), or the
+    central 224/256 of the side resized, MSCL's Resize(256) + CenterCrop(224) (center); training adds a crop of
+    80-100% and a flip (ambiguity: the paper names no augmentation for Eq. 2)."""
+    def region(xb):
+        if args.adapt_crop == "resize":
+            return xb
+        side = xb.shape[-1]
+        keep = round(side * 224 / 256)
+        first = (side - keep) // 2
+        return xb[..., first:first + keep, first:first + keep]
+    view = lambda xb: F.interpolate(common.to_float(region(xb)), size=args.adapt_size, mode="bilinear",
+                                    align_corners=False)
+    crop = common.SimCLRAugment(args.adapt_size, scale=(0.8, 1.0), jitter=0.0, p_gray=0.0)
+    return view, lambda xb: crop(region(xb))
+
+
+@torch.no_grad()
+def recompute_bn(model, x, view, batch_size):
+    """BatchNorm statistics recomputed on the training images for the model's (averaged) weights: one pass,
+    cumulative average (torch.optim.swa_utils.update_bn), instead of the average of the epochs' statistics."""
+    torch.optim.swa_utils.update_bn((view(x[i:i + batch_size]) for i in range(0, len(x), batch_size)), model)
+
+
+def adapt_stage(labels, x, K, args, data):
     """Sec. 3.2: DN2 on the un-adapted ImageNet backbone, then Eq. 2 fine-tuning on the pseudo-labels with the
-    end-of-epoch weights averaged -> {"dn2": metrics, "pretrained": metrics}."""
-    arch = f"imagenet_{args.backbone}"
-    resize = lambda xb: F.interpolate(common.to_float(xb), size=args.adapt_size, mode="bilinear",
-                                      align_corners=False)            # ambiguity: 32 -> 224 px, the paper is silent
-    clf = ClusterNet(arch, K, 1, args.width, args.weights).to(device)
-    metrics = {"dn2": score_net(clf, data, x, "knn", args.knn_k, device, resize)}
-    crop = common.SimCLRAugment(args.adapt_size, scale=(0.8, 1.0), jitter=0.0, p_gray=0.0)   # ours: crop + flip
-    step = AdaptStep(pseudo, crop)
+    end-of-epoch weights averaged -> {"dn2", "pretrained" (and "pretrained_bn" with --recompute-bn): metrics}."""
+    view, train_view = adapt_views(args)
+    clf = ClusterNet(f"imagenet_{args.backbone}", K, 1, weights=backbone_weights(args.backbone, args.weights))
+    clf = clf.to(x.device)
+    metrics = {"dn2": score_net(clf, data, x, "knn", args.knn_k, x.device, transform=view)}
+    if args.adapt_freeze == "layer2":   # MSCL's and PANDA's code: the stem, layer1 and layer2 keep ImageNet's weights
+        for part in (clf.backbone.conv1, clf.backbone.bn1, clf.backbone.layer1, clf.backbone.layer2):
+            part.requires_grad_(False)
+    step = AdaptStep(labels, train_view)
     cfg = stage_config(args, "adapt", epochs=args.adapt_epochs, batch_size=args.adapt_batch_size, lr=args.adapt_lr,
                        final_lr=args.adapt_final_lr, optimizer="adam", warmup_epochs=0,
-                       weight_decay=0.0)                                 # ours: the paper names no weight decay
+                       weight_decay=0.0)                     # ambiguity: the paper names no weight decay
     clf = common.train(clf, step, x, cfg)
     step.add(clf)                          # the last epoch's weights: Sec. 4.3 averages all 5 end-of-epoch models
     if not args.no_average:
-        print(f"scoring the average of {step.n_averaged} end-of-epoch weights")
+        print(f"scoring the average of {step.n_averaged} end-of-epoch weights", flush=True)
         clf.load_state_dict(step.average)
-    metrics["pretrained"] = score_net(clf, data, x, args.score, args.knn_k, device, resize)
+    metrics["pretrained"] = score_net(clf, data, x, args.score, args.knn_k, x.device, labels, view)
+    if args.recompute_bn:
+        recompute_bn(clf, x, view, args.adapt_batch_size)
+        metrics["pretrained_bn"] = score_net(clf, data, x, args.score, args.knn_k, x.device, labels, view)
     return metrics
 
 
@@ -496,28 +680,23 @@ def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)
     t_start = time.time()
-    device = common.setup(args, "scan_ood", may_change=("score", "knn_k", "no_average"))
+    device = common.setup(args, "scan_ood", may_change=("score", "knn_k", "no_average", "recompute_bn"))
     data = common.load_data(args)
     x = data.train_x.to(device)
     K = n_clusters(args, data, len(x))
     pretext = pretext_stage(x, args, device)
     metrics = {"simclr_knn": score_net(pretext, data, x, "knn", args.knn_k, device)}
     if args.labels == "scan":
-        net, info = scan_stage(pretext, x, K, args, device, data)
-        info["cluster_accuracy"] = cluster_report("scan", common.embed(net, x)[1][:, 0].argmax(1), data, K)
-        net, confident = self_label_stage(net, x, args)
-        info.update(confident)
+        net, fit, info = scan_stage(pretext, x, K, args, data)
+        net, info["confident_after_scan"] = self_label_stage(net, x[fit], args)
+        labels = common.embed(net, x)[1][:, 0].argmax(1)                 # the pseudo-labels of every training image
+        info["cluster_accuracy"].update(cluster_report("selflabel", labels, data, K))
     else:
-        net, labels = kmeans_stage(pretext, x, K, args, device)
-        info = {"cluster_accuracy": cluster_report("kmeans", labels, data, K)}
-    pseudo = common.embed(net, x)[1][:, 0].argmax(1)
-    info["cluster_accuracy"].update(cluster_report("selflabel" if args.labels == "scan" else "kmeans_finetuned",
-                                                   pseudo, data, K))
-    main_variant = f"{args.labels}_features"
-    metrics[main_variant] = score_net(net, data, x, args.score, args.knn_k, device)
+        net, labels, info = kmeans_stage(pretext, x, K, args, data)
+    metrics[f"{args.labels}_features"] = score_net(net, data, x, args.score, args.knn_k, device, labels)
     if args.backbone:
-        metrics.update(adapt_stage(pseudo, x, K, args, device, data))
-        main_variant = "pretrained"
+        metrics.update(adapt_stage(labels, x, K, args, data))
+    main_variant = "pretrained" if args.backbone else f"{args.labels}_features"
     return common.finish(args, "scan_ood", metrics, data, device, t_start, main_variant=main_variant, **info)
 
 
