@@ -20,6 +20,40 @@ Stages: --epochs counts both; the first --cluster-start epochs are the warm-up s
 <out>/simclr.pt, and --simclr-weights starts the joint stage from such a model instead); --schedule single runs one
 schedule over both. Cluster centres, assignments and concentrations live in the checkpoint: --resume keeps them,
 and refuses a changed cluster setting.
+
+Deviations. No public code exists for CCL; where the paper defers to CSI (optimiser, score) or PCL (phi), their
+code is the official one. Every choice is marked "ambiguity:" where it is resolved.
+
+    choice       | paper                 | official code           | ours                    | why
+    -------------+-----------------------+-------------------------+-------------------------+-------------------------
+    Eq. 4's sum  | the other centres,    | PCL's ProtoNCE: every   | every centre (softmax); | Eq. 2, Eq. 6 and
+                 | 1[c_j != c_i]         | centre                  | --ccl-form decoupled:   | ProtoNCE keep the
+                 |                       |                         | as printed              | positive in the sum
+    phi (Eq. 5)  | Eq. 5, "the same as"  | PCL: clipped to its     | PCL's, mean --tau;      | Eq. 5 alone gives phi
+                 | PCL                   | 10th-90th percentile,   | --phi eq5: as printed   | ~0.01-0.1: L_CCL
+                 |                       | scaled to mean tau      |                         | outweighs L_self ~9 x
+    schedule     | 1000 SimCLR + 1000    | CSI: one warm-up +      | one per stage           | Table 4: the warm-up
+                 | joint epochs, cosine  | cosine per training run | (--schedule restart);   | stage is SimCLR "trained
+                 |                       |                         | single: one             | in advance"
+    peak lr      | 0.1, "same with CSI"  | CSI: 0.1 x its warm-up  | preset 1.0              | the paper's 0.1 is CSI's
+                 |                       | multiplier 10 = 1.0     |                         | --lr_init
+    lr warm-up   | 50 epochs             | CSI: 10 epochs, from    | 50 epochs, linear from  | the paper's length;
+                 |                       | 0.1 x the peak          | ~0                      | common's warm-up
+    LARS         | (CSI's)               | torchlars: every        | BatchNorm and biases    | common.LARS (as
+                 |                       | parameter               | outside LARS            | solo-learn)
+    K-means      | on h                  | PCL: faiss, on          | spherical, on           | Eq. 4-5 compare by
+                 |                       | normalised features     | normalised features     | cosine
+    Eq. 9's norm | the training          | CSI: the test feature's | CSI's                   | Eq. 9 cites CSI
+                 | feature's             |                         |                         |
+    scored layer | z (projection)        | CSI: z                  | preset z; digits        | measured on digits
+                 |                       |                         | default h               | (README)
+    lambda; K    | not stated            | -                       | 0.5; 10                 | the even mix of Eq. 8
+    ablations    | weights not stated    | -                       | the mean of the kept    | Eq. 7's mean
+                 |                       |                         | terms                   |
+    augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | common.simclr_augment
+                 | blur                  |                         | crops of >= 60% only    |
+
+Runs: the digits default takes ~30 s on a 2-core CPU (1 thread); --preset paper is a multi-GPU job.
 """
 import argparse
 import os
@@ -45,14 +79,21 @@ PAPER = dict(
     clusters=10,                  # paper: Sec. 4 / Table 5
     cluster_layer="embedding",    # paper: Table 3
     batch_size=128,               # paper: Sec. 4
-    lr=0.1,                       # paper: Sec. 4
-    warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up, then cosine annealing
-    optimizer="lars",             # public code: CSI's SGD wrapped in LARS
-    momentum=0.9,                 # public code: CSI
-    weight_decay=1e-6,            # public code: CSI
+    # ambiguity: Sec. 4 says "learning rate 0.1 ... same with CSI"; CSI's code wraps its SGD(lr 0.1) in a warm-up
+    # scheduler with multiplier 10, so its learning rate rises from 0.1 to 1.0 and anneals from 1.0; the 0.1 is
+    # that base value. We follow the code: the peak is 1.0.
+    lr=1.0,                       # public code: CSI, 0.1 x warm-up multiplier 10
+    warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up (CSI's code: 10, starting at 0.1)
+    final_lr=0.0,                 # public code: CSI's CosineAnnealingLR anneals to 0
+    optimizer="lars",             # public code: CSI wraps SGD in LARS (trust 0.001); CSI's adapts every parameter,
+                                  # common.LARS leaves BatchNorm and biases out (the docstring's deviations)
+    momentum=0.9,                 # public code: CSI's SGD
+    weight_decay=1e-6,            # public code: CSI's SGD
     tau=0.5,                      # public code: CSI's NT-Xent temperature; the paper gives no value
     lam=0.5,                      # ours: the paper does not state lambda of Eq. 8
     alpha=10.0,                   # public code: PCL's smoothing of Eq. 5; the paper gives no value
+    phi="pcl",                    # public code: PCL's rescaling of Eq. 5 (ambiguity: resolved in CCLStep)
+    ccl_form="softmax",           # public code: PCL's ProtoNCE (ambiguity: resolved at cluster_center_loss)
     n_aug=10,                     # public code: CSI's README, --ood_samples 10 --resize_factor 0.54 --resize_fix
     score_k=10,                   # ours: the paper does not state K of Eq. 10
     score_layer="projection",     # paper: Eq. 9-10 score Z, the projection layer
@@ -80,11 +121,11 @@ def build_parser():
                    help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
     g.add_argument("--cluster-every", type=int, default=3,
                    help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
-    # ambiguity (Sec. 4 / Table 4: "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50 epoch
-    # warm-up, same with CSI"): one schedule over both stages, or one per stage. Restart: each stage is a CSI run
+    # ambiguity: Sec. 4 / Table 4 say "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50
+    # epoch warm-up, same with CSI": one schedule over both stages, or one per stage. Restart: each stage is a CSI run
     # of its own, and Table 4's warm-up is a SimCLR model "trained for 1000 epochs in advance"; one cosine over
     # 2000 epochs would start clustering from a half-annealed model and make --lam 0 a 2000-epoch SimCLR.
-    g.add_argument("--schedule", default="single", choices=["restart", "single"],
+    g.add_argument("--schedule", default="restart", choices=["restart", "single"],
                    help="restart: each stage its own learning-rate warm-up and cosine; single: one over both stages")
     g.add_argument("--simclr-weights", default=None,
                    help="start the joint stage from this SimCLR model (a checkpoint of these scripts or a state "
@@ -95,15 +136,15 @@ def build_parser():
     g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
     g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
     g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5, PCL's 10)")
-    g.add_argument("--phi", default="eq5", choices=["pcl", "eq5"],
+    g.add_argument("--phi", default="pcl", choices=["pcl", "eq5"],
                    help="pcl: Eq. 5 clipped to its 10th-90th percentile and scaled to mean --tau, as PCL's code; "
                         "eq5: Eq. 5 as printed")
-    g.add_argument("--ccl-form", default="decoupled", choices=["softmax", "decoupled"],
+    g.add_argument("--ccl-form", default="softmax", choices=["softmax", "decoupled"],
                    help="Eq. 4's denominator: every centre (softmax, as PCL's ProtoNCE) or the other centres only "
                         "(decoupled, as printed)")
     g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
     g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
-    g.add_argument("--score-layer", default="projection", choices=["embedding", "projection"],
+    g.add_argument("--score-layer", default="embedding", choices=["embedding", "projection"],
                    help="the features Eq. 9-10 score: z (projection, as the paper) or h (embedding)")
     g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
     g.add_argument("--n-aug", type=int, default=0,
@@ -157,14 +198,15 @@ def concentration(h, centers, assign, alpha=10.0, mean=None):
 def cluster_center_loss(h, centers, assign, phi, form="softmax"):
     """Eq. 4: the mean over the 2N rows of -log exp(s(h_i, c_i) / phi_i) / sum_j exp(s(h_i, c_j) / phi_j).
 
-    s = cosine similarity; each centre j carries its own temperature phi_j. ambiguity (Eq. 4's denominator):
-    form 'decoupled' sums over the OTHER centres, as printed (the indicator 1[c_j != c_i]); form 'softmax' over all
-    R centres, as PCL's ProtoNCE, Eq. 2 (whose indicator leaves out the anchor, not its positive) and Eq. 6 (whose
-    positives stay in the denominator). The decoupled loss can go below zero but is bounded within a clustering
-    period: on the embedding layer (h after a ReLU) cosines lie in [0, 1], so each term >= -1 / phi_i + log(R - 1);
-    it drifts down only because phi is re-estimated as the clusters tighten. Its gradient in the own-centre cosine
-    is -1 / phi_i wherever h_i lies: it never saturates, where the softmax's, -(1 - p_i) / phi_i with p_i the
-    weight of the own centre, vanishes once h_i is nearest its centre by a few phi."""
+    s = cosine similarity; each centre j carries its own temperature phi_j.
+    ambiguity: Eq. 4's denominator. 'decoupled' sums over the other centres, as printed (1[c_j != c_i]); 'softmax'
+    over all R centres, as PCL's ProtoNCE, Eq. 2 (whose indicator leaves out the anchor, not its positive) and Eq. 6
+    (whose positives stay in the denominator) do. The decoupled loss goes below zero but is bounded within a
+    clustering period: on the embedding layer (h after a ReLU) cosines lie in [0, 1], so each term is
+    >= -1 / phi_i + log(R - 1); it drifts down across periods only because phi is re-estimated smaller as the
+    clusters tighten. Its gradient never saturates: in the own-centre cosine it is -1 / phi_i wherever h_i lies,
+    and h_i is pushed from the other centres with weights summing to 1 / phi_j. The softmax's weights, 1 - p_i and
+    p_j (p: the softmax over all centres), vanish once h_i is nearer its own centre than the others by a few phi."""
     sim = F.normalize(h, dim=1) @ F.normalize(centers, dim=1).T                  # 2N x R
     logits = sim / phi[None]
     positive = logits.gather(1, assign[:, None])[:, 0]
@@ -182,7 +224,7 @@ def cluster_instance_loss(h, assign, tau=0.5):
 
 def ccl_loss(l_self, l_ccl, l_cil, lam):
     """Eq. 7-8: L = (1 - lam) L_self + lam (L_CCL + L_CIL) / 2. An ablated term (None) leaves the mean of the
-    others (ambiguity, Table 2: how the single-term rows are weighted is not stated)."""
+    others (ambiguity: Table 2 does not say how its single-term rows are weighted)."""
     cluster_terms = [t for t in (l_ccl, l_cil) if t is not None]
     return (1 - lam) * l_self + lam * sum(cluster_terms) / len(cluster_terms)
 
@@ -201,7 +243,7 @@ def is_cluster_epoch(epoch, start, every):
 def cluster(encoder, x, layer, k, alpha, phi_mean, seed):
     """K-means on the features of ALL training images, un-augmented (Sec. 3.3) -> centres, assignments, phi.
 
-    ambiguity (Eq. 4-5 compare by cosine, Table 5 reports cosine): K-means is spherical, on L2-normalised features."""
+    ambiguity: K-means is spherical, on L2-normalised features (Eq. 4-5 compare by cosine, Table 5 reports cosine)."""
     h, z = common.embed(encoder, x)
     feats = F.normalize(h if layer == "embedding" else z, dim=1)
     centers, assign = common.kmeans(feats, k, metric="cosine", seed=seed)
@@ -211,17 +253,17 @@ def cluster(encoder, x, layer, k, alpha, phi_mean, seed):
 class CCLStep:
     """CCL's training step, step(net, xb, idx, epoch) -> (loss, {term: value}), and its clustering state.
 
-    x: the uint8 training images (K-means clusters all of them); aug: the training augmentation; start: the first
+    aug: the training augmentation; x: the uint8 training images (K-means clusters all of them); start: the first
     epoch of the joint stage (epochs before it train L_self alone, Sec. 4); every: the K-means interval (0: once).
     update(encoder, epoch) re-clusters when due; state_dict() / load_state_dict() carry the clusters through a
     checkpoint. With lam 0, or both cluster losses dropped, the step is SimCLR's and never clusters."""
 
-    def __init__(self, x, aug, tau=0.5, lam=0.5, clusters=10, layer="embedding", start=0, every=10, alpha=10.0,
+    def __init__(self, aug, x, tau=0.5, lam=0.5, clusters=10, layer="embedding", start=0, every=10, alpha=10.0,
                  phi="pcl", form="softmax", use_ccl=True, use_cil=True, seed=0):
-        self.x, self.aug, self.tau, self.lam, self.clusters, self.layer = x, aug, tau, lam, clusters, layer
+        self.aug, self.x, self.tau, self.lam, self.clusters, self.layer = aug, x, tau, lam, clusters, layer
         self.start, self.every, self.alpha, self.form, self.seed = start, every, alpha, form, seed
         self.use_ccl, self.use_cil = use_ccl, use_cil
-        # ambiguity (Eq. 5 "the same as" PCL): PCL's code rescales phi to mean its own temperature; ours is tau
+        # ambiguity: Eq. 5 is used "the same as" PCL, whose code rescales phi to mean its own temperature; ours is tau
         self.phi_mean = tau if phi == "pcl" else None
         self.clustering = lam > 0 and (use_ccl or use_cil)
         self.centers = self.assign = self.phi = None
@@ -239,7 +281,7 @@ class CCLStep:
               f"phi {self.phi.min():.3f}..{self.phi.max():.3f}", flush=True)
 
     def __call__(self, net, xb, idx, epoch):
-        h, z = net(torch.cat([self.aug(xb), self.aug(xb)]))
+        h, z = net(self.aug(torch.cat([xb, xb])))    # two views, each its own draw: row i and i + N one image
         l_self = common.nt_xent(z, self.tau)                                      # Eq. 2-3
         if not self.clustering or epoch < self.start:
             return l_self, {}                       # warm-up stage: L_self alone, weight 1 (Sec. 4)
@@ -258,14 +300,14 @@ class CCLStep:
 
 
 def make_step(x, aug, args, start):
-    return CCLStep(x, aug, tau=args.tau, lam=args.lam, clusters=args.clusters, layer=args.cluster_layer, start=start,
+    return CCLStep(aug, x, tau=args.tau, lam=args.lam, clusters=args.clusters, layer=args.cluster_layer, start=start,
                    every=args.cluster_every, alpha=args.alpha, phi=args.phi, form=args.ccl_form,
                    use_ccl=not args.no_ccl, use_cil=not args.no_cil, seed=args.seed)
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores (Sec. 3.4), on the chosen layer, the training images as reference. Chunked by common.knn: at most a
-# chunk x len(train) block of similarities exists at once.
+# Scores: Eq. 9-10 (Sec. 3.4) on the chosen layer, the training images as reference. Chunked by common.knn: at
+# most a chunk x len(train) block of similarities exists at once.
 
 def score_cos(train_z, test_z):
     """Eq. 9: max_m cos(z_m, z) * ||z||. ambiguity: the paper prints the norm of the training feature z_m; CSI's
@@ -275,7 +317,7 @@ def score_cos(train_z, test_z):
 
 def score_var(train_z, test_z, k=10):
     """Eq. 10: score_cos / sqrt(1 / (K - 1) sum_{v in V} ||z_v - mean_V z||^2), V the K training images with the
-    highest score_cos terms (the K nearest by cosine). ambiguity (Eq. 10): the deviation is of the training
+    highest score_cos terms (the K nearest by cosine). ambiguity: Eq. 10's deviation is of the training
     projection vectors z_v (un-normalised, as written), squared norm summed over dimensions: the spread of the
     neighbourhood, not of the K similarity values."""
     cos, nearest = common.knn(test_z, train_z, k=k, metric="cosine")
