@@ -164,6 +164,8 @@ def check_args(args):
     common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
     common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
     clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
+    common.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
+                 f"at most --epochs {args.epochs} (--epochs counts both stages)")
     common.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
                  f"fewer than --epochs {args.epochs}: no joint stage is left")
     if args.simclr_weights is not None:
@@ -205,8 +207,9 @@ def cluster_center_loss(h, centers, assign, phi, form="softmax"):
     clustering period: on the embedding layer (h after a ReLU) cosines lie in [0, 1], so each term is
     >= -1 / phi_i + log(R - 1); it drifts down across periods only because phi is re-estimated smaller as the
     clusters tighten. Its gradient never saturates: in the own-centre cosine it is -1 / phi_i wherever h_i lies,
-    and h_i is pushed from the other centres with weights summing to 1 / phi_j. The softmax's weights, 1 - p_i and
-    p_j (p: the softmax over all centres), vanish once h_i is nearer its own centre than the others by a few phi."""
+    and the other centres push h_i with weights q_j / phi_j, q the softmax over them (summing to 1). The softmax
+    form's weights, (1 - p_i) / phi_i and p_j / phi_j with p the softmax over all centres, vanish once h_i is nearer
+    its own centre than the others by a few phi."""
     sim = F.normalize(h, dim=1) @ F.normalize(centers, dim=1).T                  # 2N x R
     logits = sim / phi[None]
     positive = logits.gather(1, assign[:, None])[:, 0]
@@ -299,7 +302,8 @@ class CCLStep:
         self.centers, self.assign, self.phi = d.get("centers"), d.get("assign"), d.get("phi")
 
 
-def make_step(x, aug, args, start):
+def make_step(aug, x, args, start):
+    """The CCLStep of the command line; start: the first epoch of the joint stage in the run it trains."""
     return CCLStep(aug, x, tau=args.tau, lam=args.lam, clusters=args.clusters, layer=args.cluster_layer, start=start,
                    every=args.cluster_every, alpha=args.alpha, phi=args.phi, form=args.ccl_form,
                    use_ccl=not args.no_ccl, use_cil=not args.no_cil, seed=args.seed)
@@ -363,11 +367,13 @@ def train_ccl(model, x, aug, args):
     restart: the warm-up stage, then the joint stage with a learning-rate warm-up and cosine of its own."""
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     if args.schedule == "single":
-        return common.train(model, make_step(x, aug, args, start=args.cluster_start), x,
+        return common.train(model, make_step(aug, x, args, start=args.cluster_start), x,
                             common.TrainConfig.from_args(args, checkpoint))
     model = warmup_stage(model, x, aug, args)
+    if args.epochs == args.cluster_start:                # a SimCLR run (--lam 0) that is all warm-up stage
+        return model
     joint = common.TrainConfig.from_args(args, checkpoint, epochs=args.epochs - args.cluster_start)
-    return common.train(model, make_step(x, aug, args, start=0), x, joint)
+    return common.train(model, make_step(aug, x, args, start=0), x, joint)
 
 
 def score_stage(model, data, args, device):

@@ -38,7 +38,8 @@ def test_concentration_matches_eq5_loop():
     g = torch.Generator().manual_seed(0)
     h, centers = torch.randn(20, 5, generator=g), torch.randn(4, 5, generator=g)
     assign = torch.tensor([0] * 9 + [1] * 6 + [2] * 4 + [3])        # cluster 3 has one member
-    torch.testing.assert_close(ccl.concentration(h, centers, assign, 10.0), torch.tensor(eq5_loop(h, centers, assign, 10.0)))
+    expected = torch.tensor(eq5_loop(h, centers, assign, 10.0))
+    torch.testing.assert_close(ccl.concentration(h, centers, assign, 10.0), expected)
 
 
 def test_pcl_rescaling_matches_a_literal_computation():
@@ -281,6 +282,7 @@ def test_presets_resolve_override_and_reach_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--cluster-start", "5", "--epochs", "5"], "--cluster-start 5: expected fewer than --epochs 5"),
+    (["--cluster-start", "6", "--epochs", "5", "--lam", "0"], "--cluster-start 6: expected at most --epochs 5"),
     (["--clusters", "1"], "--clusters 1: expected an integer >= 2"),
     (["--lam", "1.5"], "--lam 1.5: expected a number in"),
     (["--score-k", "1"], "--score-k 1"),
