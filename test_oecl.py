@@ -195,8 +195,8 @@ def test_presets_resolve_and_flags_override():
 
 def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings(tmp_path):
     # Outliers: training digits 6-7; the OOD test set keeps only the never-seen classes 8-9.
-    res = oecl.main(["--oe", "digits", "--oe-classes", "6-7", "--epochs", "4", "--oe-warmup", "1", "--n-aug", "4",
-                     "--out", str(tmp_path)])
+    res = oecl.main(["--oe", "digits", "--oe-classes", "6-7", "--subset", "128", "--epochs", "1", "--n-aug", "2",
+                     *TINY, "--out", str(tmp_path)])
     assert set(res["metrics"]) == {"norm", "ensemble", "mean_sq_norm"}
     assert set(res["metrics"]["ensemble"]) == {"classes 8-9"} and set(res["baselines"]["pixels_knn"]) == {"classes 8-9"}
     assert 0 <= res["metrics"]["ensemble"]["classes 8-9"]["auroc"] <= 100
@@ -206,10 +206,11 @@ def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings
 
 
 def test_self_oecl_above_chance_on_digits(tmp_path):
-    res = oecl.main(["--epochs", "6", "--n-aug", "4", "--no-baselines", "--out", str(tmp_path)])
+    res = oecl.main(["--epochs", "3", "--batch-size", "32", "--oe-warmup", "1", "--n-aug", "4", "--no-baselines",
+                     "--out", str(tmp_path)])                            # 81 steps, ~15 s of one CPU core
     assert res["method"] == "self-OECL" and res["config"]["self_oe"] is True
     auroc = res["metrics"]["ensemble"]["classes 6-9"]["auroc"]
-    assert auroc > 60, auroc                                             # chance: 50
+    assert auroc > 65, auroc                                             # measured 77.7 and 76.1 (seeds 0, 1); chance 50
 
 
 def test_outliers_of_another_size_and_count(tmp_path):
