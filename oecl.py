@@ -17,7 +17,8 @@ projection of a test image, alone (Eq. 14) or of its mean over augmentations (Eq
     python oecl.py --preset paper --self-oe             # self-OECL's row of Table I: 1000 epochs, 128 images a step
     python oecl.py --protocol leave-one-out --all-classes   # every class held out in turn, per-class AUROC
 
-A digits run with the defaults (self-OECL, 10 epochs) takes ~30 s of one CPU core (Xeon, 2 cores).
+A digits run with the defaults (self-OECL, 10 epochs) takes ~30 s of CPU time on one thread of a 2-core AMD EPYC;
+--preset paper is a multi-GPU job (500 or 1000 epochs per class).
 
 Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
 usual substitutes: the 300K random images of Hendrycks et al.'s Outlier Exposure code (a debiased 80MTI subset,
@@ -76,7 +77,7 @@ PAPER = dict(
     batch_size=256,                 # paper: App. I, 256 ID + 256 outlier images (public code: 64 x 4 GPUs)
     optimizer="sgd",                # public code: its LARS wrapper never rescales (paper: App. I, LARS)
     lr=0.1, momentum=0.9,           # paper: App. I
-    weight_decay=5e-4,              # public code: (the value is lost in our copy of App. I)
+    weight_decay=5e-4,              # public code: 5e-4 (the value is lost in our copy of App. I)
     warmup_epochs=0, final_lr=0.0,  # paper: App. I, cosine decay without restart (public code: no lr warm-up)
     tau=0.5,                        # paper: App. I
     alpha=1.0,                      # paper: App. I, 1 for CIFAR-10 and ImageNet-30
@@ -115,7 +116,7 @@ def build_parser():
     g.add_argument("--oe-classes", default=None,
                    help="keep only these classes of --oe (e.g. 6-7); classes of the ID data set leave the OOD test set")
     g.add_argument("--self-oe", action=argparse.BooleanOptionalAction, default=None,
-                   help="self-OECL (Eq. 13): outliers are the training images rotated by 180/270 degrees "
+                   help="self-OECL (Eq. 13): outliers are the training images rotated by --oe-rotations "
                         "(default: on when no --oe is given)")
     g.add_argument("--id-rotations", default="0,90", help="self-OECL: rotations (degrees) that are ID instances")
     g.add_argument("--oe-rotations", default="180,270", help="self-OECL: rotations (degrees) that are outliers")
@@ -252,8 +253,8 @@ def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
     """The three scores of App. C over the clean view and n_aug random training augmentations of each image:
     'norm' ||z(x)|| (Eq. 14), 'ensemble' ||mean_t z(t(x))|| (Eq. 15; the public code counts the clean view among
     the t) and 'mean_sq_norm' mean_t ||z(t(x))||^2 (App. C; ambiguity: over the same views, the clean one
-    included). Chunks of batch_size // (1 + n_aug) images; all the
-    views of a chunk go through the network together. The seeded generator gives every set the same draws."""
+    included). Chunks of batch_size // (1 + n_aug) images; all the views of a chunk go through the network
+    together. The seeded generator gives every set the same draws."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -280,11 +281,12 @@ def load_outliers(args, data, device):
     if args.oe_classes:
         if y.min() < 0:
             common.fail(f"--oe {args.oe} has no labels, so --oe-classes cannot select from it")
-        x, _ = common.select_classes(x, y, common.parse_classes(args.oe_classes))
-        if args.oe == args.dataset and set(common.parse_classes(args.oe_classes)) & set(data.id_classes):
-            common.fail(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {data.id_classes}")
+        ids = common.parse_classes(args.oe_classes)
+        x, _ = common.select_classes(x, y, ids)
         if args.oe == args.dataset:
-            data = without_classes(data, common.parse_classes(args.oe_classes))
+            if set(ids) & set(data.id_classes):      # possible under --all-classes only (check_args refuses it else)
+                common.fail(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {data.id_classes}")
+            data = without_classes(data, ids)
     if len(x) == 0:
         common.fail(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
     return x.to(device), data
