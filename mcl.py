@@ -24,9 +24,9 @@ the backbone's pooled feature h, PH = the projection head's z, Table 6) from one
 that grid (saved as "grid" in results.json) and reports the configured reading (--feature-layer, --sei, --sei-agg)
 beside the sanity baselines (raw-pixel and untrained-encoder nearest neighbour).
 
-Deviations (paper / official code / ours, and why):
+Deviations (paper / official code / ours, with the reason after the colon):
 
-    what                  paper                    official code             ours
+    what                  paper                    official code             ours: why
     SEI w-avg             Eq. 19-20: one weight    per view and class,       as the official code: minus the harmonic
                           per view, 1 / sum over   weight 1 / distance:      mean of the distances (not squared);
                           classes of 1 / score     the harmonic mean of      Eq. 19 is undefined for Eq. 12's
@@ -39,7 +39,8 @@ Deviations (paper / official code / ours, and why):
                                                    its mirror: 20,224 of
                                                    50,000 = 40.4%
     convolution init      not stated               torchvision's (kaiming    paper preset: torchvision's; digits and
-                                                   normal, fan_out)          quick: PyTorch's default (measured so)
+                                                   normal, fan_out)          quick: PyTorch's default: the digits
+                                                                             evidence was measured with it
     training length       not stated               config: 400 epochs; the   paper preset: 400 (the config);
                                                    README's AUROC ~94 is     --epochs 800 for the README's checkpoint
                                                    its epoch_800.pt
@@ -51,18 +52,21 @@ Deviations (paper / official code / ours, and why):
     the CCM denominator   denominator                                        its denominator (p is a probability)
     SPA positive in its   CCM (alpha), Eq. 8       1/tau                     1/tau, for the same reason
     denominator
-    SPA draws             Eq. 7: another image of  one draw per view among   one uniform draw per view from Eq. 7's
-                          the same joint label;    all same-label views but  set; under torchrun each rank draws
-                          Eq. 9 its expectation    itself (its partner too)  for the global batch
-    features              z (Eq. 12)               z, L2-normalised          z and h, both L2-normalised
+    SPA draws             Eq. 9: one positive;     one random positive per   one uniform draw per view from Eq. 7's
+                          App. A: the mean over    view, per step            set, per step; under torchrun each rank
+                          Eq. 7's set                                        draws for the global batch
+    features              z (Eq. 12)               z, L2-normalised          z and h, both L2-normalised: h is the
+                                                                             better layer on digits
     covariance            not stated               + 1e-9 I                  + ridge x mean variance (paper preset
-                                                                             1e-7, about 1e-9 I on unit 128-d z)
-    digits                not in the paper         -                         common's digit-safe augmentation; the
-                                                                             inference chosen on digits (see
-                                                                             DIGITS_INFERENCE)
+                                                                             1e-7, about 1e-9 I on unit 128-d z):
+                                                                             the ridge follows the features' scale
+    digits                not in the paper         -                         common's digit-safe augmentation, LF
+                                                                             and 4 views (DIGITS_INFERENCE): a
+                                                                             mirrored digit is not a digit
 
-Cost: a default digits run (862 training images of 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4 rotations
-x 2 views, then 4-view SEI and the baselines) takes about 40 s on one core of a 2-core x86 CPU.
+Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4
+rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
+AMD EPYC; --labels kmeans adds a warm-up of the same length.
 """
 import argparse
 import math
@@ -85,7 +89,7 @@ PAPER = {
     "augment": "paper",             # paper: Sec. 4, colour jitter, grayscale, flip, inception crop
     "arch": "resnet34",             # paper: Table 1 (ResNet-18 in Table 2)
     "width": 64,                    # paper: the standard ResNet
-    "init": "torchvision",          # public code: torchvision's ResNet-34 (kaiming-normal, fan_out)
+    "init": "torchvision",          # public code: torchvision's ResNet-34 (ambiguity: the paper names no init)
     "proj_hidden": 2048,            # public code: head 512 -> 2048 -> 128
     "proj_dim": 128,                # public code: 128-d z
     "epochs": 400,                  # public code: its config (ambiguity: its README's result is epoch_800.pt)
@@ -107,6 +111,8 @@ PAPER = {
     "sei": 8,                       # paper: Table 4, 8-way SEI
     "sei_agg": "w-avg",             # paper: Table 4, best AUROC
     "feature_layer": "ph",          # paper: Table 6, projection head
+    # ambiguity: the paper does not say which training images the Gaussians see; the public code fits them on the
+    # first len(loader) // 5 batches of a loader that holds every image and its mirror image; we draw upright ones.
     "fit_fraction": 0.404,          # public code: len(loader) // 5 = 79 batches x 1,024 / 4 rotations = 20,224 images
     "ridge": 1e-7,                  # public code: 1e-9 I on unit 128-d features, i.e. ~1e-7 x the mean variance
 }
@@ -164,7 +170,7 @@ def build_parser():
                         "ph otherwise)")
     g.add_argument("--fit-fraction", type=float, default=1.0, help="fraction of the training images the Gaussians see")
     g.add_argument("--ridge", type=float, default=0.01, help="covariance ridge, times the class's mean variance")
-    # ours: a digits run of about 40 s on one CPU core (the 8 x 8 digits lose nothing at 16 x 16)
+    # ours: a digits run of about 35 s on one CPU thread (the 8 x 8 digits lose nothing at 16 x 16)
     parser.set_defaults(size=16, width=8, epochs=10, batch_size=32, lr=0.3, weight_decay=1e-6)
     return parser
 
@@ -200,7 +206,7 @@ def ccm_mask(y_main, y_aux, alpha=0.05, beta=2.5, tau=0.2):
     same_main = y_main[:, None] == y_main[None]
     same_aux = y_aux[:, None] == y_aux[None]
     mask = torch.where(same_main, torch.where(same_aux, alpha, beta), 1 / tau)
-    # ambiguity (Eq. 4): the partner view keeps 1/tau (public code); with alpha there, the numerator's term would
+    # ambiguity: (Eq. 4) the partner view keeps 1/tau (public code); with alpha there, the numerator's term would
     # be missing from its own denominator and p_ccm would not be a probability.
     return torch.where(partner_views(len(y_main), y_main.device), 1 / tau, mask)
 
@@ -233,13 +239,15 @@ def spa_positives(same, generator=None):
 
 def spa_term(logits, sim, y_main, y_aux, tau, generator=None):
     """(1 / 2N) sum_i l_spa(i) (Eq. 7-10): each view's positive is drawn uniformly from B_i^+, the views of other
-    images with its joint label (Eq. 7); the denominator holds every view of another image, at CCM (Eq. 8)."""
+    images with its joint label (Eq. 7); the denominator holds every view of another image, at CCM (Eq. 8).
+    ambiguity: (Eq. 9, App. A) one draw per view and step (as the public code), whose expectation is the mean
+    over B_i^+ that App. A writes."""
     n2 = len(logits)
     other_image = ~(partner_views(n2, sim.device) | torch.eye(n2, dtype=torch.bool, device=sim.device))
     joint_same = (y_main[:, None] == y_main[None]) & (y_aux[:, None] == y_aux[None])
     pos = spa_positives(joint_same & other_image, generator)
     logits = logits.masked_fill(~other_image, float("-inf"))
-    # ambiguity (Eq. 8): the drawn positive enters its denominator at 1/tau, like its numerator (public code);
+    # ambiguity: (Eq. 8) the drawn positive enters its denominator at 1/tau, like its numerator (public code);
     # Eq. 8 as printed gives it alpha there. Same reasoning as for the partner view in ccm_mask.
     is_pos = torch.zeros_like(other_image).scatter_(1, pos.clamp_min(0)[:, None], (pos >= 0)[:, None])
     logits = torch.where(is_pos, sim / tau, logits)
@@ -352,10 +360,11 @@ def sei_distances(feats, gaussians):
 def sei_aggregate(d2, how):
     """d2: N x V x C squared Mahalanobis distances of V views -> (predicted class, its score), Eq. 13-14; the
     score is minus an aggregate distance (higher = in-distribution).
-    avg (Eq. 17): minus the mean over views of the squared distances (Eq. 12's score, as printed).
+    ambiguity: Eq. 12 as printed drops the minus sign that its text and Eq. 15 state: score = minus the distance.
+    avg (Eq. 17): minus the mean over views of the squared distances (ambiguity: squared, as Eq. 12 prints it).
     max (Eq. 18): minus the smallest squared distance (on distances it would rank the same).
     w-avg (Eq. 19-20): minus the harmonic mean over views of the distances (not squared), per class.
-    ambiguity (Eq. 19): one weight per view, the inverse of a sum over classes of 1 / score, is undefined for
+    ambiguity: (Eq. 19) one weight per view, the inverse of a sum over classes of 1 / score, is undefined for
     Eq. 12's negative scores; the public code weights each view and class by 1 / distance, so that the weighted
     mean of the distances is their harmonic mean; squaring would lean it towards the closest view, like max."""
     if how == "avg":
