@@ -183,7 +183,7 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses (Eq. 12-13)
+# Losses: Eq. 12's OECL loss (Eq. 13 is the same loss on rotations).
 
 @common.float32
 def oecl_loss(z_id, z_oe, tau=0.5, alpha=1.0):
@@ -243,7 +243,7 @@ def self_oecl_step(net, xb, aug, tau=0.5, alpha=1.0, flip=True, id_rot=(0, 1), o
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores (Eq. 14-15, App. C); higher = more in-distribution.
+# Scores: the norm scores of Eq. 14-15 and App. C; higher = more in-distribution.
 
 def norm_score(z):
     """Eq. 14: the L2 norm of the (un-normalised) projection."""
@@ -274,7 +274,7 @@ def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages
+# Stages: outliers, training, scoring, one run, the --all-classes protocol.
 
 def load_outliers(args, data, device):
     """The --oe images (training split, --oe-classes of them) on the device; classes of the ID data set used as
@@ -375,7 +375,7 @@ def run_protocol(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Main
+# Main: the command line, then one run or one run per class.
 
 def main(argv=None):
     args = check_args(common.parse_args(build_parser(), PRESETS, argv))
