@@ -392,12 +392,14 @@ class SimCLRAugment(nn.Module):
         return torch.where(on[:, None, None, None], y, x)
 
 
-# ambiguity: none of the papers trains on digits. Their CIFAR augmentation destroys what tells digits apart: a
-# horizontal flip turns a 2 into a 5, an 8% crop of an 8 x 8 digit keeps one stroke, and colour jitter has no
-# colour to act on. On digits we keep only crops of at least DIGITS_CROP of the image (small shifts and scalings
-# of the whole digit); see the README for the measurement behind this choice.
-DIGITS_CROP = 0.6
-DIGITS_AUGMENT = dict(scale=(DIGITS_CROP, 1.0), flip=False, jitter=0.0, p_gray=0.0, blur=False)
+# ambiguity: none of the papers trains on digits, and their CIFAR augmentation has one step that turns a digit
+# into another: the horizontal flip (a mirrored 2 is a 5-like shape, a mirrored 3 an E). Measured with SimCLR on
+# digits (kNN on the embedding layer, 20 epochs, seeds 0-1, odd digits in and 4-9 in), only the flip had to go:
+# without colour jitter, or with crops of at least 60% or 80% of the image, training fell below its own untrained
+# encoder on one split or both; with the flip removed it cleared it on both. On grey digits the jitter is a
+# brightness and contrast jitter (saturation, hue and grayscale leave grey pixels as they are), which keeps the
+# network from separating digits by their ink level. See the README for the table.
+DIGITS_AUGMENT = dict(scale=(0.2, 1.0), flip=False, jitter=0.4, p_jitter=0.8, p_gray=0.0, blur=True)
 
 
 def simclr_augment(args, **paper):
