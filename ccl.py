@@ -50,8 +50,9 @@ code is the official one. Every choice is marked "ambiguity:" where it is resolv
     lambda; K    | not stated            | -                       | 0.5; 10                 | the even mix of Eq. 8
     ablations    | weights not stated    | -                       | the mean of the kept    | Eq. 7's mean
                  |                       |                         | terms                   |
-    augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | common.simclr_augment
-                 | blur                  |                         | crops of >= 60% only    |
+    augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | common.simclr_augment (a
+                 | blur                  |                         | without the horizontal  | flipped 2 is a 5)
+                 |                       |                         | flip                    |
 
 Runs: the digits default takes ~30 s on a 2-core CPU (1 thread); --preset paper is a multi-GPU job.
 """
