@@ -49,8 +49,9 @@ Deviations from the paper and the public code (why in the last column):
                                                 rotated                             pair differ by a flip half the time
   crop scale       0.08, another value for      0.08 (DIOR), 0.5 (Raabin-WBC)       --crop-scale 0.08
                    Raabin-WBC, HAM10000 (App. J)
-  digits           not in the paper             not in the code                     common's digit-safe augmentation
-                                                                                    (no flip: it makes a 2 a 5)
+  digits           not in the paper             not in the code                     common's digits augmentation: the
+                                                                                    paper's without the flip (a
+                                                                                    mirrored 2 is a 5-like shape)
 """
 import argparse
 import copy
@@ -127,7 +128,7 @@ def build_parser():
     g.add_argument("--tau", type=float, default=0.5, help="NT-Xent temperature")
     g.add_argument("--crop-scale", type=float, default=0.08,
                    help="smallest random-resized-crop area of the paper's augmentation (App. J: 0.08; the public "
-                        "code: 0.5 for Raabin-WBC); digits get common's digit-safe crops unless --augment paper")
+                        "code: 0.5 for Raabin-WBC); digits get common's digits augmentation unless --augment paper")
     g.add_argument("--n-aug", type=int, default=32, help="augmentations in the ensemble score, besides the clean view")
     g.add_argument("--protocol", choices=["one-vs-rest", "leave-one-out"], default=None,
                    help="with --all-classes: each class alone is ID (one-vs-rest) or alone OOD (leave-one-out)")

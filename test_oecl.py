@@ -210,7 +210,7 @@ def test_self_oecl_above_chance_on_digits(tmp_path):
                      "--out", str(tmp_path)])                            # 81 steps, ~15 s of one CPU core
     assert res["method"] == "self-OECL" and res["config"]["self_oe"] is True
     auroc = res["metrics"]["ensemble"]["classes 6-9"]["auroc"]
-    assert auroc > 65, auroc                                             # measured 77.7 and 76.1 (seeds 0, 1); chance 50
+    assert auroc > 60, auroc                                             # measured 73.4 and 65.4 (seeds 0, 1); chance 50
 
 
 def test_outliers_of_another_size_and_count(tmp_path):
