@@ -18,8 +18,8 @@ un-adapted features, is reported beside it).
 
 Every run also reports the pretext-only SimCLR kNN score, the cluster accuracy (Hungarian matching, for
 information: labels never train anything) and the sanity baselines. Checkpoints: <out>/{pretext,scan,selflabel,
-adapt}.pt; --resume loads the finished stages and continues the unfinished one. The digits default takes ~35 s of
-CPU time (one thread of an AMD EPYC, 2 cores; ~80 s of wall time while other jobs share the machine).
+adapt}.pt; --resume loads the finished stages and continues the unfinished one. The digits default takes ~30 s of
+CPU time (one thread of a 2-core AMD EPYC; ~60 s of wall time while other jobs share the machine).
 
 Deviations. SCAN's code is the official clustering code; MSCL's code is the same lab's pre-trained pipeline (no
 SCAN-OOD code is public). "-": silent or not applicable.
@@ -27,7 +27,7 @@ SCAN-OOD code is public). "-": silent or not applicable.
   -------------  -------------  ---------------------  ---------------  ----------------------  -------------------
   strong         -              PIL per image: flip,   -                the same ops, ranges    one batched call on
   augmentation                  4 of 14 ops (shear,                     and order, nearest      the device: no host
-                                translate +-0.1),                       pixel, 8-bit levels     sync, ~1.7x the
+                                translate +-0.1),                       pixel, 8-bit levels     sync, ~1.9x the
                                 Cutout side 1..16                       (PIL's to 1 level);     kernels of SimCLR's
                                 after Normalize                         Cutout fill 0.5 = 0     augmentation
                                 (fill: the mean                         after our
@@ -211,7 +211,7 @@ def build_parser():
 
 
 def check_args(args):
-    check, positive = common.check, lambda v: v > 0
+    check = common.check
     check(args.tau > 0, "--tau", args.tau, "a number > 0")
     check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
     check(args.num_neighbors >= 1, "--num-neighbors", args.num_neighbors, "an integer >= 1")
@@ -223,7 +223,8 @@ def check_args(args):
         check(epochs >= (0 if stage == "selflabel" else 1), f"--{stage}-epochs", epochs,
               "an integer >= 0 (0: no self-labelling)" if stage == "selflabel" else "an integer >= 1")
         check(batch >= 2, f"--{stage}-batch-size", batch, "an integer >= 2")
-        check(positive(getattr(args, f"{stage}_lr")), f"--{stage}-lr", getattr(args, f"{stage}_lr"), "a number > 0")
+        lr = getattr(args, f"{stage}_lr")
+        check(lr > 0, f"--{stage}-lr", lr, "a number > 0")
     for stage in ("scan", "selflabel"):
         wd = getattr(args, f"{stage}_weight_decay")
         check(wd >= 0, f"--{stage}-weight-decay", wd, "a number >= 0")
@@ -558,7 +559,8 @@ def scan_stage(pretext, x, K, args, data):
     if data.id_classes and data.train_y.min() >= 0:
         y = data.train_y.to(x.device)[fit]
         info["neighbor_purity"] = 100 * (y[neighbors[:, 1:]] == y[:, None]).float().mean().item()
-        print(f"mined {args.num_neighbors} neighbours per image; {info['neighbor_purity']:.1f}% share the image's class")
+        print(f"mined {args.num_neighbors} neighbours per image; {info['neighbor_purity']:.1f}% share the image's "
+              f"class")
     heads = ClusterNet(args.arch, K, args.heads, args.width, init=args.init).to(x.device)
     heads.backbone.load_state_dict(pretext.backbone.state_dict())
     step = SCANStep(x[fit], neighbors, strong_augment(args), args.entropy_weight, x[held], held_neighbors)

@@ -305,7 +305,7 @@ def test_strong_augment_shift_distribution_is_scans(name, row):
     translate (+-10% of 33 px) or a shear of the bottom row (+-0.1 x 32.5 px) has SCAN's distribution: PIL maps
     each output pixel centre to floor(centre + v), v uniform in +-3.3 (+-3.25), so the shift is k in -3..3 with
     probability |[k - 0.5, k + 0.5) & [-span, span)| / (2 span)."""
-    n, span = 4000, 3.3 if name.startswith("translate") else 3.25
+    n, span = 3000, 3.3 if name.startswith("translate") else 3.25
     x = torch.zeros(n, 3, 33, 33, dtype=torch.uint8)
     x[:, :, row, 16] = 255
     out = common.StrongAugment(n_ops=1, cutout=0, ops=(name,))(x, generator=torch.Generator().manual_seed(0))
@@ -329,14 +329,14 @@ def test_strong_augment_cutout_area_distribution_is_scans():
                 areas.append(side(y) * side(x))
     areas = np.array(areas, dtype=float)
     n = 20000
-    white = torch.full((n, 3, 32, 32), 255, dtype=torch.uint8)
+    white = torch.full((n, 1, 32, 32), 255, dtype=torch.uint8)             # Cutout alone works on any channels
     out = common.StrongAugment(n_ops=0, cutout=16)(white, generator=torch.Generator().manual_seed(0))
     ours = (out[:, 0] == 0.5).flatten(1).sum(1).double().numpy()
     assert abs(ours.mean() - areas.mean()) < 4 * areas.std() / math.sqrt(n), (ours.mean(), areas.mean())
     empty = (areas == 0).mean()
     assert abs((ours == 0).mean() - empty) < 4 * math.sqrt(empty * (1 - empty) / n) and empty == 1 / 16
     assert ours.max() == 256 and set(np.unique(np.sqrt(ours[ours == ours.max()]))) == {16.0}
-    assert (out[:, :, :, :][out != 0.5] == 1).all()                     # nothing but the box changes
+    assert (out[out != 0.5] == 1).all()                                 # nothing but the box changes
 
 
 def test_strong_augment_is_batched_without_syncs_within_twice_simclr_kernels():
