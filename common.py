@@ -413,122 +413,128 @@ def simclr_augment(args, **paper):
 
 
 # ----------------------------------------------------------------------------------------------
-# Strong augmentation (SCAN's "strong" transform), batched: every sample draws its own flip, ops,
-# magnitudes and Cutout box on the batch's device.
+# Strong augmentation (SCAN's "strong" transform), batched and branch-free: every sample draws its own flip,
+# ops, magnitudes and Cutout box on the batch's device; every op runs on the whole batch, with identity
+# parameters for the samples that drew another op, so a call makes no host sync and launches the same kernels
+# whatever the batch and the draws.
 
 class StrongAugment(nn.Module):
-    """Horizontal flip (p 0.5) -> n_ops ops drawn uniformly with replacement from 14 RandAugment-style ops, each
-    with a uniform random magnitude (SCAN draws magnitudes at random, not a fixed M) -> Cutout: one square of
-    side `cutout` at a uniform centre, clipped at the border (so up to cutout x cutout pixels).
+    """SCAN's strong augmentation (Van Gansbeke et al., its code's `Augment(4)` + `Cutout(1, 16)`) on a batch.
 
-    Magnitude ranges follow the RandAugment lists of FixMatch/SCAN: rotate +-30 deg, shear +-0.3, translate
-    +-30% of the side, posterize 4..8 bits, solarize threshold 0..1, colour/contrast/brightness/sharpness factor
-    0.05..0.95. Pixels uncovered by geometric ops and Cutout are filled with `fill` (0.5 grey: 0 after the
-    Encoder's normalisation, as SCAN's Cutout applied after Normalize).
+    horizontal flip (p 0.5) -> n_ops rounds, each applying to every image one op drawn uniformly (with
+    replacement) from SCAN's 14, with a magnitude drawn uniformly from the op's range -> Cutout: one square of
+    side 2 floor(L / 2), L uniform in 1..cutout, centred on a uniform pixel and clipped at the border (so empty
+    for L = 1, as SCAN's).
 
-    forward(x, generator=None): x uint8 or float in [0, 1], B x 3 x H x W -> float in [0, 1], same shape."""
+    SCAN's ops and ranges: identity, autocontrast, equalize, rotate +-30 deg, solarize (threshold 0..256 of 255),
+    color / contrast / brightness / sharpness (factor 0.05..0.95: always a degradation), shear x / y +-0.1,
+    translate x / y +-10% of the side, posterize to 4..7 bits. Geometric ops map pixel centres as PIL's affine
+    transform does (shear about the top-left corner, rotation about the centre), nearest pixel, black fill.
+    Colour ops use PIL's formulas (ImageOps, ImageEnhance: a blend with a degenerate image), and every op ends on
+    256 levels, truncated, as PIL's 8-bit images do.
+    Cutout fills `cutout_fill`: SCAN's Cutout multiplies the normalised tensor by 0, which is the normalisation's
+    mean colour; 0.5 (the default) is 0 after common.Encoder's (x - 0.5) / 0.5. SCAN's RandomCrop(32) is the
+    identity on 32 x 32 images and is left out. Runs in float32 whatever the autocast (the sampling grid is exact).
 
-    OPS = ("identity", "autocontrast", "equalize", "rotate", "posterize", "solarize", "color", "contrast",
-           "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
-    GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+    `ops` restricts the draw to some of OPS (tests, ablations). forward(x, generator=None): x uint8 or float in
+    [0, 1], B x 3 x H x W -> float in [0, 1], same shape. One call draws torch.rand(B, 2 n_ops + 4): the ops, their
+    magnitudes, the flip, the Cutout side and its centre (row, column), in that column order."""
 
-    def __init__(self, n_ops=4, cutout=16, fill=0.5):
+    OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "contrast", "brightness",
+           "sharpness", "shear_x", "translate_x", "translate_y", "posterize", "shear_y")   # SCAN's list and order
+
+    def __init__(self, n_ops=4, cutout=16, cutout_fill=0.5, ops=OPS):
         super().__init__()
-        self.n_ops, self.cutout, self.fill = n_ops, cutout, fill
+        unknown = set(ops) - set(self.OPS)
+        if unknown or not ops:
+            raise ValueError(f"unknown ops {sorted(unknown)}; choose among {self.OPS}")
+        self.n_ops, self.cutout, self.cutout_fill, self.ops = n_ops, cutout, cutout_fill, tuple(ops)
 
     def forward(self, x, generator=None):
-        x = x.float().div(255) if x.dtype == torch.uint8 else x.float().clone()
-        B, dev = len(x), x.device
-        flip = torch.rand(B, device=dev, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        ops = torch.randint(len(self.OPS), (B, self.n_ops), device=dev, generator=generator)
-        mags = torch.rand(B, self.n_ops, device=dev, generator=generator)
-        for r in range(self.n_ops):
-            x = self.apply_ops(x, ops[:, r], mags[:, r])
-        return self.apply_cutout(x, torch.rand(B, 2, device=dev, generator=generator))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.augment(x, generator)
 
-    def apply_ops(self, x, op, m):
-        """One round: each sample gets op[i] with magnitude m[i] in [0, 1]; a masked call per op type."""
-        for name in self.OPS[1:]:
-            if name in self.GEOMETRIC:
-                continue
-            idx = (op == self.OPS.index(name)).nonzero()[:, 0]
-            if len(idx):
-                x[idx] = getattr(self, name)(x[idx], m[idx, None, None, None]).clamp(0, 1)
-        geo = torch.isin(op, torch.tensor([self.OPS.index(n) for n in self.GEOMETRIC], device=x.device))
-        idx = geo.nonzero()[:, 0]
-        if len(idx):
-            x[idx] = self.affine(x[idx], op[idx], m[idx])
-        return x
-
-    # Colour ops: m is B x 1 x 1 x 1 in [0, 1]; "enhance" ops blend with a degenerate image like PIL.ImageEnhance.
-    @staticmethod
-    def blend(degenerate, x, m):
-        return degenerate + (0.05 + 0.9 * m) * (x - degenerate)
-
-    def autocontrast(self, x, m):
-        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-        return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-8), x)
-
-    def equalize(self, x, m):
-        """PIL.ImageOps.equalize per channel: lut[i] = (pixels below level i + step // 2) // step, with
-        step = (pixels - pixels at the top level) // 255; identity where step is 0."""
+    def augment(self, x, generator=None):
+        x = x.float() if x.dtype == torch.uint8 else (x * 255).round_()      # 8-bit levels 0..255, as PIL
         B, C, H, W = x.shape
-        q = (x * 255).round().long().view(B, C, H * W)
-        hist = torch.zeros(B, C, 256, device=x.device).scatter_add_(2, q, torch.ones_like(q, dtype=torch.float))
-        top = 255 - (hist.flip(2) > 0).float().argmax(2, keepdim=True)               # highest level present
-        step = torch.div(hist.sum(2, keepdim=True) - hist.gather(2, top), 255, rounding_mode="floor")
-        below = hist.cumsum(2) - hist
-        lut = torch.div(below + torch.div(step, 2, rounding_mode="floor"), step.clamp_min(1), rounding_mode="floor")
-        out = lut.clamp(max=255).gather(2, q).view(B, C, H, W) / 255
-        return torch.where(step.view(B, C, 1, 1) > 0, out, x)
+        R = self.n_ops
+        u = torch.rand(B, 2 * R + 4, device=x.device, generator=generator)   # every draw of the call at once
+        x = torch.where(u[:, 2 * R, None, None, None] < 0.5, x.flip(3), x)
+        if R:
+            params = self.round_params(u[:, :R], u[:, R:2 * R], H, W)
+            gy, gx = torch.meshgrid(torch.linspace(1 / H - 1, 1 - 1 / H, H, device=x.device),
+                                    torch.linspace(1 / W - 1, 1 - 1 / W, W, device=x.device), indexing="ij")
+            pixels = torch.stack([gx, gy, torch.ones_like(gx)], -1).view(H * W, 3)   # output pixel centres
+            for r in range(R):
+                x = self.one_round(x, pixels, *(p[:, r] for p in params))
+        return self.apply_cutout(x.div_(255), u[:, 2 * R + 1], u[:, 2 * R + 2:])
 
-    def posterize(self, x, m):
-        keep = 2.0 ** (8 - (4 + (4 * m).round()))                                      # 4..8 bits kept
-        return torch.floor((x * 255).round() / keep) * keep / 255
+    def round_params(self, u_op, m, H, W):
+        """Every round's op as identity-or-active parameters, B x R each: the affine map (PIL's input-from-output
+        matrix in grid_sample's [-1, 1] coordinates), autocontrast and equalize switches, the degenerate image's
+        weights (smoothed, grey, mean grey), the blend factor, the solarize threshold, the posterize step."""
+        n = len(self.ops)
+        drawn = (u_op * n).floor_().clamp_(max=n - 1)
+        is_op = drawn[..., None] == torch.arange(n, device=m.device)          # B x R x n one-hot, bool
+        one_hot = is_op.to(m.dtype)
+        on = lambda name: one_hot[..., self.ops.index(name)] if name in self.ops else torch.zeros_like(m)
+        v = 0.2 * m - 0.1                                                     # shear, translate: +-0.1
+        a = on("rotate") * (math.radians(30) - math.radians(60) * m)          # rotate: -(+-30 deg), as PIL
+        c, s = torch.cos(a), torch.sin(a)                                     # identity: c = 1, s = 0
+        shx, shy = on("shear_x") * v, on("shear_y") * v
+        # PIL: x_in = c x + (s + shx) y + tx, y_in = (shy - s) x + c y + ty in pixels, rotating about the centre
+        # and shearing about the top-left corner (in [-1, 1] coordinates: + shx (gy + 1)); tx = 10% of the side
+        # is 0.2 in [-1, 1] coordinates.
+        aspect = lambda t, r: t if r == 1 else t * r                          # square images: no kernel
+        row_x = [c, aspect(s + shx, H / W), torch.add(aspect(shx, H / W), on("translate_x") * v, alpha=2)]
+        row_y = [aspect(shy - s, W / H), c, torch.add(aspect(shy, W / H), on("translate_y") * v, alpha=2)]
+        theta = torch.stack(row_x + row_y, -1)
+        enhance = on("color") + on("contrast") + on("brightness") + on("sharpness")
+        factor = torch.addcmul(torch.ones_like(m), enhance, 0.9 * m - 0.95)  # 0.05..0.95; identity 1
+        thresh = 512 - on("solarize") * (512 - 256 * m)                       # invert levels >= thresh
+        step = torch.exp2(on("posterize") * (4 - (4 * m).floor()))           # bits int(uniform(4, 8)); none: 1
+        is_ = lambda name: is_op[..., self.ops.index(name)] if name in self.ops else torch.zeros_like(m) > 0
+        return (theta.view(*m.shape, 2, 3), is_("autocontrast"), is_("equalize"), on("sharpness"), on("color"),
+                on("contrast"), factor, thresh, step)
 
-    def solarize(self, x, m):
-        return torch.where(x < m, x, 1 - x)
+    def one_round(self, x, pixels, theta, autocontrast, equalize, w_smooth, w_grey, w_mean, factor, thresh, step):
+        """One op per image on levels 0..255, every op's arithmetic on the whole batch with identity parameters
+        for the images that drew another op (an identity warp, a where(), factor 1, threshold 512, step 1)."""
+        B, C, H, W = x.shape
+        f = lambda t: t[:, None, None, None]
+        grid = (pixels @ theta.transpose(1, 2)).view(B, H, W, 2)              # geometric ops (identity: exact)
+        x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        # autocontrast and equalize per channel from the sorted levels (PIL's ImageOps); 0 / 0 is never selected
+        flat = x.flatten(2)                                                   # B x C x HW
+        levels = flat.sort(-1).values
+        lo, hi = levels[..., :1], levels[..., -1:]
+        below = torch.searchsorted(levels, flat)                              # pixels at a lower level
+        eq_step = below.amax(-1, keepdim=True).div(255).floor_()              # (N - top count) // 255
+        equalized = torch.div(below + torch.div(eq_step, 2, rounding_mode="floor"), eq_step, rounding_mode="floor")
+        flat = torch.where(autocontrast[:, None, None] & (hi > lo), (flat - lo) * (255 / (hi - lo)),
+                           torch.where(equalize[:, None, None] & (eq_step > 0), equalized, flat))
+        x = flat.view(B, C, H, W)
+        # color, contrast, brightness, sharpness: a blend with a degenerate 8-bit image (identity: factor 1)
+        smooth = x.clone()                                                    # PIL's SMOOTH filter, border kept:
+        smooth[:, :, 1:-1, 1:-1].lerp_(F.avg_pool2d(x, 3, 1), 9 / 13)          # (4 x + 3x3 sum) / 13
+        grey = (x[:, 0:1] * 0.299).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114).round_()  # "L"
+        degenerate = smooth.mul_(f(w_smooth)).addcmul_(grey, f(w_grey)).addcmul_(grey.mean((2, 3), True), f(w_mean))
+        x = torch.lerp(degenerate.round_(), x, f(factor))                     # exactly x where factor is 1
+        x = torch.where(x >= f(thresh), 255 - x, x)                           # solarize
+        # back to whole levels, truncated as PIL's blend does (+1e-3: float32 error), then posterized
+        return x.clamp_(0, 255).add_(1e-3).div_(f(step), rounding_mode="floor").mul_(f(step))
 
-    def color(self, x, m):
-        return self.blend(grayscale(x), x, m)
-
-    def contrast(self, x, m):
-        return self.blend(grayscale(x).mean((1, 2, 3), keepdim=True), x, m)
-
-    def brightness(self, x, m):
-        return self.blend(torch.zeros_like(x), x, m)
-
-    def sharpness(self, x, m):
-        """PIL's SMOOTH filter (3x3, centre weight 5, total 13) as the degenerate image; border pixels kept."""
-        k = torch.ones(3, 3, device=x.device)
-        k[1, 1] = 5
-        k = (k / 13).expand(3, 1, 3, 3)
-        smooth = x.clone()
-        smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, k, groups=3)
-        return self.blend(smooth, x, m)
-
-    def affine(self, x, op, m):
-        """rotate / shear / translate of every selected sample in one grid_sample (about the image centre)."""
-        v = 2 * m - 1                                                                 # signed magnitude in [-1, 1]
-        is_ = lambda name: (op == self.OPS.index(name)).float()
-        angle = is_("rotate") * v * math.radians(30)
-        cos, sin = angle.cos(), angle.sin()
-        theta = torch.zeros(len(x), 2, 3, device=x.device)
-        theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + is_("shear_x") * 0.3 * v
-        theta[:, 1, 0], theta[:, 1, 1] = sin + is_("shear_y") * 0.3 * v, cos
-        theta[:, 0, 2], theta[:, 1, 2] = is_("translate_x") * 0.6 * v, is_("translate_y") * 0.6 * v  # 30% of 2
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + self.fill
-
-    def apply_cutout(self, x, u):
-        B, _, H, W = x.shape
-        cy, cx = (u[:, 0] * H).long(), (u[:, 1] * W).long()
-        rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-        half = self.cutout // 2
-        in_rows = (rows[None] >= cy[:, None] - half) & (rows[None] < cy[:, None] + half)
-        in_cols = (cols[None] >= cx[:, None] - half) & (cols[None] < cx[:, None] + half)
-        return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], self.fill)
+    def apply_cutout(self, x, u_len, u_pos):
+        """SCAN's Cutout: L uniform in 1..cutout, rows [y - L // 2, y + L // 2) clipped at the border, y a uniform
+        row (columns alike); i.e. the pixels with |row + 0.5 - y| < L // 2."""
+        if not self.cutout:
+            return x
+        H, W = x.shape[2:]
+        half = u_len.mul(self.cutout / 2).add_(0.5).floor_()                 # L // 2 for L = floor(u cutout) + 1
+        centre = (u_pos * H if H == W else torch.stack([u_pos[:, 0] * H, u_pos[:, 1] * W], 1)).floor_()   # B x 2
+        inside = (torch.arange(0.5, max(H, W), device=x.device) - centre[:, :, None]).abs_() < half[:, None, None]
+        box = inside[:, 0, :H, None] & inside[:, 1, None, :W]               # B x H x W
+        return x.masked_fill_(box[:, None], self.cutout_fill)
 
 
 # ----------------------------------------------------------------------------------------------
