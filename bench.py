@@ -17,7 +17,7 @@ Rows and targets:
  2 training      images/s of each method's full step in common.train (augmentation, forward, loss, backward,
                  optimizer) / images/s of a bare forward + backward + step on pre-made views      >= 0.85
  3 loss          each loss forward + backward at batch 512 (1024 views) / the backbone step      < 5%
- 4 K-means       common.kmeans vs scikit-learn, 50,000 x 512, k = 10 and 100: faster, inertia +-1%; and the
+ 4 K-means       common.kmeans vs scikit-learn, 50,000 x 512, k = 10 and 100: faster, inertia <= 1.01 x; and the
                  seeding failure rate on 10 Gaussian blobs over 30 seeds: no worse than scikit-learn's
  5 kNN           common.knn_scores, ccl.score_cos vs NearestNeighbors(brute, cosine), 10,000 x 50,000 x 128:
                  faster, identical top-1, peak extra memory < 1 GiB
@@ -360,10 +360,10 @@ def bench_kmeans(cfg, device):
         c, a = res["ours"]
         ours_inertia = float(sum((xd[i:i + 8192] - c[a[i:i + 8192]]).pow(2).sum() for i in range(0, len(xd), 8192)))
         speedup, inertia = t["sklearn"] / t["ours"], ours_inertia / res["sklearn"].inertia_
-        ok = speedup > 1 and abs(inertia - 1) <= 0.01
+        ok = speedup > 1 and inertia <= 1.01          # a lower inertia than scikit-learn is better, not a miss
         iters = f"iterations: ours {calls[0] // cfg.repeat_kmeans - 2}, sklearn {res['sklearn'].n_iter_}"
         rows.append(row(4, f"K-means k={k}: common.kmeans vs sklearn", f"{speedup:.2f}x, inertia {inertia:.4f}",
-                        "> 1x, inertia 1 +- 0.01", ok,
+                        "> 1x, inertia <= 1.01", ok,
                         f"50,000 x 512, k-means++ n_init 1, max_iter {cfg.kmeans_iters}, tol 1e-4; "
                         f"{t['ours']:.2f} s vs {t['sklearn']:.2f} s; {iters}",
                         speedup=speedup, inertia_ratio=inertia, ours_s=t["ours"], sklearn_s=t["sklearn"]))
