@@ -656,17 +656,17 @@ def bench_compile(cfg, device):
     n, rows, breaks = 16, [], {}
     x = random_images(n, seed=6).to(device)
     idx = torch.arange(n, device=device)
-    import torch._dynamo
+    from torch import _dynamo as dynamo
     for name, m in training_steps(4, device, n).items():
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(lambda xb: m.step(m.model, xb, idx, 0))(x)
+        dynamo.reset()
+        explained = dynamo.explain(lambda xb: m.step(m.model, xb, idx, 0))(x)
         breaks[name] = explained.graph_break_count
         target = 0 if name in ("simclr", "ccl", "oecl") else None
         reasons = sorted({str(b.reason).splitlines()[0][:90] for b in explained.break_reasons})
         rows.append(row(10, f"compile: {m.label}", f"{explained.graph_break_count} graph breaks",
                         "0" if target == 0 else "reported", None if target is None else explained.graph_break_count == 0,
                         "; ".join(reasons[:3]), graph_breaks=explained.graph_break_count, method=name))
-    torch._dynamo.reset()
+    dynamo.reset()
     return rows, {"graph_breaks_per_step": breaks}
 
 

@@ -1158,6 +1158,8 @@ def kmeans(x, k, iters=100, n_init=1, metric="euclidean", seed=0, tol=1e-4):
     if k > len(x):
         fail(f"K-means with k={k} needs at least k points, got {len(x)}")
     x = x.float()
+    if not torch.isfinite(x).all():             # a diverged model's features: say so rather than fail inside
+        fail("K-means got non-finite features: the model has diverged; try a lower --lr")
     if metric == "cosine":
         x = F.normalize(x, dim=1)
     elif metric != "euclidean":

@@ -393,6 +393,8 @@ class SCANStep:
             self.kept = {"loss": float(losses[head]), "head": head, "epoch": epochs_done, "weights": weights}
 
     def best(self, model):
+        if self.kept["weights"] is None:          # every selection loss was NaN: the stage diverged
+            common.fail("the SCAN stage diverged (no epoch gave a finite selection loss); try a lower --scan-lr")
         model.load_state_dict(self.kept["weights"])
         print(f"keeping head {self.kept['head']} after epoch {self.kept['epoch']} "
               f"(selection loss {self.kept['loss']:.4f})", flush=True)

@@ -392,6 +392,8 @@ def test_kmeans_cosine_and_errors():
     assert torch.equal(assign, (torch.nn.functional.normalize(x, dim=1) @ centers.T).argmax(1))
     with pytest.raises(SystemExit, match="k=400 needs at least k points"):
         common.kmeans(x, 400)
+    with pytest.raises(SystemExit, match="non-finite features: the model has diverged"):
+        common.kmeans(x * float("inf"), 4)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
