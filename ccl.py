@@ -390,6 +390,13 @@ def score_stage(model, data, args, device):
 # ----------------------------------------------------------------------------------------------
 # Main: warm-up stage -> joint stage -> scores.
 
+def check_sizes(args, n):
+    """The flags that count training images, against the n loaded ones: before the warm-up stage trains."""
+    common.check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
+    common.check(args.clusters < n, "--clusters", args.clusters, f"fewer than the {n} training images")
+    common.check(args.score_k <= n, "--score-k", args.score_k, f"at most the {n} training images")
+
+
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)
@@ -397,6 +404,7 @@ def main(argv=None):
     device = common.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
     data = common.load_data(args)
     x = data.train_x.to(device)
+    check_sizes(args, len(x))
     model = common.Encoder(args.arch, width=args.width, init=args.init).to(device)
     aug = common.simclr_augment(args, **PAPER_AUGMENT)
     model = train_ccl(model, x, aug, args)

@@ -34,7 +34,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def fail(msg):
-    """End the run with one clear line (no traceback): for bad user input, not for bugs."""
+    """End the run with one clear line (no traceback): for bad user input, not for bugs. A run folder this process
+    holds is released first (its lock removed; a folder it created and left empty, removed)."""
+    for release in list(_release.values()):
+        release()
+    _release.clear()
     raise SystemExit(f"error: {msg}")
 
 
@@ -984,8 +988,8 @@ def train(model, step, x, cfg):
             torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + rank())
         start = c["epoch"]
         if start > cfg.epochs:
-            fail(f"--epochs {cfg.epochs} is fewer than the {start} epochs {cfg.checkpoint} has done: give at least "
-                 f"--epochs {start}")
+            fail(f"{cfg.checkpoint} has done {start} epochs, more than the {cfg.epochs} asked for now: give a larger "
+                 f"--epochs")
         print(f"resumed {cfg.checkpoint} at epoch {start} of {cfg.epochs}")
     if device.type == "cuda":   # the weights in the input's layout: no layout copy per convolution
         model = model.to(memory_format=torch.channels_last)
@@ -1441,6 +1445,7 @@ def parse_args(parser, presets=None, argv=None):
         parser._defaults.update(saved[1])
     args.sources = {k: "command line" if k in typed else (f"preset {name}" if k in preset else "default")
                     for k in vars(args) if k != "sources"}
+    check_shared(args, resolve=False)   # the shared flags first: a script's own checks may rely on them
     return args
 
 
@@ -1468,9 +1473,10 @@ def check_spec(spec, flag):
         check(False, flag, spec, f"one of {DATASET_SPECS}")
 
 
-def check_shared(args):
-    """Every shared flag, before any data is loaded or any folder made. Resolves --id-classes to its canonical
-    text (the default written out), so that a typed default and the default are the same setting."""
+def check_shared(args, resolve=True):
+    """Every shared flag, before any data is loaded or any folder made (parse_args and setup call it). With
+    `resolve` (setup), --id-classes becomes its canonical text (the default written out), so that a typed default
+    and the default are the same setting."""
     check_spec(args.dataset, "--dataset")
     for spec in args.ood or []:
         check_spec(spec, "--ood")
@@ -1479,7 +1485,8 @@ def check_shared(args):
         text = args.id_classes if args.id_classes is not None else ("0-5" if args.dataset == "digits" else f"0-{n - 1}")
         ids = parse_classes(text)
         check(n is None or ids[-1] < n, "--id-classes", text, f"classes of {args.dataset}: 0-{(n or 1) - 1}")
-        args.id_classes = format_classes(ids)
+        if resolve:
+            args.id_classes = format_classes(ids)
     check(args.size >= 8, "--size", args.size, "an integer >= 8")
     check(args.subset >= 0, "--subset", args.subset, "an integer >= 0 (0: every training image)")
     check(args.subset == 0 or args.subset >= 2, "--subset", args.subset, "0 or at least 2 images")
@@ -1550,11 +1557,11 @@ def guard_run_folder(out, run, resume, overwrite):
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
 
-    def release():
+    def release():                                                      # idempotent: finish, fail, exit
         with contextlib.suppress(OSError):
             os.remove(lock)
-        if created and set(os.listdir(out)) <= {"run.json"}:          # a run that wrote nothing leaves nothing
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if created and set(os.listdir(out)) <= {"run.json"}:      # a run that wrote nothing leaves nothing
                 os.remove(os.path.join(out, "run.json"))
                 os.rmdir(out)
     atexit.register(release)

@@ -666,6 +666,20 @@ def adapt_stage(labels, x, K, args, data):
     return metrics
 
 
+def check_sizes(args, n):
+    """The flags that count training images, against the n loaded ones: before any stage trains."""
+    n_fit = n - len(split_held_out(n, args.val_fraction, args.seed)[1])           # the SCAN stages' images
+    common.check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
+    common.check(args.num_neighbors < n_fit, "--num-neighbors", args.num_neighbors,
+                 f"fewer than the {n_fit} images of the SCAN stage")
+    for stage in ("scan", "selflabel"):
+        size = getattr(args, f"{stage}_batch_size")
+        common.check(size <= n_fit, f"--{stage}-batch-size", size, f"at most the {n_fit} images of the SCAN stages")
+    common.check(args.adapt_batch_size <= n, "--adapt-batch-size", args.adapt_batch_size,
+                 f"at most the {n} training images")
+    common.check(args.knn_k <= n, "--knn-k", args.knn_k, f"at most the {n} training images")
+
+
 def n_clusters(args, data, n):
     """K: --clusters, else the number of in-distribution classes (ambiguity: Sec. 4.3 uses K = 10 for every data
     set; Sec. 5 advises the ground-truth number of classes when it is known)."""
@@ -687,6 +701,7 @@ def main(argv=None):
     device = common.setup(args, "scan_ood", may_change=("score", "knn_k", "no_average", "recompute_bn"))
     data = common.load_data(args)
     x = data.train_x.to(device)
+    check_sizes(args, len(x))
     K = n_clusters(args, data, len(x))
     pretext = pretext_stage(x, args, device)
     metrics = {"simclr_knn": score_net(pretext, data, x, "knn", args.knn_k, device)}

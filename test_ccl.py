@@ -288,6 +288,9 @@ def test_presets_resolve_override_and_reach_the_checkpoint(tmp_path):
     (["--score-k", "1"], "--score-k 1"),
     (["--tau", "0"], "--tau 0"),
     (["--simclr-weights", "nowhere.pt"], "--simclr-weights nowhere.pt: expected an existing file"),
+    (["--subset", "96", "--clusters", "200"], "--clusters 200: expected fewer than the 96 training images"),
+    (["--subset", "96", "--clusters", "96"], "--clusters 96: expected fewer than the 96 training images"),
+    (["--subset", "96", "--score-k", "200"], "--score-k 200: expected at most the 96 training images"),
 ])
 def test_bad_input_fails_with_one_line_before_setup(flags, message, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -441,6 +441,9 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path):
     (["--confidence", "1"], "--confidence 1.0: expected a number in (0, 1)"),
     (["--backbone", "resnet18", "--weights", "IMAGENET1K_V9"], "--weights IMAGENET1K_V9: expected IMAGENET1K_V1"),
     (["--clusters", "1"], "--clusters 1: expected 0"),
+    (["--subset", "96", "--batch-size", "32", "--scan-batch-size", "500"], "--scan-batch-size 500: expected at most the 86 images"),
+    (["--subset", "96", "--batch-size", "32", "--selflabel-batch-size", "32", "--knn-k", "500"], "--knn-k 500: expected at most the 96 training images"),
+    (["--subset", "96", "--batch-size", "32", "--selflabel-batch-size", "32", "--num-neighbors", "90"], "--num-neighbors 90: expected fewer than the 86 images"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
