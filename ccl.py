@@ -72,6 +72,7 @@ PAPER = dict(
     dataset="cifar10",            # paper: Sec. 4, the unlabeled CIFAR-10 train set as ID
     ood=["svhn", "lsun_resize", "imagenet_resize", "cifar100", "interp:cifar10"],  # paper: Table 1 (the *_fix sets
                                   # exist only on Google Drive: add them as folder:PATH)
+    size=32,                      # paper: Sec. 4, CIFAR-10's 32 x 32 (the digits default is 16)
     arch="resnet18", width=64,    # paper: Sec. 4, ResNet-18
     epochs=2000,                  # paper: Sec. 4, 1000 warm-up-stage epochs + 1000 joint epochs
     cluster_start=1000,           # paper: Sec. 4 / Table 4, the warm-up stage (L_self alone)
@@ -102,6 +103,7 @@ PAPER = dict(
 
 QUICK = dict(
     dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
+    size=32,                      # paper: CIFAR-10's own size (the digits default is 16)
     epochs=20, cluster_start=10, cluster_every=2,   # ours: half warm-up stage, 5 K-means updates in the joint stage
     clusters=6,                   # ours: the number of ID classes, as the paper's 10 for CIFAR-10 (Table 5)
 )

@@ -274,6 +274,7 @@ def test_presets_resolve_override_and_reach_the_checkpoint(tmp_path):
         args = common.parse_args(ccl.build_parser(), ccl.PRESETS, ["--preset", name, "--epochs", "3"])
         assert args.epochs == 3 and args.sources["epochs"] == "command line"
     assert ccl.QUICK["dataset"] == "cifar10"                                # nothing outside the repository
+    assert ccl.PAPER["size"] == ccl.QUICK["size"] == 32                     # CIFAR-10 at its own size
     ccl.main(["--preset", "quick", "--dataset", "digits", "--epochs", "2", "--cluster-start", "1",
               "--out", str(tmp_path)] + TINY)
     settings = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["run"]["settings"]
