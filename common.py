@@ -1343,7 +1343,7 @@ def print_results(results, title="", baselines=None):
 
 
 def save_results(path, results):
-    """Write results as JSON, atomically (rank 0 only)."""
+    """Write results (or any JSON record: run.json too) atomically, rank 0 only."""
     if rank() != 0:
         return
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1583,10 +1583,7 @@ def guard_run_folder(out, run, resume, overwrite):
     if overwrite:
         for name in used:
             os.remove(os.path.join(out, name))
-    tmp = f"{record}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(run, f, indent=1, default=str)
-    os.replace(tmp, record)
+    save_results(record, run)                                           # atomic JSON, as results.json
 
 
 def setup(args, script, may_change=()):
