@@ -682,13 +682,14 @@ def parse_rows(text):
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
         if not (lo.isdigit() and (hi.isdigit() if dash else True)):
-            common.fail(f"--rows {text!r}: expected row numbers or ranges from 1 to {max(ROWS)}, e.g. 1,4-6")
+            raise ValueError(f"--rows {text!r}: expected row numbers or ranges from 1 to {max(ROWS)}, e.g. 1,4-6")
         rows += range(int(lo), int(hi if dash else lo) + 1)
     if not rows or not set(rows) <= set(ROWS):
-        common.fail(f"--rows {text!r}: expected row numbers or ranges from 1 to {max(ROWS)}, e.g. 1,4-6")
+        raise ValueError(f"--rows {text!r}: expected row numbers or ranges from 1 to {max(ROWS)}, e.g. 1,4-6")
     return sorted(set(rows))
 
 
+@common.entry_point
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller K-means seeding row")

@@ -189,7 +189,7 @@ def concentration(h, centers, assign, alpha=10.0, mean=None):
     r = len(centers)
     size = torch.bincount(assign, minlength=r).float()
     if (size >= 2).sum() == 0:
-        common.fail(f"every cluster has fewer than 2 members: use fewer --clusters than {r}")
+        raise ValueError(f"every cluster has fewer than 2 members: use fewer --clusters than {r}")
     dist_sum = torch.zeros(r, device=h.device).index_add_(0, assign, (h.float() - centers[assign].float()).norm(dim=1))
     phi = dist_sum / (size * torch.log(size + alpha))
     phi = torch.where(size >= 2, phi, phi[size >= 2].max())
@@ -399,6 +399,7 @@ def check_sizes(args, n):
     common.check(args.score_k <= n, "--score-k", args.score_k, f"at most the {n} training images")
 
 
+@common.entry_point
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)

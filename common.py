@@ -33,15 +33,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def fail(msg):
-    """End the run with one clear line (no traceback): for bad user input, not for bugs. A run folder this process
-    holds is released first (its lock removed; a folder it created and left empty, removed)."""
-    for release in list(_release.values()):
-        release()
-    _release.clear()
-    raise SystemExit(f"error: {msg}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Data sets: every loader returns (x uint8 N x 3 x H x W, y int64 with -1 = unlabeled, class names)
 
@@ -99,7 +90,7 @@ def _load_torchvision(name, train, root, download):
             x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             y, classes = torch.tensor(ds.targets).long(), list(ds.classes)
     except Exception as e:  # no network, bad checksum, missing files: say where the files go instead
-        fail(f"could not load {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise ValueError(f"could not load {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              f"put torchvision's {name} files under '{root}' or use folder:PATH")
     return x, y, classes
 
@@ -110,7 +101,7 @@ def _decode(path):
         with Image.open(path) as img:
             return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
     except Exception:
-        fail(f"image will not decode: {path}")
+        raise ValueError(f"image will not decode: {path}")
 
 
 def _image_files(path):
@@ -130,15 +121,15 @@ def _load_folder(path, train, size, cache_dir, need_split=False):
     test images would otherwise be its training images. Decoded once, then cached as a tensor file whose name is a
     hash of every file's path, size and modification time (so adding, removing or changing an image re-decodes)."""
     if not os.path.isdir(path):
-        fail(f"data folder not found: {path}")
+        raise FileNotFoundError(f"data folder not found: {path}")
     if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
         path = os.path.join(path, "train" if train else "test")
     elif need_split:
-        fail(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training images; "
+        raise ValueError(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training images; "
              f"split it into {path}/train/<class>/ and {path}/test/<class>/")
     files, classes = _image_files(path)
     if not files:
-        fail(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
     h = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{classes}".encode())
     for f, _ in files:
         st = os.stat(f)
@@ -161,13 +152,13 @@ def _load_folder(path, train, size, cache_dir, need_split=False):
 
 def _load_npy(path):
     if not os.path.isfile(path):
-        fail(f"npy file not found: {path}")
+        raise FileNotFoundError(f"npy file not found: {path}")
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
-        fail(f"{path} is not a readable .npy array ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
-        fail(f"{path}: expected a uint8 N x H x W x 3 array with N >= 1, got {a.dtype} {tuple(a.shape)}")
+        raise ValueError(f"{path}: expected a uint8 N x H x W x 3 array with N >= 1, got {a.dtype} {tuple(a.shape)}")
     return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous(), torch.full((len(a),), -1), []
 
 
@@ -177,11 +168,11 @@ def _load_odin(name, root, download):
     folder = os.path.join(root, sub)
     if not os.path.isdir(folder):
         if not download:
-            fail(f"{name} not found at {folder}")
+            raise FileNotFoundError(f"{name} not found at {folder}")
         try:
             download_and_extract_archive(url, root, md5=md5)
         except Exception as e:
-            fail(f"could not download {name} ({type(e).__name__}); fetch {url} (md5 {md5}) and extract it in '{root}'")
+            raise ValueError(f"could not download {name} ({type(e).__name__}); fetch {url} (md5 {md5}) and extract it in '{root}'")
     return folder
 
 
@@ -207,7 +198,7 @@ def load_dataset(spec, train=True, root="data", download=True, size=32, need_spl
     elif spec in ODIN_SETS:
         return _load_folder(_load_odin(spec, root, download), train, size, os.path.join(root, "cache"))
     else:
-        fail(f"unknown data set '{spec}' (known: {DATASET_SPECS})")
+        raise ValueError(f"unknown data set '{spec}' (known: {DATASET_SPECS})")
     return resize_uint8(x, size), y, classes
 
 
@@ -217,7 +208,7 @@ def parse_classes(text):
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
         if not (lo.isdigit() and (hi.isdigit() if dash else True)) or (dash and int(hi) < int(lo)):
-            fail(f"--id-classes {text!r}: expected class ids or ascending ranges, e.g. 0-5, 3 or 0-2,4-9")
+            raise ValueError(f"--id-classes {text!r}: expected class ids or ascending ranges, e.g. 0-5, 3 or 0-2,4-9")
         ids += list(range(int(lo), int(hi if dash else lo) + 1))
     return sorted(set(ids))
 
@@ -256,10 +247,10 @@ def load_data(args):
     ids = parse_classes(id_text)
     if train_y.min() < 0:
         if args.id_classes:
-            fail(f"{args.dataset} has no labels, so --id-classes cannot select from it")
+            raise ValueError(f"{args.dataset} has no labels, so --id-classes cannot select from it")
         ids = []
     elif ids[0] < 0 or ids[-1] >= n_classes:
-        fail(f"--id-classes {id_text} out of range: {args.dataset} has classes 0-{n_classes - 1}")
+        raise ValueError(f"--id-classes {id_text} out of range: {args.dataset} has classes 0-{n_classes - 1}")
     ood, ood_y = {}, {}   # ood_y: labels of the held-out classes (per-class results); other sets have none
     if ids and len(ids) < n_classes:
         rest = [c for c in range(n_classes) if c not in ids]
@@ -273,7 +264,7 @@ def load_data(args):
         for spec in specs:
             ood[spec] = ood_x[spec] if spec in ood_x else load(spec, False)[0]
     if not ood:
-        fail(f"no OOD set: all classes of {args.dataset} are in-distribution; give --ood SPEC [SPEC ...]")
+        raise ValueError(f"no OOD set: all classes of {args.dataset} are in-distribution; give --ood SPEC [SPEC ...]")
     if args.subset and args.subset < len(train_x):
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
         train_x, train_y = train_x[keep], train_y[keep]
@@ -609,7 +600,7 @@ class CifarResNet(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif init != "pytorch":
-            fail(f"--init {init}: expected pytorch or torchvision")
+            raise ValueError(f"--init {init}: expected pytorch or torchvision")
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -622,7 +613,7 @@ def build_backbone(arch, width=64, weights=None, init="pytorch"):
     'torchvision' for the ImageNet weights (downloaded once by torchvision), or a path to a state dict."""
     if arch in CIFAR_ARCHS:
         if weights:
-            fail(f"--weights applies to the torchvision archs ({', '.join(IMAGENET_ARCHS)}), not {arch}")
+            raise ValueError(f"--weights applies to the torchvision archs ({', '.join(IMAGENET_ARCHS)}), not {arch}")
         block, layers = CIFAR_ARCHS[arch]
         net = CifarResNet(block, layers, width, init)
         return net, net.out_dim
@@ -634,14 +625,14 @@ def build_backbone(arch, width=64, weights=None, init="pytorch"):
             try:
                 net = getattr(torchvision.models, name)(weights="DEFAULT")
             except Exception as e:
-                fail(f"could not load torchvision's {name} weights ({type(e).__name__}); give --weights PATH "
+                raise ValueError(f"could not load torchvision's {name} weights ({type(e).__name__}); give --weights PATH "
                      f"to a local state dict (or --weights random, for testing only)")
         elif weights and weights != "random":
             load_weights(net, weights)
         dim = net.fc.in_features
         net.fc = nn.Identity()
         return net, dim
-    fail(f"unknown arch '{arch}' (known: {', '.join(CIFAR_ARCHS)}, {', '.join(IMAGENET_ARCHS)})")
+    raise ValueError(f"unknown arch '{arch}' (known: {', '.join(CIFAR_ARCHS)}, {', '.join(IMAGENET_ARCHS)})")
 
 
 class Encoder(nn.Module):
@@ -682,7 +673,7 @@ def load_weights(model, source):
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        fail(f"weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     model.load_state_dict(sd, strict=True)
     return model
@@ -812,7 +803,7 @@ def make_optimizer(params, cfg):
         # fused: one kernel, and no step counter read on the host per parameter (foreach Adam's .item())
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 fused=params[0].device.type in ("cuda", "cpu"))
-    fail(f"--optimizer {cfg.optimizer}: expected sgd, lars or adam")
+    raise ValueError(f"--optimizer {cfg.optimizer}: expected sgd, lars or adam")
 
 
 def lr_at(step, total, base, warmup=0, final=0.0):
@@ -828,7 +819,7 @@ def get_device(name="auto"):
         try:
             return torch.device(name)
         except RuntimeError:
-            fail(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+            raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -853,7 +844,7 @@ def save_atomic(obj, path):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        fail(f"cannot write {path} ({e.strerror or e})")
+        raise OSError(f"cannot write {path} ({e.strerror or e})")
 
 
 def load_checkpoint(path, device="cpu"):
@@ -861,22 +852,22 @@ def load_checkpoint(path, device="cpu"):
     try:
         c = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or start the run again "
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or start the run again "
              f"with --overwrite")
     if not isinstance(c, dict) or not {"model", "epoch", "run"} <= set(c):
-        fail(f"{path} is not a checkpoint of these scripts (no model / epoch / run entries)")
+        raise ValueError(f"{path} is not a checkpoint of these scripts (no model / epoch / run entries)")
     return c
 
 
 def compare_runs(saved, now, what):
     """The differences between two run records {'script', 'settings'} -> fail naming each one."""
     if saved["script"] != now["script"]:
-        fail(f"{what} was made by {saved['script']}.py, not {now['script']}.py: use another --out")
+        raise ValueError(f"{what} was made by {saved['script']}.py, not {now['script']}.py: use another --out")
     a, b = saved["settings"], now["settings"]
     diff = [f"--{k.replace('_', '-')} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
-        fail(f"{what} was trained with other settings: {'; '.join(diff)} (only the evaluation flags and a longer "
+        raise ValueError(f"{what} was trained with other settings: {'; '.join(diff)} (only the evaluation flags and a longer "
              f"--epochs may change on --resume)")
 
 
@@ -988,7 +979,7 @@ def train(model, step, x, cfg):
             torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + rank())
         start = c["epoch"]
         if start > cfg.epochs:
-            fail(f"{cfg.checkpoint} has done {start} epochs, more than the {cfg.epochs} asked for now: give a larger "
+            raise ValueError(f"{cfg.checkpoint} has done {start} epochs, more than the {cfg.epochs} asked for now: give a larger "
                  f"--epochs")
         print(f"resumed {cfg.checkpoint} at epoch {start} of {cfg.epochs}")
     if device.type == "cuda":   # the weights in the input's layout: no layout copy per convolution
@@ -1003,7 +994,7 @@ def train(model, step, x, cfg):
     net = torch.compile(net) if cfg.compile else net
     steps_per_epoch = len(x) // cfg.batch_size
     if steps_per_epoch == 0:
-        fail(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x)} images)")
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x)} images)")
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     t_start, n_seen = time.time(), 0
     for epoch in range(start, cfg.epochs):
@@ -1037,7 +1028,7 @@ def train(model, step, x, cfg):
         if not all_ranks_agree(ok & finite(model)):   # once per epoch, before anything is saved
             kept = f"the last good checkpoint is {cfg.checkpoint}" if os.path.exists(cfg.checkpoint) else \
                 "no checkpoint was written yet"
-            fail(f"training diverged in epoch {done} (a non-finite loss, gradient, weight or BatchNorm statistic); "
+            raise FloatingPointError(f"training diverged in epoch {done} (a non-finite loss, gradient, weight or BatchNorm statistic); "
                  f"{kept}; try a lower --lr or --amp off")
         n_seen += steps_per_epoch * cfg.batch_size
         speed = n_seen / (time.time() - t_start)
@@ -1160,14 +1151,14 @@ def kmeans(x, k, iters=100, n_init=1, metric="euclidean", seed=0, tol=1e-4):
     with the points farthest from their centres. n_init restarts keep the lowest inertia. Under torchrun the
     result of rank 0 is broadcast, so every rank trains with the same clusters."""
     if k > len(x):
-        fail(f"K-means with k={k} needs at least k points, got {len(x)}")
+        raise ValueError(f"K-means with k={k} needs at least k points, got {len(x)}")
     x = x.float()
     if not torch.isfinite(x).all():             # a diverged model's features: say so rather than fail inside
-        fail("K-means got non-finite features: the model has diverged; try a lower --lr")
+        raise FloatingPointError("K-means got non-finite features: the model has diverged; try a lower --lr")
     if metric == "cosine":
         x = F.normalize(x, dim=1)
     elif metric != "euclidean":
-        fail(f"unknown metric '{metric}' (euclidean, cosine)")
+        raise ValueError(f"unknown metric '{metric}' (euclidean, cosine)")
     gen = torch.Generator(device=x.device).manual_seed(seed)
     x_sq = (x * x).sum(1)
     tol = tol * (x - x.mean(0)).pow_(2).mean()        # scikit-learn's tolerance scale (biased variance)
@@ -1199,12 +1190,12 @@ def knn(query, ref, k=1, metric="cosine"):
     values: cosine similarities (metric 'cosine') or negative euclidean distances ('euclidean'), so that larger
     is always nearer. Chunked over the queries: at most a chunk x len(ref) block exists at once."""
     if k > len(ref):
-        fail(f"kNN with k={k} needs at least k reference points, got {len(ref)}")
+        raise ValueError(f"kNN with k={k} needs at least k reference points, got {len(ref)}")
     query, ref = query.float(), ref.float()
     if metric == "cosine":
         query, ref = F.normalize(query, dim=1), F.normalize(ref, dim=1)
     elif metric != "euclidean":
-        fail(f"unknown metric '{metric}' (euclidean, cosine)")
+        raise ValueError(f"unknown metric '{metric}' (euclidean, cosine)")
     ref_sq = (ref * ref).sum(1)
     vals, idxs = [], []
     step = chunk_rows(len(ref))
@@ -1235,7 +1226,7 @@ def fit_gaussians(feats, labels, n_classes, ridge=0.01):
     feats = feats.double()
     counts = torch.bincount(labels, minlength=n_classes)
     if counts.min() < 2:
-        fail(f"class {int(counts.argmin())} has {int(counts.min())} training images; Gaussians need 2")
+        raise ValueError(f"class {int(counts.argmin())} has {int(counts.min())} training images; Gaussians need 2")
     means = torch.zeros(n_classes, feats.shape[1], dtype=feats.dtype, device=feats.device)
     means.index_add_(0, labels, feats).div_(counts[:, None])
     centred = feats - means[labels]
@@ -1352,7 +1343,7 @@ def save_results(path, results):
             json.dump(results, f, indent=2, default=str)
         os.replace(tmp, path)
     except OSError as e:
-        fail(f"cannot write {path} ({e.strerror or e})")
+        raise OSError(f"cannot write {path} ({e.strerror or e})")
 
 
 def finish(args, method, metrics, data, device, t_start, **extra):
@@ -1424,7 +1415,7 @@ def parse_args(parser, presets=None, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     name = parser.parse_known_args(argv)[0].preset
     if name is not None and name not in presets:
-        fail(f"--preset {name}: expected one of {', '.join(presets) or '(none)'}")
+        raise ValueError(f"--preset {name}: expected one of {', '.join(presets) or '(none)'}")
     preset = presets.get(name, {})
     known = {a.dest for a in parser._actions}
     unknown = [k for k in preset if k not in known]
@@ -1452,7 +1443,7 @@ def parse_args(parser, presets=None, argv=None):
 def check(ok, flag, value, allowed):
     """One line for a bad value, before any work: `error: --flag value: expected <allowed>`."""
     if not ok:
-        fail(f"{flag} {value}: expected {allowed}")
+        raise ValueError(f"{flag} {value}: expected {allowed}")
 
 
 KNOWN_CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
@@ -1539,7 +1530,7 @@ def guard_run_folder(out, run, resume, overwrite):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        fail(f"--out {out}: cannot create the folder ({e.strerror or e})")
+        raise OSError(f"--out {out}: cannot create the folder ({e.strerror or e})")
     lock = os.path.join(out, "lock")
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -1549,11 +1540,11 @@ def guard_run_folder(out, run, resume, overwrite):
         except (OSError, ValueError, IndexError):
             pid = -1
         if pid > 0 and pid != os.getpid() and _pid_alive(pid):
-            fail(f"--out {out}: another run (process {pid}) is writing there; wait for it or use another --out")
+            raise ValueError(f"--out {out}: another run (process {pid}) is writing there; wait for it or use another --out")
         os.remove(lock)                                                   # a dead process's lock: take it over
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except OSError as e:
-        fail(f"--out {out}: the folder is not writable ({e.strerror or e})")
+        raise OSError(f"--out {out}: the folder is not writable ({e.strerror or e})")
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
 
@@ -1572,18 +1563,35 @@ def guard_run_folder(out, run, resume, overwrite):
     used = sorted(n for n in os.listdir(out) if n.endswith(".pt") or n in RUN_FILES)
     record = os.path.join(out, "run.json")
     if used and not resume and not overwrite:
-        fail(f"--out {out} holds another run ({', '.join(used)}): add --resume to continue it, --overwrite to "
+        raise ValueError(f"--out {out} holds another run ({', '.join(used)}): add --resume to continue it, --overwrite to "
              f"replace it, or choose another --out")
     if resume and os.path.exists(record):
         try:
             saved = json.load(open(record))
         except (OSError, ValueError):
-            fail(f"{record} is not readable: start afresh with --overwrite")
+            raise ValueError(f"{record} is not readable: start afresh with --overwrite")
         compare_runs(saved, json.loads(json.dumps(run, default=str)), f"the run in {out}")
     if overwrite:
         for name in used:
             os.remove(os.path.join(out, name))
     save_results(record, run)                                           # atomic JSON, as results.json
+
+
+def entry_point(main):
+    """Decorates each script's main(argv): the one place where an exception becomes one `error:` line. Everything
+    below it raises ordinary exceptions with a clear message (ValueError for bad input, FileNotFoundError, OSError
+    for the disk, FloatingPointError for a diverged model); here the run folder this process holds is released and
+    the message printed without a traceback. Any other exception is a bug and keeps its traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (ValueError, OSError, FloatingPointError) as e:
+            for release in list(_release.values()):
+                release()
+            _release.clear()
+            raise SystemExit(f"error: {e}") from None
+    return wrapper
 
 
 def setup(args, script, may_change=()):
@@ -1609,7 +1617,7 @@ def setup(args, script, may_change=()):
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(minutes=30))
         if args.batch_size % world_size():
-            fail(f"--batch-size {args.batch_size} (the global batch) is not divisible by {world_size()} processes")
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) is not divisible by {world_size()} processes")
         if rank() != 0:
             builtins.print = lambda *a, **k: None
     if device.type == "cuda":
@@ -1634,12 +1642,13 @@ def rank0_first():
         torch.distributed.barrier()
 
 
-if __name__ == "__main__":
+@entry_point
+def main(argv=None):
     # Self-check on the embedded data, and the SimCLR setting every method is measured against: load, augment,
     # SimCLR (tau 0.5), kNN on the embedding layer h and on the projection z, beside the sanity baselines.
     parser = argparse.ArgumentParser(description="SimCLR self-check of the shared module", parents=[arg_parser()])
     parser.set_defaults(epochs=1, subset=256, width=8, batch_size=64)
-    args = parse_args(parser)
+    args = parse_args(parser, argv=argv)
     t_start = time.time()
     device = setup(args, "common")
     data = load_data(args)
@@ -1652,3 +1661,7 @@ if __name__ == "__main__":
     features = lambda imgs: embed(model, imgs.to(device))
     scores = lambda t: dict(zip(("knn_h", "knn_z"), (knn_scores(r, f) for r, f in zip((train_h, train_z), features(t)))))
     finish(args, "SimCLR", evaluate(scores, data.test_x, data.ood), data, device, t_start)
+
+
+if __name__ == "__main__":
+    main()

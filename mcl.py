@@ -374,7 +374,7 @@ def sei_aggregate(d2, how):
     elif how == "w-avg":
         agg = -1 / (1 / d2.sqrt().clamp_min(1e-12)).mean(1)
     else:
-        common.fail(f"unknown SEI aggregation '{how}' (known: {', '.join(AGGREGATIONS)})")
+        raise ValueError(f"unknown SEI aggregation '{how}' (known: {', '.join(AGGREGATIONS)})")
     score, pred = agg.max(1)
     return pred, score
 
@@ -454,6 +454,7 @@ def print_grid(grid, ood_names):
 # Main: labels -> MCL training -> Gaussians per (class, rotation) -> SEI readings.
 
 
+@common.entry_point
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)

@@ -283,15 +283,15 @@ def load_outliers(args, data, device):
     x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
     if args.oe_classes:
         if y.min() < 0:
-            common.fail(f"--oe {args.oe} has no labels, so --oe-classes cannot select from it")
+            raise ValueError(f"--oe {args.oe} has no labels, so --oe-classes cannot select from it")
         ids = common.parse_classes(args.oe_classes)
         x, _ = common.select_classes(x, y, ids)
         if args.oe == args.dataset:
             if set(ids) & set(data.id_classes):      # possible under --all-classes only (check_args refuses it else)
-                common.fail(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {data.id_classes}")
+                raise ValueError(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {data.id_classes}")
             data = without_classes(data, ids)
     if len(x) == 0:
-        common.fail(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
+        raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
     return x.to(device), data
 
 
@@ -305,7 +305,7 @@ def without_classes(data, exposed):
             left = f"classes {common.format_classes(labels[keep].unique().tolist())}"
             ood[left], ood_y[left] = data.ood[name][keep], labels[keep]
     if not ood:
-        common.fail(f"--oe-classes {common.format_classes(exposed)} leave no OOD class to evaluate")
+        raise ValueError(f"--oe-classes {common.format_classes(exposed)} leave no OOD class to evaluate")
     return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y})
 
 
@@ -353,7 +353,7 @@ def run_protocol(args):
     with the ensemble AUROC of each class and their mean (<root>/results.json)."""
     _, y, classes = common.load_dataset(args.dataset, True, args.data_root, True, args.size)
     if y.min() < 0:
-        common.fail(f"{args.dataset} has no labels: --protocol needs classes")
+        raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
     n = len(classes) or int(y.max()) + 1
     root = args.out or os.path.join("runs", f"oecl-{args.protocol}-{args.dataset.replace(':', '_').replace('/', '_')}")
     per_class = {}
@@ -378,6 +378,7 @@ def run_protocol(args):
 # ----------------------------------------------------------------------------------------------
 # Main: the command line, then one run or one run per class.
 
+@common.entry_point
 def main(argv=None):
     args = check_args(common.parse_args(build_parser(), PRESETS, argv))
     return run_protocol(args) if args.all_classes else run(args)

@@ -343,7 +343,7 @@ def mine_neighbors(feats, k):
     explicitly so that exact duplicates cannot push it out. Chunked on the device via common.knn."""
     n = len(feats)
     if not 0 < k < n:
-        common.fail(f"--num-neighbors {k} must be between 1 and the number of training images - 1 ({n - 1})")
+        raise ValueError(f"--num-neighbors {k} must be between 1 and the number of training images - 1 ({n - 1})")
     idx = common.knn(feats, feats, k + 1, "cosine")[1]
     own = torch.arange(n, device=idx.device)[:, None]
     is_self = idx == own
@@ -394,7 +394,7 @@ class SCANStep:
 
     def best(self, model):
         if self.kept["weights"] is None:          # every selection loss was NaN: the stage diverged
-            common.fail("the SCAN stage diverged (no epoch gave a finite selection loss); try a lower --scan-lr")
+            raise ValueError("the SCAN stage diverged (no epoch gave a finite selection loss); try a lower --scan-lr")
         model.load_state_dict(self.kept["weights"])
         print(f"keeping head {self.kept['head']} after epoch {self.kept['epoch']} "
               f"(selection loss {self.kept['loss']:.4f})", flush=True)
@@ -490,7 +490,7 @@ def make_scorer(kind, train_h, labels=None, k=1):
         return lambda h, logits: maha(h)
     if kind == "msp":
         return lambda h, logits: F.softmax(logits.float(), -1).amax(-1)
-    common.fail(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
+    raise ValueError(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
 
 
 def score_net(net, data, x, kind, k, device, labels=None, transform=None):
@@ -612,7 +612,7 @@ def backbone_weights(backbone, weights):
     try:
         return torchvision.models.get_model_weights(backbone)[weights].get_state_dict(progress=False)
     except Exception as e:
-        common.fail(f"--weights {weights}: could not load torchvision's {backbone} weights ({type(e).__name__}); "
+        raise ValueError(f"--weights {weights}: could not load torchvision's {backbone} weights ({type(e).__name__}); "
                     f"give --weights PATH to a local state dict")
 
 
@@ -685,15 +685,16 @@ def n_clusters(args, data, n):
     set; Sec. 5 advises the ground-truth number of classes when it is known)."""
     K = args.clusters or len(data.id_classes)
     if K < 2:
-        common.fail("--clusters: give K >= 2; the data has no labels to count classes from")
+        raise ValueError("--clusters: give K >= 2; the data has no labels to count classes from")
     if K > n:
-        common.fail(f"--clusters {K}: more than the {n} training images")
+        raise ValueError(f"--clusters {K}: more than the {n} training images")
     return K
 
 
 # ----------------------------------------------------------------------------------------------
 # Main: pretext -> SCAN -> self-labelling (or K-means labels) -> scores -> pre-trained variant.
 
+@common.entry_point
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)

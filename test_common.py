@@ -15,6 +15,8 @@ from PIL import Image, ImageOps
 
 import common
 
+ERROR = (ValueError, OSError, FloatingPointError)   # what the building blocks and the harness raise
+
 
 def args_for(tmp_path, *argv):
     return common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]),
@@ -41,7 +43,7 @@ def test_parse_and_select_classes():
     xs, ys = common.select_classes(x, y, [1, 3])
     assert ys.tolist() == [1, 3, 1, 3] and xs[:, 0].tolist() == [1, 3, 6, 8]
     for bad in ("a-b", "5-2", "", "1,,2", "-3"):
-        with pytest.raises(SystemExit, match="--id-classes .*expected class ids"):
+        with pytest.raises(ERROR, match="--id-classes .*expected class ids"):
             common.parse_classes(bad)
 
 
@@ -56,15 +58,15 @@ def test_load_data_default_split_and_errors(tmp_path):
                            data.test_x, data.ood)
     assert both["a"][name]["auroc"] == pytest.approx(100 - both["b"][name]["auroc"])
     assert len(common.load_data(args_for(tmp_path, "--subset", "100")).train_x) == 100
-    with pytest.raises(SystemExit, match="--id-classes 0-12: expected classes of digits: 0-9"):
+    with pytest.raises(ERROR, match="--id-classes 0-12: expected classes of digits: 0-9"):
         common.load_data(args_for(tmp_path, "--id-classes", "0-12"))
-    with pytest.raises(SystemExit, match="no OOD set"):
+    with pytest.raises(ERROR, match="no OOD set"):
         common.load_data(args_for(tmp_path, "--id-classes", "0-9"))
-    with pytest.raises(SystemExit, match="unknown data set 'mnist'"):
+    with pytest.raises(ERROR, match="unknown data set 'mnist'"):
         common.load_dataset("mnist")
-    with pytest.raises(SystemExit, match="data folder not found"):
+    with pytest.raises(ERROR, match="data folder not found"):
         common.load_dataset(f"folder:{tmp_path}/nowhere")
-    with pytest.raises(SystemExit, match="npy file not found"):
+    with pytest.raises(ERROR, match="npy file not found"):
         common.load_dataset(f"npy:{tmp_path}/nowhere.npy")
 
 
@@ -99,12 +101,12 @@ def test_folder_loader_splits_resizes_caches_and_names_bad_images(tmp_path):
     flat = tmp_path / "flat"                                                # no class folders: unlabeled
     _write_images(flat, 3, 32, seed=0)
     (flat / "broken.jpg").write_bytes(b"not an image")
-    with pytest.raises(SystemExit, match="image will not decode: .*broken.jpg"):
+    with pytest.raises(ERROR, match="image will not decode: .*broken.jpg"):
         common.load_dataset(f"folder:{flat}", root=cache)
     os.remove(flat / "broken.jpg")
     x, y, _ = common.load_dataset(f"folder:{flat}", root=cache)
     assert len(x) == 3 and (y == -1).all()
-    with pytest.raises(SystemExit, match="has no train/ and test/ subfolders"):   # as the in-distribution set
+    with pytest.raises(ERROR, match="has no train/ and test/ subfolders"):   # as the in-distribution set
         common.load_dataset(f"folder:{flat}", root=cache, need_split=True)
 
 
@@ -114,13 +116,13 @@ def test_npy_resized_and_interp(tmp_path):
     x, y, _ = common.load_dataset(f"npy:{tmp_path}/oe.npy")
     assert x.shape == (5, 3, 32, 32) and (y == -1).all()
     np.save(tmp_path / "bad.npy", a.astype(np.float32))
-    with pytest.raises(SystemExit, match="expected a uint8"):
+    with pytest.raises(ERROR, match="expected a uint8"):
         common.load_dataset(f"npy:{tmp_path}/bad.npy")
     np.save(tmp_path / "empty.npy", a[:0])
     np.save(tmp_path / "objects.npy", np.array([None, 1], dtype=object), allow_pickle=True)
     (tmp_path / "bytes.npy").write_bytes(os.urandom(256))
     for name, message in (("empty", "N >= 1"), ("objects", "not a readable .npy"), ("bytes", "not a readable .npy")):
-        with pytest.raises(SystemExit, match=f"{name}.npy.*{message}"):
+        with pytest.raises(ERROR, match=f"{name}.npy.*{message}"):
             common.load_dataset(f"npy:{tmp_path}/{name}.npy")
     x, _, _ = common.load_dataset("interp:digits")
     test, _, _ = common.load_dataset("digits", train=False)
@@ -209,7 +211,7 @@ def test_encoder_shapes_and_standard_parameter_count():
     assert dim == 512 and sum(p.numel() for p in net.parameters()) == 11_168_832   # CIFAR ResNet-18 without fc
     h, z = common.Encoder("imagenet_resnet18", bn_in_head=True)(torch.rand(2, 3, 64, 64))
     assert h.shape == (2, 512) and z.shape == (2, 128)
-    with pytest.raises(SystemExit, match="unknown arch"):
+    with pytest.raises(ERROR, match="unknown arch"):
         common.build_backbone("vgg11")
 
 
@@ -220,7 +222,7 @@ def test_load_weights_strips_prefixes_and_names_mismatches():
     bad = dict(a.state_dict())
     bad.pop("head.0.weight")
     bad["extra.weight"] = torch.zeros(1)
-    with pytest.raises(SystemExit, match=r"missing \['head.0.weight'\], unexpected \['extra.weight'\]"):
+    with pytest.raises(ERROR, match=r"missing \['head.0.weight'\], unexpected \['extra.weight'\]"):
         common.load_weights(b, bad)
 
 
@@ -323,20 +325,20 @@ def test_killed_and_resumed_run_ends_with_the_same_weights_and_step_state(tmp_pa
     for (k, v), w in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v, w), k
     assert int(resumed_step.steps) == int(full_step.steps) == 6
-    with pytest.raises(SystemExit, match="trained with other settings: --width 2 -> 4"):
+    with pytest.raises(ERROR, match="trained with other settings: --width 2 -> 4"):
         tiny_run(tmp_path / "b", resume=True, width=4)
-    with pytest.raises(SystemExit, match="was made by test.py, not other.py"):
+    with pytest.raises(ERROR, match="was made by test.py, not other.py"):
         tiny_run(tmp_path / "b", resume=True, script="other")
     for bad in (b"", b"\x00garbage", b"PK\x03\x04truncated"):
         (tmp_path / "b" / "ckpt.pt").write_bytes(bad)
-        with pytest.raises(SystemExit, match="ckpt.pt is not a readable checkpoint"):
+        with pytest.raises(ERROR, match="ckpt.pt is not a readable checkpoint"):
             tiny_run(tmp_path / "b", resume=True)
 
 
 def test_nan_guard_stops_with_a_clear_message(tmp_path):
     cfg = common.TrainConfig(epochs=1, batch_size=8, lr=0.1, checkpoint=str(tmp_path / "c.pt"))
     x = torch.zeros(16, 2)
-    with pytest.raises(SystemExit, match="training diverged in epoch 1 .* no checkpoint was written yet"):
+    with pytest.raises(ERROR, match="training diverged in epoch 1 .* no checkpoint was written yet"):
         common.train(nn.Linear(2, 1), lambda net, xb, idx, ep: net(xb.float()).sum() * float("nan"), x, cfg)
 
 
@@ -353,7 +355,7 @@ def test_a_diverged_buffer_never_replaces_the_last_good_checkpoint(tmp_path):
         model[1].running_var.fill_(float("inf"))
         return net(xb).pow(2).mean().nan_to_num(0.0)
     cfg = dataclasses.replace(cfg, epochs=3, resume=True)
-    with pytest.raises(SystemExit, match="training diverged in epoch 3 .*the last good checkpoint is .*c.pt"):
+    with pytest.raises(ERROR, match="training diverged in epoch 3 .*the last good checkpoint is .*c.pt"):
         common.train(model, poison, x, cfg)
     assert (tmp_path / "c.pt").read_bytes() == good
 
@@ -365,7 +367,7 @@ def test_presets_apply_beneath_explicit_flags():
     assert (args.epochs, args.width, args.lr) == (1000, 64, 0.5)
     assert args.sources["epochs"] == "preset paper" and args.sources["lr"] == "command line"
     assert args.sources["seed"] == "default"
-    with pytest.raises(SystemExit, match="--preset nope: expected one of paper"):
+    with pytest.raises(ERROR, match="--preset nope: expected one of paper"):
         common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]), presets, ["--preset", "nope"])
 
 
@@ -390,9 +392,9 @@ def test_kmeans_cosine_and_errors():
     centers, assign = common.kmeans(x, 4, metric="cosine")
     assert torch.allclose(centers.norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.equal(assign, (torch.nn.functional.normalize(x, dim=1) @ centers.T).argmax(1))
-    with pytest.raises(SystemExit, match="k=400 needs at least k points"):
+    with pytest.raises(ERROR, match="k=400 needs at least k points"):
         common.kmeans(x, 400)
-    with pytest.raises(SystemExit, match="non-finite features: the model has diverged"):
+    with pytest.raises(ERROR, match="non-finite features: the model has diverged"):
         common.kmeans(x * float("inf"), 4)
 
 
@@ -444,7 +446,7 @@ def test_mahalanobis_matches_scikit_learn():
 
 
 def test_fit_gaussians_refuses_a_class_with_one_image():
-    with pytest.raises(SystemExit, match="class 1"):
+    with pytest.raises(ERROR, match="class 1"):
         common.fit_gaussians(torch.randn(5, 3), torch.tensor([0, 0, 1, 2, 2]), 3)
 
 

@@ -157,7 +157,7 @@ def test_mine_neighbors_keeps_self_first_with_duplicates_and_checks_k():
     assert torch.equal(nb[:, 0], torch.arange(30))
     assert all(i not in nb[i, 1:].tolist() for i in range(30))
     assert all(len(set(r)) == 5 for r in nb.tolist())
-    with pytest.raises(SystemExit, match="num-neighbors"):
+    with pytest.raises(ValueError, match="num-neighbors"):
         scan_ood.mine_neighbors(feats, 30)
 
 
