@@ -25,13 +25,14 @@ Rows and targets:
  7 data loading  second start of a run on --cifar10 (decoded cache)                              < 5 s
  8 GPU only      seconds per SimCLR epoch (CIFAR-10, ResNet-18 width 64, batch 512, bf16, channels_last), with
                  and without torch.compile, against the 0.33 s floor (see the README's Speed section)
- 9 counts        host syncs and kernel launches per training step (common.DispatchCounter): 0 syncs in fp32 or
+ 9 counts        host syncs and kernel launches per training step (DispatchCounter): 0 syncs in fp32 or
                  bf16; launches <= 1.3 x the bare backbone forward + backward + SGD step on the same views;
                  StrongAugment <= 2 x SimCLRAugment's launches per call
 10 compile       graph breaks of torch.compile on each whole step (augmentation + model + loss): 0 for SimCLR,
                  CCL, OECL
 """
 import argparse
+import collections
 import contextlib
 import ctypes
 import io
@@ -47,6 +48,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ccl
 import common
@@ -59,6 +61,69 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------
 # Measuring: interleaved medians, peak memory, CUDA-aware clocks.
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts what a GPU would wait for, on any device: every operator that launches a kernel (views and metadata
+    ops aside) and every one that blocks the host on CUDA (.item(), bool(t), nonzero, boolean-mask indexing,
+    bincount, unique, masked_select, a host-to-device copy of a new tensor). Device-to-host reads that dispatch no
+    operator on a CPU tensor (.tolist(), .numpy(), .cpu()) are counted where they are called, as syncs named after
+    the method. What it cannot see: a read of a tensor's storage from C code outside PyTorch (ctypes, a buffer
+    protocol) and the launches inside a fused or compiled kernel (one operator counts one launch).
+
+        with DispatchCounter() as c:
+            loss = step(net, xb, idx, 0); loss.backward()
+        c.launches, c.syncs, c.sync_ops (a Counter of the syncing operators)"""
+
+    SYNCS = {"_local_scalar_dense", "nonzero", "bincount", "unique", "_unique", "_unique2", "unique_consecutive",
+             "unique_dim", "masked_select", "item", "is_nonzero", "equal", "allclose"}
+    FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "squeeze", "unsqueeze",
+            "select", "slice", "as_strided", "alias", "detach", "_reshape_alias", "unbind", "split", "chunk",
+            "split_with_sizes", "narrow", "diagonal", "view_as_real", "view_as_complex", "empty",
+            "empty_like", "empty_strided", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+            "_to_copy_meta", "set_", "_has_compatible_shallow_copy_type", "result_type", "size", "stride", "dim",
+            "numel", "is_contiguous", "_conj", "conj", "_neg_view", "real", "imag", "expand_as", "view_as"}
+
+    def __init__(self):
+        super().__init__()
+        self.launches, self.syncs, self.sync_ops = 0, 0, collections.Counter()
+
+    PYTHON_READS = ("tolist", "numpy", "cpu")       # no operator is dispatched for these on a CPU tensor
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.PYTHON_READS}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._counting(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _counting(self, name, method):
+        def read(tensor, *args, **kwargs):
+            self.syncs += 1
+            self.sync_ops[name] += 1
+            with torch.utils._python_dispatch._disable_current_modes():   # the read itself is not counted twice
+                return method(tensor, *args, **kwargs)
+        return read
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__.rstrip("_")
+        tensor_repeats = name == "repeat_interleave" and len(args) > 1 and torch.is_tensor(args[1])
+        index_by_mask = name in ("index", "index_put") and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for a in args if isinstance(a, (list, tuple)) for i in a)
+        host_copy = name in ("_to_copy", "copy") and any(
+            torch.is_tensor(a) and a.device.type == "cpu" for a in args) and str(kwargs.get("device", "")) not in ("", "cpu")
+        from_python = name in ("lift_fresh", "lift_fresh_copy")     # torch.tensor(data): a host-to-device copy
+        if name in self.SYNCS or index_by_mask or host_copy or from_python or tensor_repeats:
+            self.syncs += 1
+            self.sync_ops[name + ("[bool mask]" if index_by_mask else "")] += 1
+        if name not in self.FREE:
+            self.launches += 1
+        return func(*args, **kwargs)
+
 
 def sync(device):
     if device.type == "cuda":
@@ -597,10 +662,10 @@ def bench_gpu(cfg, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Row 9: host syncs and kernel launches per step, counted exactly (common.DispatchCounter).
+# Row 9: host syncs and kernel launches per step, counted exactly (DispatchCounter).
 
 def count(fn):
-    with common.DispatchCounter() as c:
+    with DispatchCounter() as c:
         fn()
     return c
 

@@ -1,9 +1,12 @@
-"""Shared foundation of the four unsupervised OOD-detection scripts (ccl.py, mcl.py, oecl.py, scan_ood.py).
+"""The shared module of the four OOD-detection scripts (ccl.py, mcl.py, oecl.py, scan_ood.py), in two halves.
 
-Sections, top to bottom: data sets -> batched augmentation -> backbones -> shared losses ->
-training loop -> K-means and kNN -> OOD metrics -> command line. Nothing runs at import time.
+BUILDING BLOCKS (top): tensors in, tensors out, ordinary exceptions (ValueError, ...) for bad arguments; copy any
+of them into your own code without the rest. Sections: augmentation -> backbones -> shared losses -> training loop
+(the step contract, checkpoints, resume) -> K-means and kNN -> Gaussians -> OOD metrics and the decision threshold.
+HARNESS (below the `HARNESS` banner): what the scripts need beyond that: data specs and caches, command line and
+presets, the run folder, torchrun, reporting. Nothing above the banner uses anything below it.
 
-    python common.py        # self-check: loads digits, augments a batch, trains 1 epoch, prints metrics
+    python common.py        # self-check: loads digits, trains SimCLR 1 epoch on 256 images, prints the metrics
 
 Conventions used everywhere:
 - images travel as uint8 tensors N x 3 x H x W and stay on the device; augmentations return floats in [0, 1];
@@ -13,7 +16,6 @@ Conventions used everywhere:
 """
 import argparse
 import atexit
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -30,250 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 # ----------------------------------------------------------------------------------------------
-# Data sets: every loader returns (x uint8 N x 3 x H x W, y int64 with -1 = unlabeled, class names)
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-# The ODIN OOD sets (Liang et al.), the tarballs every OOD paper uses; md5 as published by pytorch-ood.
-ODIN_SETS = {
-    "lsun_resize": ("https://www.dropbox.com/s/raw/moqh2wh8696c3yl/LSUN_resize.tar.gz",
-                    "278b7b31c8cb7e804a1465a8ce03a2dc", "LSUN_resize/LSUN_resize"),
-    "lsun_crop": ("https://www.dropbox.com/s/raw/fhtsw1m3qxlwj6h/LSUN.tar.gz",
-                  "458a0a0ab8e5f1cb4516d7400568e460", "LSUN/test"),
-    "imagenet_resize": ("https://www.dropbox.com/s/raw/kp3my3412u5k9rl/Imagenet_resize.tar.gz",
-                        "0f9ff11d45babf2eff5fe12281d1ac31", "Imagenet_resize/Imagenet_resize"),
-    "imagenet_crop": ("https://www.dropbox.com/s/raw/avgm2u562itwpkl/Imagenet.tar.gz",
-                      "7c0827e4246c3718a5ee076e999e52e5", "Imagenet/test"),
-}
-TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
-DATASET_SPECS = "digits, cifar10, cifar100, svhn, folder:PATH, npy:PATH, interp:SPEC, " + ", ".join(ODIN_SETS)
-
-
-def resize_uint8(x, size, chunk=4096):
-    """Resize uint8 N x 3 x H x W images to size x size (antialiased bilinear), chunked to bound memory."""
-    if x.shape[-2:] == (size, size):
-        return x
-    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
-    for i in range(0, len(x), chunk):
-        xf = x[i:i + chunk].float()
-        xf = F.interpolate(xf, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i:i + chunk] = xf.round().clamp(0, 255).to(torch.uint8)
-    return out
-
-
-def _load_digits(train):
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.from_numpy(d.images).float()[:, None] * (255.0 / 16.0)           # N x 1 x 8 x 8, 0..255
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.from_numpy(d.target).long()
-    perm = torch.from_numpy(np.random.RandomState(0).permutation(len(x)))    # fixed 80/20 split
-    n_train = int(0.8 * len(x))
-    idx = perm[:n_train] if train else perm[n_train:]
-    return x[idx], y[idx], [str(c) for c in range(10)]
-
-
-def _load_torchvision(name, train, root, download):
-    import torchvision.datasets as tvd
-    try:
-        if name == "svhn":
-            ds = tvd.SVHN(root, split="train" if train else "test", download=download)
-            x, y, classes = torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long(), [str(c) for c in range(10)]
-        else:
-            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-            ds = cls(root, train=train, download=download)
-            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-            y, classes = torch.tensor(ds.targets).long(), list(ds.classes)
-    except Exception as e:  # no network, bad checksum, missing files: say where the files go instead
-        raise ValueError(f"could not load {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-             f"put torchvision's {name} files under '{root}' or use folder:PATH")
-    return x, y, classes
-
-
-def _decode(path):
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
-    except Exception:
-        raise ValueError(f"image will not decode: {path}")
-
-
-def _image_files(path):
-    """[(file, class index or -1)] of an ImageFolder tree PATH/<class>/<image> or a flat folder of images."""
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
-    if classes:
-        files = [(os.path.join(path, c, f), i) for i, c in enumerate(classes)
-                 for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMG_EXTENSIONS)]
-    else:
-        files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path)) if f.lower().endswith(IMG_EXTENSIONS)]
-    return files, classes
-
-
-def _load_folder(path, train, size, cache_dir, need_split=False):
-    """ImageFolder layout PATH/<class>/<image>, or a flat folder of images (unlabeled, y = -1). If PATH has train/
-    and test/, `train` picks one; need_split (the in-distribution data set) refuses a folder without them, since its
-    test images would otherwise be its training images. Decoded once, then cached as a tensor file whose name is a
-    hash of every file's path, size and modification time (so adding, removing or changing an image re-decodes)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"data folder not found: {path}")
-    if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
-        path = os.path.join(path, "train" if train else "test")
-    elif need_split:
-        raise ValueError(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training images; "
-             f"split it into {path}/train/<class>/ and {path}/test/<class>/")
-    files, classes = _image_files(path)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
-    h = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{classes}".encode())
-    for f, _ in files:
-        st = os.stat(f)
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
-    cache = os.path.join(cache_dir, f"folder-{h.hexdigest()[:16]}.pt")
-    if os.path.exists(cache):
-        try:
-            d = torch.load(cache)
-            return d["x"], d["y"], d["classes"]
-        except Exception:
-            print(f"the cache {cache} is unreadable: decoding {path} again", flush=True)
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
-        imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0])[None], size)[0], files, chunksize=256))
-    x, y = torch.stack(imgs), torch.tensor([f[1] for f in files]).long()
-    with contextlib.suppress(OSError):       # a read-only data root still works, only without a cache
-        os.makedirs(cache_dir, exist_ok=True)
-        save_atomic({"x": x, "y": y, "classes": classes}, cache)
-    return x, y, classes
-
-
-def _load_npy(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"npy file not found: {path}")
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
-        raise ValueError(f"{path}: expected a uint8 N x H x W x 3 array with N >= 1, got {a.dtype} {tuple(a.shape)}")
-    return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous(), torch.full((len(a),), -1), []
-
-
-def _load_odin(name, root, download):
-    from torchvision.datasets.utils import download_and_extract_archive
-    url, md5, sub = ODIN_SETS[name]
-    folder = os.path.join(root, sub)
-    if not os.path.isdir(folder):
-        if not download:
-            raise FileNotFoundError(f"{name} not found at {folder}")
-        try:
-            download_and_extract_archive(url, root, md5=md5)
-        except Exception as e:
-            raise ValueError(f"could not download {name} ({type(e).__name__}); fetch {url} (md5 {md5}) and extract it in '{root}'")
-    return folder
-
-
-def load_dataset(spec, train=True, root="data", download=True, size=32, need_split=False):
-    """Load a data set by spec (see DATASET_SPECS) -> (x uint8 N x 3 x size x size, y int64 (-1 unlabeled), classes).
-
-    Images of another size are resized to `size` once, here. Decoded folders are cached under `root`; need_split:
-    see _load_folder."""
-    if spec == "digits":
-        x, y, classes = _load_digits(train)
-    elif spec in TORCHVISION_SETS:
-        x, y, classes = _load_torchvision(spec, train, root, download)
-    elif spec.startswith("folder:"):
-        return _load_folder(spec[len("folder:"):], train, size, os.path.join(root, "cache"), need_split)
-    elif spec.startswith("npy:"):
-        x, y, classes = _load_npy(spec[len("npy:"):])
-    elif spec.startswith("interp:"):
-        # CSI's Interp: CSI averages each test batch of 100 with the previous batch and drops the first,
-        # i.e. image i with image i - 100 (9,900 images for CIFAR-10). "Previous" is taken in that sense.
-        x, _, _ = load_dataset(spec[len("interp:"):], False, root, download, size)
-        x = ((x[100:].float() + x[:-100].float()) / 2).round().to(torch.uint8)
-        return x, torch.full((len(x),), -1), []
-    elif spec in ODIN_SETS:
-        return _load_folder(_load_odin(spec, root, download), train, size, os.path.join(root, "cache"))
-    else:
-        raise ValueError(f"unknown data set '{spec}' (known: {DATASET_SPECS})")
-    return resize_uint8(x, size), y, classes
-
-
-def parse_classes(text):
-    """'0-5' -> [0..5]; '3' -> [3]; '0-2,4-9' -> [0,1,2,4,...,9]. Anything else ends the run naming the flag."""
-    ids = []
-    for part in text.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not (lo.isdigit() and (hi.isdigit() if dash else True)) or (dash and int(hi) < int(lo)):
-            raise ValueError(f"--id-classes {text!r}: expected class ids or ascending ranges, e.g. 0-5, 3 or 0-2,4-9")
-        ids += list(range(int(lo), int(hi if dash else lo) + 1))
-    return sorted(set(ids))
-
-
-def format_classes(ids):
-    """[0, 1, 2, 4, 5] -> '0-2,4-5' (the inverse of parse_classes)."""
-    runs, ids = [], sorted(ids)
-    for i in ids:
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def select_classes(x, y, ids):
-    """Keep the images whose label is in ids (labels are kept as they are)."""
-    keep = torch.isin(y, torch.as_tensor(ids, dtype=y.dtype))
-    return x[keep], y[keep]
-
-
-def load_data(args):
-    """The run's data from the shared flags: train/test images of the in-distribution classes and the OOD sets.
-
-    With a proper subset of classes (the default on digits: 0-5), the test images of the other classes are an
-    OOD set; with all classes in-distribution the OOD sets are --ood (default for cifar10: svhn, cifar100,
-    interp:cifar10). Returns a namespace: train_x, train_y, test_x, test_y, ood {name: x}, ood_y {name: labels}
-    (the held-out classes only), classes, id_classes."""
-    load = lambda spec, train, split=False: load_dataset(spec, train, args.data_root, True, args.size, split)
-    with rank0_first():   # under torchrun rank 0 downloads and decodes; the others then read its files and cache
-        train_x, train_y, classes = load(args.dataset, True, True)
-        test_x, test_y, _ = load(args.dataset, False, True)
-        ood_x = {spec: load(spec, False)[0] for spec in (args.ood or [])}
-    n_classes = len(classes) if classes else int(train_y.max()) + 1
-    id_text = args.id_classes or ("0-5" if args.dataset == "digits" else f"0-{n_classes - 1}")
-    ids = parse_classes(id_text)
-    if train_y.min() < 0:
-        if args.id_classes:
-            raise ValueError(f"{args.dataset} has no labels, so --id-classes cannot select from it")
-        ids = []
-    elif ids[0] < 0 or ids[-1] >= n_classes:
-        raise ValueError(f"--id-classes {id_text} out of range: {args.dataset} has classes 0-{n_classes - 1}")
-    ood, ood_y = {}, {}   # ood_y: labels of the held-out classes (per-class results); other sets have none
-    if ids and len(ids) < n_classes:
-        rest = [c for c in range(n_classes) if c not in ids]
-        held_out = f"classes {format_classes(rest)}"
-        ood[held_out], ood_y[held_out] = select_classes(test_x, test_y, rest)
-        train_x, train_y = select_classes(train_x, train_y, ids)
-        test_x, test_y = select_classes(test_x, test_y, ids)
-    specs = args.ood if args.ood is not None else (["svhn", "cifar100", "interp:cifar10"]
-                                                   if args.dataset == "cifar10" and not ood else [])
-    with rank0_first():
-        for spec in specs:
-            ood[spec] = ood_x[spec] if spec in ood_x else load(spec, False)[0]
-    if not ood:
-        raise ValueError(f"no OOD set: all classes of {args.dataset} are in-distribution; give --ood SPEC [SPEC ...]")
-    if args.subset and args.subset < len(train_x):
-        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
-        train_x, train_y = train_x[keep], train_y[keep]
-    return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, ood=ood, ood_y=ood_y,
-                           classes=classes, id_classes=ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# Batched augmentation: every sample gets its own random parameters, drawn on the batch's device.
+# Augmentation: batched, every sample its own random parameters, drawn on the batch's device.
 
 def to_float(x):
     """uint8 [0, 255] -> float [0, 1]; floats pass through."""
@@ -397,143 +159,9 @@ class SimCLRAugment(nn.Module):
 DIGITS_AUGMENT = dict(scale=(0.2, 1.0), flip=False, jitter=0.4, p_jitter=0.8, p_gray=0.0, blur=True)
 
 
-def simclr_augment(args, **paper):
-    """The training augmentation for the run's data, chosen here once for every script: `paper` (the method's
-    SimCLRAugment arguments) on natural images and under --preset paper, DIGITS_AUGMENT on digits
-    (--augment auto|paper|digits overrides)."""
-    kind = args.augment
-    if kind == "auto":
-        kind = "digits" if args.dataset == "digits" and args.preset != "paper" else "paper"
-    return SimCLRAugment(args.size, **(DIGITS_AUGMENT if kind == "digits" else paper))
-
-
 # ----------------------------------------------------------------------------------------------
-# Strong augmentation (SCAN's "strong" transform), batched and branch-free: every sample draws its own flip,
-# ops, magnitudes and Cutout box on the batch's device; every op runs on the whole batch, with identity
-# parameters for the samples that drew another op, so a call makes no host sync and launches the same kernels
-# whatever the batch and the draws.
-
-class StrongAugment(nn.Module):
-    """SCAN's strong augmentation (Van Gansbeke et al., its code's `Augment(4)` + `Cutout(1, 16)`) on a batch.
-
-    horizontal flip (p 0.5) -> n_ops rounds, each applying to every image one op drawn uniformly (with
-    replacement) from SCAN's 14, with a magnitude drawn uniformly from the op's range -> Cutout: one square of
-    side 2 floor(L / 2), L uniform in 1..cutout, centred on a uniform pixel and clipped at the border (so empty
-    for L = 1, as SCAN's).
-
-    SCAN's ops and ranges: identity, autocontrast, equalize, rotate +-30 deg, solarize (threshold 0..256 of 255),
-    color / contrast / brightness / sharpness (factor 0.05..0.95: always a degradation), shear x / y +-0.1,
-    translate x / y +-10% of the side, posterize to 4..7 bits. Geometric ops map pixel centres as PIL's affine
-    transform does (shear about the top-left corner, rotation about the centre), nearest pixel, black fill.
-    Colour ops use PIL's formulas (ImageOps, ImageEnhance: a blend with a degenerate image), and every op ends on
-    256 levels, truncated, as PIL's 8-bit images do.
-    Cutout fills `cutout_fill`: SCAN's Cutout multiplies the normalised tensor by 0, which is the normalisation's
-    mean colour; 0.5 (the default) is 0 after common.Encoder's (x - 0.5) / 0.5. SCAN's RandomCrop(32) is the
-    identity on 32 x 32 images and is left out. Runs in float32 whatever the autocast (the sampling grid is exact).
-
-    `ops` restricts the draw to some of OPS (tests, ablations). forward(x, generator=None): x uint8 or float in
-    [0, 1], B x 3 x H x W -> float in [0, 1], same shape. One call draws torch.rand(B, 2 n_ops + 4): the ops, their
-    magnitudes, the flip, the Cutout side and its centre (row, column), in that column order."""
-
-    OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "contrast", "brightness",
-           "sharpness", "shear_x", "translate_x", "translate_y", "posterize", "shear_y")   # SCAN's list and order
-
-    def __init__(self, n_ops=4, cutout=16, cutout_fill=0.5, ops=OPS):
-        super().__init__()
-        unknown = set(ops) - set(self.OPS)
-        if unknown or not ops:
-            raise ValueError(f"unknown ops {sorted(unknown)}; choose among {self.OPS}")
-        self.n_ops, self.cutout, self.cutout_fill, self.ops = n_ops, cutout, cutout_fill, tuple(ops)
-
-    def forward(self, x, generator=None):
-        with torch.autocast(x.device.type, enabled=False):
-            return self.augment(x, generator)
-
-    def augment(self, x, generator=None):
-        x = x.float() if x.dtype == torch.uint8 else (x * 255).round_()      # 8-bit levels 0..255, as PIL
-        B, C, H, W = x.shape
-        R = self.n_ops
-        u = torch.rand(B, 2 * R + 4, device=x.device, generator=generator)   # every draw of the call at once
-        x = torch.where(u[:, 2 * R, None, None, None] < 0.5, x.flip(3), x)
-        if R:
-            params = self.round_params(u[:, :R], u[:, R:2 * R], H, W)
-            gy, gx = torch.meshgrid(torch.linspace(1 / H - 1, 1 - 1 / H, H, device=x.device),
-                                    torch.linspace(1 / W - 1, 1 - 1 / W, W, device=x.device), indexing="ij")
-            pixels = torch.stack([gx, gy, torch.ones_like(gx)], -1).view(H * W, 3)   # output pixel centres
-            for r in range(R):
-                x = self.one_round(x, pixels, *(p[:, r] for p in params))
-        return self.apply_cutout(x.div_(255), u[:, 2 * R + 1], u[:, 2 * R + 2:])
-
-    def round_params(self, u_op, m, H, W):
-        """Every round's op as identity-or-active parameters, B x R each: the affine map (PIL's input-from-output
-        matrix in grid_sample's [-1, 1] coordinates), autocontrast and equalize switches, the degenerate image's
-        weights (smoothed, grey, mean grey), the blend factor, the solarize threshold, the posterize step."""
-        n = len(self.ops)
-        drawn = (u_op * n).floor_().clamp_(max=n - 1)
-        is_op = drawn[..., None] == torch.arange(n, device=m.device)          # B x R x n one-hot, bool
-        one_hot = is_op.to(m.dtype)
-        on = lambda name: one_hot[..., self.ops.index(name)] if name in self.ops else torch.zeros_like(m)
-        v = 0.2 * m - 0.1                                                     # shear, translate: +-0.1
-        a = on("rotate") * (math.radians(30) - math.radians(60) * m)          # rotate: -(+-30 deg), as PIL
-        c, s = torch.cos(a), torch.sin(a)                                     # identity: c = 1, s = 0
-        shx, shy = on("shear_x") * v, on("shear_y") * v
-        # PIL: x_in = c x + (s + shx) y + tx, y_in = (shy - s) x + c y + ty in pixels, rotating about the centre
-        # and shearing about the top-left corner (in [-1, 1] coordinates: + shx (gy + 1)); tx = 10% of the side
-        # is 0.2 in [-1, 1] coordinates.
-        aspect = lambda t, r: t if r == 1 else t * r                          # square images: no kernel
-        row_x = [c, aspect(s + shx, H / W), torch.add(aspect(shx, H / W), on("translate_x") * v, alpha=2)]
-        row_y = [aspect(shy - s, W / H), c, torch.add(aspect(shy, W / H), on("translate_y") * v, alpha=2)]
-        theta = torch.stack(row_x + row_y, -1)
-        enhance = on("color") + on("contrast") + on("brightness") + on("sharpness")
-        factor = torch.addcmul(torch.ones_like(m), enhance, 0.9 * m - 0.95)  # 0.05..0.95; identity 1
-        thresh = 512 - on("solarize") * (512 - 256 * m)                       # invert levels >= thresh
-        step = torch.exp2(on("posterize") * (4 - (4 * m).floor()))           # bits int(uniform(4, 8)); none: 1
-        is_ = lambda name: is_op[..., self.ops.index(name)] if name in self.ops else torch.zeros_like(m) > 0
-        return (theta.view(*m.shape, 2, 3), is_("autocontrast"), is_("equalize"), on("sharpness"), on("color"),
-                on("contrast"), factor, thresh, step)
-
-    def one_round(self, x, pixels, theta, autocontrast, equalize, w_smooth, w_grey, w_mean, factor, thresh, step):
-        """One op per image on levels 0..255, every op's arithmetic on the whole batch with identity parameters
-        for the images that drew another op (an identity warp, a where(), factor 1, threshold 512, step 1)."""
-        B, C, H, W = x.shape
-        f = lambda t: t[:, None, None, None]
-        grid = (pixels @ theta.transpose(1, 2)).view(B, H, W, 2)              # geometric ops (identity: exact)
-        x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        # autocontrast and equalize per channel from the sorted levels (PIL's ImageOps); 0 / 0 is never selected
-        flat = x.flatten(2)                                                   # B x C x HW
-        levels = flat.sort(-1).values
-        lo, hi = levels[..., :1], levels[..., -1:]
-        below = torch.searchsorted(levels, flat)                              # pixels at a lower level
-        eq_step = below.amax(-1, keepdim=True).div(255).floor_()              # (N - top count) // 255
-        equalized = torch.div(below + torch.div(eq_step, 2, rounding_mode="floor"), eq_step, rounding_mode="floor")
-        flat = torch.where(autocontrast[:, None, None] & (hi > lo), (flat - lo) * (255 / (hi - lo)),
-                           torch.where(equalize[:, None, None] & (eq_step > 0), equalized, flat))
-        x = flat.view(B, C, H, W)
-        # color, contrast, brightness, sharpness: a blend with a degenerate 8-bit image (identity: factor 1)
-        smooth = x.clone()                                                    # PIL's SMOOTH filter, border kept:
-        smooth[:, :, 1:-1, 1:-1].lerp_(F.avg_pool2d(x, 3, 1), 9 / 13)          # (4 x + 3x3 sum) / 13
-        grey = (x[:, 0:1] * 0.299).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114).round_()  # "L"
-        degenerate = smooth.mul_(f(w_smooth)).addcmul_(grey, f(w_grey)).addcmul_(grey.mean((2, 3), True), f(w_mean))
-        x = torch.lerp(degenerate.round_(), x, f(factor))                     # exactly x where factor is 1
-        x = torch.where(x >= f(thresh), 255 - x, x)                           # solarize
-        # back to whole levels, truncated as PIL's blend does (+1e-3: float32 error), then posterized
-        return x.clamp_(0, 255).add_(1e-3).div_(f(step), rounding_mode="floor").mul_(f(step))
-
-    def apply_cutout(self, x, u_len, u_pos):
-        """SCAN's Cutout: L uniform in 1..cutout, rows [y - L // 2, y + L // 2) clipped at the border, y a uniform
-        row (columns alike); i.e. the pixels with |row + 0.5 - y| < L // 2."""
-        if not self.cutout:
-            return x
-        H, W = x.shape[2:]
-        half = u_len.mul(self.cutout / 2).add_(0.5).floor_()                 # L // 2 for L = floor(u cutout) + 1
-        centre = (u_pos * H if H == W else torch.stack([u_pos[:, 0] * H, u_pos[:, 1] * W], 1)).floor_()   # B x 2
-        inside = (torch.arange(0.5, max(H, W), device=x.device) - centre[:, :, None]).abs_() < half[:, None, None]
-        box = inside[:, 0, :H, None] & inside[:, 1, None, :W]               # B x H x W
-        return x.masked_fill_(box[:, None], self.cutout_fill)
-
-
-# ----------------------------------------------------------------------------------------------
-# Backbones: CIFAR ResNets (3x3 stem, no max-pool) with a width knob, torchvision ImageNet ResNets.
+# Backbones: CIFAR ResNets (3x3 stem, no max-pool) with a width knob, torchvision ImageNet ResNets;
+# the Encoder = backbone + projection head.
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -571,6 +199,8 @@ class Bottleneck(nn.Module):
 
 CIFAR_ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
                "resnet50": (Bottleneck, [3, 4, 6, 3])}
+
+
 IMAGENET_ARCHS = ("imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_resnet101",
                   "imagenet_resnet152")
 
@@ -662,10 +292,29 @@ class Encoder(nn.Module):
         return h, self.head(h)
 
 
+def load_plain(path, what="weights file", map_location="cpu"):
+    """torch.load(path) with weights_only=True: tensors, dicts, lists, strings and numbers only, so that reading a
+    file from elsewhere never runs code (a pickle can). ValueError naming the file when it is unreadable, or when
+    it holds other Python objects (with the way to convert a trusted one)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except Exception as e:
+        if "global" in str(e).lower():                  # the safe unpickler refused a Python object
+            raise ValueError(f"{path} is not a plain {what}: it holds Python objects that loading would have to run, "
+                             f"so it is refused; if you trust it, load it yourself (torch.load(path, "
+                             f"weights_only=False)) and torch.save its state_dict()") from None
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__})") from None
+
+
 def load_weights(model, source):
-    """Strict load of a state dict (or checkpoint with 'model') from a path or dict; strips the 'module.' prefix
-    of DataParallel/DDP and torch.compile's '_orig_mod.'; a mismatch ends the run naming the keys."""
-    sd = torch.load(source, map_location="cpu", weights_only=False) if isinstance(source, str) else source
+    """Strict load of a state dict (or checkpoint with 'model') from a path (load_plain) or dict; strips the
+    'module.' prefix of DataParallel/DDP and torch.compile's '_orig_mod.'; a mismatch raises ValueError naming the
+    keys."""
+    sd = load_plain(source) if isinstance(source, str) else source
+    if not isinstance(sd, dict):
+        raise ValueError(f"{source if isinstance(source, str) else 'the weights'} holds no state dict")
     sd = sd.get("model", sd)
     sd = {k.replace("module.", "", 1).replace("_orig_mod.", "") if k.startswith(("module.", "_orig_mod.")) else k: v
           for k, v in sd.items()}
@@ -674,7 +323,7 @@ def load_weights(model, source):
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -758,18 +407,24 @@ def supcon(z, labels, tau=0.1):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop: optimisers, schedule, AMP, a step made sync-free, checkpoints that know their run, exact --resume.
+# Training loop: optimisers, schedule, AMP, the step contract, a loop without host syncs per step,
+# atomic checkpoints that know their run, exact resume.
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratio (You et al.): lr_layer = lr * eta * ||w|| / (||g|| + wd ||w||).
-    Like solo-learn (and unlike CSI's torchlars, which adapts every parameter), 1-d parameters (BatchNorm, biases)
-    skip weight decay and the trust ratio. One fused update per group of tensors (torch._foreach_*): the launches
-    per step do not grow with a Python loop over the parameters, and the momentum buffers are made once."""
+    """SGD with momentum and a layer-wise trust ratio (You et al.): each parameter w with gradient g steps along
+    d = (g + wd w) eta ||w|| / (||g|| + wd ||w|| + eps) (factor 1 where ||w|| or ||g|| is 0), then momentum and lr
+    as plain SGD. scope 'all' adapts every parameter, as torchlars (CSI's LARS, which CCL follows); 'weights'
+    gives the 1-d parameters (BatchNorm, biases) plain SGD without weight decay, as solo-learn. One fused update per
+    group of tensors (torch._foreach_*): the launches per step do not grow with a Python loop over the parameters,
+    and the momentum buffers are made once."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, eps=1e-8, scope="all"):
         if lr < 0:
             raise ValueError(f"LARS needs lr >= 0, got {lr}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+        if scope not in ("all", "weights"):
+            raise ValueError(f"LARS scope {scope!r}: expected 'all' (torchlars) or 'weights' (solo-learn)")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps))
+        self.scope = scope
 
     @torch.no_grad()
     def step(self):
@@ -778,12 +433,15 @@ class LARS(torch.optim.Optimizer):
             for p in params:
                 if "momentum" not in self.state[p]:                 # once, on the first step
                     self.state[p]["momentum"] = torch.zeros_like(p)
-            adapt = [p for p in params if p.ndim > 1]
-            d = {p: p.grad for p in params if p.ndim <= 1}
+            adapt = [p for p in params if self.scope == "all" or p.ndim > 1]
+            d = {p: p.grad for p in params}
             if adapt:     # every layer's trust ratio in one vector: a handful of launches, whatever the depth
+                w_norm = torch.stack(torch._foreach_norm(adapt))
+                g_norm = torch.stack(torch._foreach_norm([p.grad for p in adapt]))
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm + g["eps"]),
+                                    torch.ones_like(w_norm))
                 grads = torch._foreach_add([p.grad for p in adapt], adapt, alpha=g["weight_decay"])
-                w_norm, d_norm = torch.stack(torch._foreach_norm(adapt)), torch.stack(torch._foreach_norm(grads))
-                trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
                 torch._foreach_mul_(grads, list(trust.unbind()))
                 d.update(zip(adapt, grads))
             bufs = [self.state[p]["momentum"] for p in params]
@@ -798,7 +456,7 @@ def make_optimizer(params, cfg):
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov, foreach=True)
     if cfg.optimizer == "lars":
-        return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, scope=cfg.lars_scope)
     if cfg.optimizer == "adam":
         # fused: one kernel, and no step counter read on the host per parameter (foreach Adam's .item())
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -814,19 +472,6 @@ def lr_at(step, total, base, warmup=0, final=0.0):
     return final + (base - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def get_device(name="auto"):
-    if name != "auto":
-        try:
-            return torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def autocast(amp, device):
     """bf16 autocast on CUDA by default ('auto'); off on CPU/MPS (CPU autocast is slower than fp32 for these nets)."""
     mode = amp if amp != "auto" else ("bf16" if device.type == "cuda" else "off")
@@ -835,25 +480,68 @@ def autocast(amp, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken file."""
+@dataclasses.dataclass
+class TrainConfig:
+    """What common.train needs, and nothing of any method: built from the command line in one place per stage
+    (TrainConfig.from_args), so a stage with its own optimiser says so explicitly with overrides."""
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    lars_scope: str = "all"
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    final_lr: float = 0.0
+    amp: str = "auto"
+    compile: bool = False
+    grad_clip: float = float("inf")
+    save_every: int = 10
+    seed: int = 0
+    checkpoint: str = "checkpoint.pt"
+    resume: bool = False
+    run: dict = dataclasses.field(default_factory=lambda: {"script": "", "settings": {}})   # filled by setup()
+
+    @classmethod
+    def from_args(cls, args, checkpoint, **overrides):
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        return cls(**{**values, "checkpoint": checkpoint, **overrides})
+
+
+def simclr_step(net, xb, aug, tau=0.5):
+    """SimCLR's training step (Eq. 1 of every paper here): two augmented views of the batch, NT-Xent on z. Both
+    views come from one call of the augmentation (each sample draws its own parameters): half the launches."""
+    _, z = net(aug(torch.cat([xb, xb])))             # 2B x d: row i and i + B are the views of image i
+    return nt_xent(z, tau)
+
+
+def write_atomic(path, write):
+    """write(temporary path), then rename the file over `path`: a kill mid-write never leaves a broken file. The
+    temporary file is `<path>.tmp<pid>`; a failed write removes it and raises OSError naming `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:        # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(f"cannot write {path} ({e.strerror or e})")
+        raise OSError(f"cannot write {path} ({getattr(e, 'strerror', None) or e})") from e
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path) through write_atomic."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
-    """torch.load that names the file when it is truncated, empty or not a checkpoint of ours."""
+    """A checkpoint of train() (load_plain: never runs code); ValueError naming the file when it is truncated,
+    empty, holds Python objects or is not a checkpoint of train()."""
     try:
-        c = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or start the run again "
-             f"with --overwrite")
+        c = load_plain(path, "checkpoint", device)
+    except ValueError as e:
+        raise ValueError(f"{e}; move it away or start the run again with --overwrite") from None
     if not isinstance(c, dict) or not {"model", "epoch", "run"} <= set(c):
         raise ValueError(f"{path} is not a checkpoint of these scripts (no model / epoch / run entries)")
     return c
@@ -881,49 +569,8 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """What common.train needs, and nothing of any method: built from the command line in one place per stage
-    (TrainConfig.from_args), so a stage with its own optimiser says so explicitly with overrides."""
-    epochs: int
-    batch_size: int
-    lr: float
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 0
-    final_lr: float = 0.0
-    amp: str = "auto"
-    compile: bool = False
-    grad_clip: float = float("inf")
-    save_every: int = 10
-    seed: int = 0
-    checkpoint: str = "checkpoint.pt"
-    resume: bool = False
-    run: dict = dataclasses.field(default_factory=lambda: {"script": "", "settings": {}})   # filled by setup()
-
-    @classmethod
-    def from_args(cls, args, checkpoint, **overrides):
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in vars(args).items() if k in names}
-        return cls(**{**values, "checkpoint": checkpoint, **overrides})
-
-
-def simclr_step(net, xb, aug, tau=0.5):
-    """SimCLR's training step (Eq. 1 of every paper here): two augmented views of the batch, NT-Xent on z. Both
-    views come from one call of the augmentation (each sample draws its own parameters): half the launches."""
-    _, z = net(aug(torch.cat([xb, xb])))             # 2B x d: row i and i + B are the views of image i
-    return nt_xent(z, tau)
 
 
 def finite(model):
@@ -1061,45 +708,6 @@ def embed(model, x, batch_size=256, transform=None):
     return torch.cat(outs)
 
 
-class DispatchCounter(TorchDispatchMode):
-    """Counts what a GPU would wait for, exactly, on any device: every operator that launches a kernel (views and
-    metadata ops aside) and every one that blocks the host on CUDA (.item(), nonzero, boolean-mask indexing,
-    bincount, unique, masked_select, a host-to-device copy of a new tensor).
-
-        with DispatchCounter() as c:
-            loss = step(net, xb, idx, 0); loss.backward()
-        c.launches, c.syncs, c.sync_ops (a Counter of the syncing operators)"""
-
-    SYNCS = {"_local_scalar_dense", "nonzero", "bincount", "unique", "_unique", "_unique2", "unique_consecutive",
-             "unique_dim", "masked_select", "item", "is_nonzero", "equal", "allclose"}
-    FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "squeeze", "unsqueeze",
-            "select", "slice", "as_strided", "alias", "detach", "_reshape_alias", "unbind", "split", "chunk",
-            "split_with_sizes", "narrow", "diagonal", "view_as_real", "view_as_complex", "empty",
-            "empty_like", "empty_strided", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
-            "_to_copy_meta", "set_", "_has_compatible_shallow_copy_type", "result_type", "size", "stride", "dim",
-            "numel", "is_contiguous", "_conj", "conj", "_neg_view", "real", "imag", "expand_as", "view_as"}
-
-    def __init__(self):
-        super().__init__()
-        self.launches, self.syncs, self.sync_ops = 0, 0, collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__.rstrip("_")
-        tensor_repeats = name == "repeat_interleave" and len(args) > 1 and torch.is_tensor(args[1])
-        index_by_mask = name in ("index", "index_put") and any(
-            torch.is_tensor(i) and i.dtype == torch.bool for a in args if isinstance(a, (list, tuple)) for i in a)
-        host_copy = name in ("_to_copy", "copy") and any(
-            torch.is_tensor(a) and a.device.type == "cpu" for a in args) and str(kwargs.get("device", "")) not in ("", "cpu")
-        from_python = name in ("lift_fresh", "lift_fresh_copy")     # torch.tensor(data): a host-to-device copy
-        if name in self.SYNCS or index_by_mask or host_copy or from_python or tensor_repeats:
-            self.syncs += 1
-            self.sync_ops[name + ("[bool mask]" if index_by_mask else "")] += 1
-        if name not in self.FREE:
-            self.launches += 1
-        return func(*args, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------
 # K-means and nearest neighbours: chunked matrix products on the tensor's device, never an N x N matrix.
 
@@ -1217,7 +825,8 @@ def knn_scores(train, test, k=1, metric="cosine"):
     return knn(test, train, k, metric)[0][:, -1]
 
 
-# Class-conditional Gaussians (MCL's SEI, SCAN-OOD's Mahalanobis score)
+# ----------------------------------------------------------------------------------------------
+# Class-conditional Gaussians (MCL's SEI, SCAN-OOD's Mahalanobis score).
 
 def fit_gaussians(feats, labels, n_classes, ridge=0.01):
     """One Gaussian per class (labels 0..C-1; MCL Eq. 12, SCAN-OOD's per-cluster Mahalanobis) -> (means C x d,
@@ -1250,7 +859,7 @@ def mahalanobis(feats, means, chol):
 
 
 # ----------------------------------------------------------------------------------------------
-# OOD metrics
+# OOD metrics, and the threshold that turns a score into a decision.
 
 def ood_metrics(score_id, score_ood):
     """AUROC, FPR95, AUPR-In, AUPR-Out in percent. Convention: higher score = more in-distribution.
@@ -1270,6 +879,17 @@ def ood_metrics(score_id, score_ood):
             "fpr95": 100 * fpr[np.searchsorted(tpr, 0.95, side="left")],
             "aupr_in": 100 * average_precision_score(y, s),
             "aupr_out": 100 * average_precision_score(1 - y, -s)}
+
+
+def threshold_at(score_id, tpr=0.95):
+    """The decision threshold: the highest t that accepts (score >= t) at least a fraction `tpr` of the given
+    in-distribution scores (FPR95's threshold for tpr = 0.95). An image whose score is below t is declared OOD."""
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr {tpr}: expected a fraction in (0, 1]")
+    s = torch.as_tensor(score_id).double().flatten().sort(descending=True).values
+    if len(s) == 0:
+        raise ValueError("threshold_at needs at least one in-distribution score")
+    return float(s[math.ceil(round(tpr * len(s), 9)) - 1])
 
 
 def cluster_accuracy(pred, labels):
@@ -1295,77 +915,275 @@ def evaluate(score_fn, test, ood):
     return {name: ood_metrics(s_id, s) for name, s in s_ood.items()}
 
 
-@torch.no_grad()
-def sanity_baselines(data, arch, width, device, seed=0):
-    """The two bars every trained score must clear, on exactly the run's split and OOD sets -> {"pixels_knn":
-    {ood set: metrics}, "random_init_knn": {...}}: the cosine similarity of each test image to its nearest
-    training image in raw pixels, and the same on the embedding layer h of an untrained encoder of the run's
-    architecture and width (seeded, in eval mode). One forward pass over the images; seconds on a CPU."""
-    pixels = lambda x: x.flatten(1).float()
-    train_px = pixels(data.train_x).to(device)
-    gen_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    model = Encoder(arch, width=width).to(device).eval()
-    torch.set_rng_state(gen_state)                      # the run's own random stream is left untouched
-    h = lambda x: embed(model, x.to(device))[0]
-    train_h = h(data.train_x)
-    return {"pixels_knn": evaluate(lambda x: knn_scores(train_px, pixels(x).to(device)), data.test_x, data.ood),
-            "random_init_knn": evaluate(lambda x: knn_scores(train_h, h(x)), data.test_x, data.ood)}
 
-
-def print_results(results, title="", baselines=None):
-    """results {ood set: metrics} -> an aligned table, the mean row when there are several sets, and the AUROC of
-    each sanity baseline beside (columns named after the keys of `baselines`)."""
-    cols = ["auroc", "fpr95", "aupr_in", "aupr_out"]
-    mean = lambda r: {c: float(np.mean([m[c] for m in r.values()])) for c in cols}
-    rows, base = dict(results), {k: dict(v) for k, v in (baselines or {}).items()}
-    if len(rows) > 1:
-        rows["mean"] = mean(results)
-        for k, v in base.items():
-            v["mean"] = mean(baselines[k])
-    w = max(10, *(len(n) for n in rows))
-    lines = [title] if title else []
-    lines.append(f"{'OOD set':<{w}} " + " ".join(f"{c:>8}" for c in cols) + "".join(f"  {k:>15}" for k in base))
-    lines += [f"{n:<{w}} " + " ".join(f"{r[c]:8.2f}" for c in cols) + "".join(f"  {v[n]['auroc']:15.2f}" for v in base.values())
-              for n, r in rows.items()]
-    if base:
-        lines.append(f"{'':<{w}} (the last columns: AUROC of the sanity baselines on the same split)")
-    print("\n".join(lines), flush=True)
-
-
-def save_results(path, results):
-    """Write results (or any JSON record: run.json too) atomically, rank 0 only."""
-    if rank() != 0:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"cannot write {path} ({e.strerror or e})")
-
-
-def finish(args, method, metrics, data, device, t_start, **extra):
-    """The end of every script: the sanity baselines (unless --no-baselines), every score's table beside them, and
-    <out>/results.json = {method, config, settings, metrics {score: {ood set: metrics}}, baselines, seconds, device,
-    **extra}. `settings` are the values that trained the model (as checked on --resume). Returns that dict."""
-    baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed)
-    for name, m in metrics.items():
-        print_results(m, f"{method}, {name}: AUROC etc. in % (higher score = in-distribution)", baselines)
-    results = {"method": method, "config": {k: v for k, v in vars(args).items() if k != "run"},
-               "settings": args.run["settings"], "metrics": metrics, "baselines": baselines,
-               "seconds": time.time() - t_start, "device": str(device), **extra}
-    save_results(os.path.join(args.out, "results.json"), results)
-    print(f"results in {os.path.join(args.out, 'results.json')}", flush=True)
-    if os.path.abspath(args.out) in _release:
-        _release.pop(os.path.abspath(args.out))()
-    return results
+# ==============================================================================================
+# HARNESS: what the scripts need beyond the building blocks (data specs and caches, command line,
+# presets, run folder, checkpoints on disk, torchrun, reporting). Nothing above this line uses anything below it;
+# a reader copies the part above (or a piece of it) without this half.
+# ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: one parent parser for every script, presets (--preset paper|quick), checks before any work,
-# and the run folder: guarded, locked, recorded.
+# Data sets: every loader returns (x uint8 N x 3 x H x W, y int64 with -1 = unlabeled, class names).
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# The ODIN OOD sets (Liang et al.), the tarballs every OOD paper uses; md5 as published by pytorch-ood.
+ODIN_SETS = {
+    "lsun_resize": ("https://www.dropbox.com/s/raw/moqh2wh8696c3yl/LSUN_resize.tar.gz",
+                    "278b7b31c8cb7e804a1465a8ce03a2dc", "LSUN_resize/LSUN_resize"),
+    "lsun_crop": ("https://www.dropbox.com/s/raw/fhtsw1m3qxlwj6h/LSUN.tar.gz",
+                  "458a0a0ab8e5f1cb4516d7400568e460", "LSUN/test"),
+    "imagenet_resize": ("https://www.dropbox.com/s/raw/kp3my3412u5k9rl/Imagenet_resize.tar.gz",
+                        "0f9ff11d45babf2eff5fe12281d1ac31", "Imagenet_resize/Imagenet_resize"),
+    "imagenet_crop": ("https://www.dropbox.com/s/raw/avgm2u562itwpkl/Imagenet.tar.gz",
+                      "7c0827e4246c3718a5ee076e999e52e5", "Imagenet/test"),
+}
+
+
+TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
+
+
+DATASET_SPECS = "digits, cifar10, cifar100, svhn, folder:PATH, npy:PATH, interp:SPEC, " + ", ".join(ODIN_SETS)
+
+
+def resize_uint8(x, size, chunk=4096):
+    """Resize uint8 N x 3 x H x W images to size x size (antialiased bilinear), chunked to bound memory."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
+    for i in range(0, len(x), chunk):
+        xf = x[i:i + chunk].float()
+        xf = F.interpolate(xf, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i:i + chunk] = xf.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def _load_digits(train):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] * (255.0 / 16.0)           # N x 1 x 8 x 8, 0..255
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    perm = torch.from_numpy(np.random.RandomState(0).permutation(len(x)))    # fixed 80/20 split
+    n_train = int(0.8 * len(x))
+    idx = perm[:n_train] if train else perm[n_train:]
+    return x[idx], y[idx], [str(c) for c in range(10)]
+
+
+def _load_torchvision(name, train, root, download):
+    import torchvision.datasets as tvd
+    try:
+        if name == "svhn":
+            ds = tvd.SVHN(root, split="train" if train else "test", download=download)
+            x, y, classes = torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long(), [str(c) for c in range(10)]
+        else:
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(root, train=train, download=download)
+            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            y, classes = torch.tensor(ds.targets).long(), list(ds.classes)
+    except Exception as e:  # no network, bad checksum, missing files: say where the files go instead
+        raise ValueError(f"could not load {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             f"put torchvision's {name} files under '{root}' or use folder:PATH")
+    return x, y, classes
+
+
+def _decode(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    except Exception:
+        raise ValueError(f"image will not decode: {path}")
+
+
+def _image_files(path):
+    """[(file, class index or -1)] of an ImageFolder tree PATH/<class>/<image> or a flat folder of images."""
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    if classes:
+        files = [(os.path.join(path, c, f), i) for i, c in enumerate(classes)
+                 for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMG_EXTENSIONS)]
+    else:
+        files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path)) if f.lower().endswith(IMG_EXTENSIONS)]
+    return files, classes
+
+
+def _load_folder(path, train, size, cache_dir, need_split=False):
+    """ImageFolder layout PATH/<class>/<image>, or a flat folder of images (unlabeled, y = -1). If PATH has train/
+    and test/, `train` picks one; need_split (the in-distribution data set) refuses a folder without them, since its
+    test images would otherwise be its training images. Decoded once, then cached as a tensor file whose name is a
+    hash of every file's path, size and modification time (so adding, removing or changing an image re-decodes)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"data folder not found: {path}")
+    if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
+        path = os.path.join(path, "train" if train else "test")
+    elif need_split:
+        raise ValueError(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training images; "
+             f"split it into {path}/train/<class>/ and {path}/test/<class>/")
+    files, classes = _image_files(path)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
+    h = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{classes}".encode())
+    for f, _ in files:
+        st = os.stat(f)
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    cache = os.path.join(cache_dir, f"folder-{h.hexdigest()[:16]}.pt")
+    if os.path.exists(cache):
+        try:
+            d = torch.load(cache, weights_only=True)
+            return d["x"], d["y"], d["classes"]
+        except Exception:
+            print(f"the cache {cache} is unreadable: decoding {path} again", flush=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
+        imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0])[None], size)[0], files, chunksize=256))
+    x, y = torch.stack(imgs), torch.tensor([f[1] for f in files]).long()
+    with contextlib.suppress(OSError):       # a read-only data root still works, only without a cache
+        os.makedirs(cache_dir, exist_ok=True)
+        save_atomic({"x": x, "y": y, "classes": classes}, cache)
+    return x, y, classes
+
+
+def _load_npy(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"npy file not found: {path}")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
+        raise ValueError(f"{path}: expected a uint8 N x H x W x 3 array with N >= 1, got {a.dtype} {tuple(a.shape)}")
+    return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous(), torch.full((len(a),), -1), []
+
+
+def _load_odin(name, root, download):
+    from torchvision.datasets.utils import download_and_extract_archive
+    url, md5, sub = ODIN_SETS[name]
+    folder = os.path.join(root, sub)
+    if not os.path.isdir(folder):
+        if not download:
+            raise FileNotFoundError(f"{name} not found at {folder}")
+        try:
+            download_and_extract_archive(url, root, md5=md5)
+        except Exception as e:
+            raise ValueError(f"could not download {name} ({type(e).__name__}); fetch {url} (md5 {md5}) and extract it in '{root}'")
+    return folder
+
+
+def load_dataset(spec, train=True, root="data", download=True, size=32, need_split=False):
+    """Load a data set by spec (see DATASET_SPECS) -> (x uint8 N x 3 x size x size, y int64 (-1 unlabeled), classes).
+
+    Images of another size are resized to `size` once, here. Decoded folders are cached under `root`; need_split:
+    see _load_folder."""
+    if spec == "digits":
+        x, y, classes = _load_digits(train)
+    elif spec in TORCHVISION_SETS:
+        x, y, classes = _load_torchvision(spec, train, root, download)
+    elif spec.startswith("folder:"):
+        return _load_folder(spec[len("folder:"):], train, size, os.path.join(root, "cache"), need_split)
+    elif spec.startswith("npy:"):
+        x, y, classes = _load_npy(spec[len("npy:"):])
+    elif spec.startswith("interp:"):
+        # CSI's Interp: CSI averages each test batch of 100 with the previous batch and drops the first,
+        # i.e. image i with image i - 100 (9,900 images for CIFAR-10). "Previous" is taken in that sense.
+        x, _, _ = load_dataset(spec[len("interp:"):], False, root, download, size)
+        x = ((x[100:].float() + x[:-100].float()) / 2).round().to(torch.uint8)
+        return x, torch.full((len(x),), -1), []
+    elif spec in ODIN_SETS:
+        return _load_folder(_load_odin(spec, root, download), train, size, os.path.join(root, "cache"))
+    else:
+        raise ValueError(f"unknown data set '{spec}' (known: {DATASET_SPECS})")
+    return resize_uint8(x, size), y, classes
+
+
+def parse_classes(text):
+    """'0-5' -> [0..5]; '3' -> [3]; '0-2,4-9' -> [0,1,2,4,...,9]. Anything else ends the run naming the flag."""
+    ids = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (hi.isdigit() if dash else True)) or (dash and int(hi) < int(lo)):
+            raise ValueError(f"--id-classes {text!r}: expected class ids or ascending ranges, e.g. 0-5, 3 or 0-2,4-9")
+        ids += list(range(int(lo), int(hi if dash else lo) + 1))
+    return sorted(set(ids))
+
+
+def format_classes(ids):
+    """[0, 1, 2, 4, 5] -> '0-2,4-5' (the inverse of parse_classes)."""
+    runs, ids = [], sorted(ids)
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def default_id_classes(dataset, n_classes):
+    """--id-classes when none is given: digits 0-5 (and 6-9 held out as OOD), every class of any other data set."""
+    return "0-5" if dataset == "digits" else f"0-{n_classes - 1}"
+
+
+def select_classes(x, y, ids):
+    """Keep the images whose label is in ids (labels are kept as they are)."""
+    keep = torch.isin(y, torch.as_tensor(ids, dtype=y.dtype))
+    return x[keep], y[keep]
+
+
+def load_data(args):
+    """The run's data from the shared flags: train/test images of the in-distribution classes and the OOD sets.
+
+    With a proper subset of classes (the default on digits: 0-5), the test images of the other classes are an
+    OOD set; with all classes in-distribution the OOD sets are --ood (default for cifar10: svhn, cifar100,
+    interp:cifar10). Returns a namespace: train_x, train_y, test_x, test_y, ood {name: x}, ood_y {name: labels}
+    (the held-out classes only), classes, id_classes."""
+    load = lambda spec, train, split=False: load_dataset(spec, train, args.data_root, True, args.size, split)
+    with rank0_first():   # under torchrun rank 0 downloads and decodes; the others then read its files and cache
+        train_x, train_y, classes = load(args.dataset, True, True)
+        test_x, test_y, _ = load(args.dataset, False, True)
+        ood_x = {spec: load(spec, False)[0] for spec in (args.ood or [])}
+    n_classes = len(classes) if classes else int(train_y.max()) + 1
+    id_text = args.id_classes or default_id_classes(args.dataset, n_classes)
+    ids = parse_classes(id_text)
+    if train_y.min() < 0:
+        if args.id_classes:
+            raise ValueError(f"{args.dataset} has no labels, so --id-classes cannot select from it")
+        ids = []
+    elif ids[0] < 0 or ids[-1] >= n_classes:
+        raise ValueError(f"--id-classes {id_text} out of range: {args.dataset} has classes 0-{n_classes - 1}")
+    ood, ood_y = {}, {}   # ood_y: labels of the held-out classes (per-class results); other sets have none
+    if ids and len(ids) < n_classes:
+        rest = [c for c in range(n_classes) if c not in ids]
+        held_out = f"classes {format_classes(rest)}"
+        ood[held_out], ood_y[held_out] = select_classes(test_x, test_y, rest)
+        train_x, train_y = select_classes(train_x, train_y, ids)
+        test_x, test_y = select_classes(test_x, test_y, ids)
+    specs = args.ood if args.ood is not None else (["svhn", "cifar100", "interp:cifar10"]
+                                                   if args.dataset == "cifar10" and not ood else [])
+    with rank0_first():
+        for spec in specs:
+            ood[spec] = ood_x[spec] if spec in ood_x else load(spec, False)[0]
+    if not ood:
+        raise ValueError(f"no OOD set: all classes of {args.dataset} are in-distribution; give --ood SPEC [SPEC ...]")
+    if args.subset and args.subset < len(train_x):
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
+        train_x, train_y = train_x[keep], train_y[keep]
+    return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, ood=ood, ood_y=ood_y,
+                           classes=classes, id_classes=ids)
+
+
+def simclr_augment(args, **paper):
+    """The training augmentation for the run's data, chosen here once for every script: `paper` (the method's
+    SimCLRAugment arguments) on natural images and under --preset paper, DIGITS_AUGMENT on digits
+    (--augment auto|paper|digits overrides)."""
+    kind = args.augment
+    if kind == "auto":
+        kind = "digits" if args.dataset == "digits" and args.preset != "paper" else "paper"
+    return SimCLRAugment(args.size, **(DIGITS_AUGMENT if kind == "digits" else paper))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: one parent parser for every script, presets (--preset paper|quick), checks before any work.
 
 def arg_parser():
     """The flags every script shares; a script adds its own and sets its defaults with set_defaults."""
@@ -1392,6 +1210,8 @@ def arg_parser():
     g.add_argument("--final-lr", type=float, default=0.0, help="cosine schedule ends here")
     g.add_argument("--warmup-epochs", type=int, default=0, help="linear learning-rate warm-up")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "lars", "adam"])
+    g.add_argument("--lars-scope", default="all", choices=["all", "weights"],
+                   help="--optimizer lars: adapt every parameter (torchlars, CSI's) or the weights only (solo-learn)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--grad-clip", type=float, default=float("inf"), help="clip the gradient norm (always checked for NaN)")
@@ -1473,7 +1293,7 @@ def check_shared(args, resolve=True):
         check_spec(spec, "--ood")
     if args.id_classes is not None or args.dataset in KNOWN_CLASS_COUNTS:
         n = KNOWN_CLASS_COUNTS.get(args.dataset)
-        text = args.id_classes if args.id_classes is not None else ("0-5" if args.dataset == "digits" else f"0-{n - 1}")
+        text = args.id_classes if args.id_classes is not None else default_id_classes(args.dataset, n)
         ids = parse_classes(text)
         check(n is None or ids[-1] < n, "--id-classes", text, f"classes of {args.dataset}: 0-{(n or 1) - 1}")
         if resolve:
@@ -1495,11 +1315,22 @@ def check_shared(args, resolve=True):
     check(not (args.resume and args.overwrite), "--resume", "--overwrite", "one of the two, not both")
 
 
-# Settings that may change when a run is resumed: they do not shape the weights already trained (a longer
-# --epochs extends the run). Every other setting is compared with the checkpoint's.
-MAY_CHANGE = ("epochs", "resume", "overwrite", "out", "device", "save_every", "no_baselines", "ood", "data_root",
-              "compile", "preset", "sources", "run")
-RUN_FILES = ("results.json",)          # with every *.pt: what a run folder holds that a new run must not replace
+def get_device(name="auto"):
+    if name != "auto":
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
 def print_config(args):
@@ -1507,6 +1338,18 @@ def print_config(args):
     for k, v in vars(args).items():
         if k not in ("sources", "run"):
             print(f"  {k:<18} {v!s:<24} <- {args.sources.get(k, 'default')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: guarded, locked, recorded; torchrun; the scripts' entry point.
+
+# Settings that may change when a run is resumed: they do not shape the weights already trained (a longer
+# --epochs extends the run). Every other setting is compared with the checkpoint's.
+MAY_CHANGE = ("epochs", "resume", "overwrite", "out", "device", "save_every", "no_baselines", "ood", "data_root",
+              "compile", "preset", "sources", "run")
+
+
+RUN_FILES = ("results.json",)          # with every *.pt: what a run folder holds that a new run must not replace
 
 
 def _pid_alive(pid):
@@ -1594,6 +1437,11 @@ def entry_point(main):
     return wrapper
 
 
+def default_out(script, dataset, tag=""):
+    """--out when none is given: runs/<script>[-<tag>]-<dataset>, the data set spec made a folder name."""
+    return os.path.join("runs", "-".join([script] + ([tag] if tag else []) + [dataset.replace(":", "_").replace("/", "_")]))
+
+
 def setup(args, script, may_change=()):
     """The start of every script's main(), after its own flags are checked: the shared flags checked, process group
     under torchrun, seed, device, the run folder guarded and recorded, config printout -> device.
@@ -1603,7 +1451,7 @@ def setup(args, script, may_change=()):
     Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group (nccl on CUDA, gloo on CPU), puts
     each rank on its own GPU and silences print on every rank but 0; rank 0 alone guards the run folder."""
     check_shared(args)
-    args.out = args.out or os.path.join("runs", f"{script}-{args.dataset.replace(':', '_').replace('/', '_')}")
+    args.out = args.out or default_out(script, args.dataset)
     skip = set(MAY_CHANGE) | set(may_change)
     args.run = {"script": script, "settings": {k: v for k, v in sorted(vars(args).items()) if k not in skip}}
     args.run = json.loads(json.dumps(args.run, default=str))       # the values as they will read back from disk
@@ -1641,6 +1489,76 @@ def rank0_first():
     if distributed() and rank() == 0:
         torch.distributed.barrier()
 
+
+# ----------------------------------------------------------------------------------------------
+# Reporting: the sanity baselines, the tables, results.json.
+
+@torch.no_grad()
+def sanity_baselines(data, arch, width, device, seed=0):
+    """The two bars every trained score must clear, on exactly the run's split and OOD sets -> {"pixels_knn":
+    {ood set: metrics}, "random_init_knn": {...}}: the cosine similarity of each test image to its nearest
+    training image in raw pixels, and the same on the embedding layer h of an untrained encoder of the run's
+    architecture and width (seeded, in eval mode). One forward pass over the images; seconds on a CPU."""
+    pixels = lambda x: x.flatten(1).float()
+    train_px = pixels(data.train_x).to(device)
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    model = Encoder(arch, width=width).to(device).eval()
+    torch.set_rng_state(gen_state)                      # the run's own random stream is left untouched
+    h = lambda x: embed(model, x.to(device))[0]
+    train_h = h(data.train_x)
+    return {"pixels_knn": evaluate(lambda x: knn_scores(train_px, pixels(x).to(device)), data.test_x, data.ood),
+            "random_init_knn": evaluate(lambda x: knn_scores(train_h, h(x)), data.test_x, data.ood)}
+
+
+def print_results(results, title="", baselines=None):
+    """results {ood set: metrics} -> an aligned table, the mean row when there are several sets, and the AUROC of
+    each sanity baseline beside (columns named after the keys of `baselines`)."""
+    cols = ["auroc", "fpr95", "aupr_in", "aupr_out"]
+    mean = lambda r: {c: float(np.mean([m[c] for m in r.values()])) for c in cols}
+    rows, base = dict(results), {k: dict(v) for k, v in (baselines or {}).items()}
+    if len(rows) > 1:
+        rows["mean"] = mean(results)
+        for k, v in base.items():
+            v["mean"] = mean(baselines[k])
+    w = max(10, *(len(n) for n in rows))
+    lines = [title] if title else []
+    lines.append(f"{'OOD set':<{w}} " + " ".join(f"{c:>8}" for c in cols) + "".join(f"  {k:>15}" for k in base))
+    lines += [f"{n:<{w}} " + " ".join(f"{r[c]:8.2f}" for c in cols) + "".join(f"  {v[n]['auroc']:15.2f}" for v in base.values())
+              for n, r in rows.items()]
+    if base:
+        lines.append(f"{'':<{w}} (the last columns: AUROC of the sanity baselines on the same split)")
+    print("\n".join(lines), flush=True)
+
+
+def save_results(path, results):
+    """Write results (or any JSON record: run.json too) atomically, rank 0 only."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    if rank() == 0:
+        write_atomic(path, write)
+
+
+def finish(args, method, metrics, data, device, t_start, **extra):
+    """The end of every script: the sanity baselines (unless --no-baselines), every score's table beside them, and
+    <out>/results.json = {method, config, settings, metrics {score: {ood set: metrics}}, baselines, seconds, device,
+    **extra}. `settings` are the values that trained the model (as checked on --resume). Returns that dict."""
+    baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed)
+    for name, m in metrics.items():
+        print_results(m, f"{method}, {name}: AUROC etc. in % (higher score = in-distribution)", baselines)
+    results = {"method": method, "config": {k: v for k, v in vars(args).items() if k != "run"},
+               "settings": args.run["settings"], "metrics": metrics, "baselines": baselines,
+               "seconds": time.time() - t_start, "device": str(device), **extra}
+    save_results(os.path.join(args.out, "results.json"), results)
+    print(f"results in {os.path.join(args.out, 'results.json')}", flush=True)
+    if os.path.abspath(args.out) in _release:
+        _release.pop(os.path.abspath(args.out))()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check: `python common.py`.
 
 @entry_point
 def main(argv=None):
