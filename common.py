@@ -999,11 +999,24 @@ def _decode(path):
         raise ValueError(f"image will not decode: {path}")
 
 
-def _image_files(path):
-    """[(file, class index or -1)] of an ImageFolder tree PATH/<class>/<image> or a flat folder of images."""
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
-    if classes:
-        files = [(os.path.join(path, c, f), i) for i, c in enumerate(classes)
+def class_folders(path):
+    """The class folders of an ImageFolder tree, sorted as numbers where every name is one (2 before 10), else as
+    text: the class list of a data set, fixed by its training folders."""
+    names = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    return sorted(names, key=int) if all(n.isdigit() for n in names) else sorted(names)
+
+
+def _image_files(path, classes=None):
+    """[(file, class index or -1)] of an ImageFolder tree PATH/<class>/<image> (indices into `classes`, by default
+    PATH's own class folders) or of a flat folder of images (-1: unlabeled)."""
+    found = class_folders(path)
+    classes = found if classes is None else classes
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{path} has class folders that the training folder lacks: {', '.join(unknown[:5])}; "
+                         f"the classes are {', '.join(classes[:10])}{'...' if len(classes) > 10 else ''}")
+    if found:
+        files = [(os.path.join(path, c, f), classes.index(c)) for c in classes if c in found
                  for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMG_EXTENSIONS)]
     else:
         files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path)) if f.lower().endswith(IMG_EXTENSIONS)]
@@ -1012,19 +1025,24 @@ def _image_files(path):
 
 def _load_folder(path, train, size, cache_dir, need_split=False):
     """ImageFolder layout PATH/<class>/<image>, or a flat folder of images (unlabeled, y = -1). If PATH has train/
-    and test/, `train` picks one; need_split (the in-distribution data set) refuses a folder without them, since its
-    test images would otherwise be its training images. Decoded once, then cached as a tensor file whose name is a
-    hash of every file's path, size and modification time (so adding, removing or changing an image re-decodes)."""
+    and test/, `train` picks one, and the class list (the labels) of both is train/'s; need_split (the
+    in-distribution data set) refuses a folder without them, since its test images would otherwise be its training
+    images. Decoded once, then cached as a tensor file whose name is a hash of every file's path, size and
+    modification time (so adding, removing or changing an image re-decodes). -> x, y, classes, names (each image's
+    path inside the split folder)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"data folder not found: {path}")
+    classes = None
     if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
+        classes = class_folders(os.path.join(path, "train"))
         path = os.path.join(path, "train" if train else "test")
     elif need_split:
-        raise ValueError(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training images; "
-             f"split it into {path}/train/<class>/ and {path}/test/<class>/")
-    files, classes = _image_files(path)
+        raise ValueError(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training "
+                         f"images; split it into {path}/train/ and {path}/test/ (class folders inside are optional)")
+    files, classes = _image_files(path, classes)
     if not files:
         raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
+    names = [os.path.relpath(f, path) for f, _ in files]
     h = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{classes}".encode())
     for f, _ in files:
         st = os.stat(f)
@@ -1033,7 +1051,7 @@ def _load_folder(path, train, size, cache_dir, need_split=False):
     if os.path.exists(cache):
         try:
             d = torch.load(cache, weights_only=True)
-            return d["x"], d["y"], d["classes"]
+            return d["x"], d["y"], d["classes"], names
         except Exception:
             print(f"the cache {cache} is unreadable: decoding {path} again", flush=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
@@ -1042,7 +1060,7 @@ def _load_folder(path, train, size, cache_dir, need_split=False):
     with contextlib.suppress(OSError):       # a read-only data root still works, only without a cache
         os.makedirs(cache_dir, exist_ok=True)
         save_atomic({"x": x, "y": y, "classes": classes}, cache)
-    return x, y, classes
+    return x, y, classes, names
 
 
 def _load_npy(path):
@@ -1071,30 +1089,32 @@ def _load_odin(name, root, download):
     return folder
 
 
-def load_dataset(spec, train=True, root="data", download=True, size=32, need_split=False):
-    """Load a data set by spec (see DATASET_SPECS) -> (x uint8 N x 3 x size x size, y int64 (-1 unlabeled), classes).
+def load_dataset(spec, train=True, root="data", download=True, size=32, need_split=False, names=False):
+    """Load a data set by spec (see DATASET_SPECS) -> (x uint8 N x 3 x size x size, y int64 (-1 unlabeled), classes),
+    and with names=True a fourth item: each image's name (its path inside a folder, else its row index).
 
     Images of another size are resized to `size` once, here. Decoded folders are cached under `root`; need_split:
     see _load_folder."""
+    if spec.startswith("folder:") or spec in ODIN_SETS:
+        folder = spec[len("folder:"):] if spec.startswith("folder:") else _load_odin(spec, root, download)
+        x, y, classes, files = _load_folder(folder, train, size, os.path.join(root, "cache"), need_split)
+        return (x, y, classes, files) if names else (x, y, classes)
     if spec == "digits":
         x, y, classes = _load_digits(train)
     elif spec in TORCHVISION_SETS:
         x, y, classes = _load_torchvision(spec, train, root, download)
-    elif spec.startswith("folder:"):
-        return _load_folder(spec[len("folder:"):], train, size, os.path.join(root, "cache"), need_split)
     elif spec.startswith("npy:"):
         x, y, classes = _load_npy(spec[len("npy:"):])
     elif spec.startswith("interp:"):
         # CSI's Interp: CSI averages each test batch of 100 with the previous batch and drops the first,
         # i.e. image i with image i - 100 (9,900 images for CIFAR-10). "Previous" is taken in that sense.
-        x, _, _ = load_dataset(spec[len("interp:"):], False, root, download, size)
-        x = ((x[100:].float() + x[:-100].float()) / 2).round().to(torch.uint8)
-        return x, torch.full((len(x),), -1), []
-    elif spec in ODIN_SETS:
-        return _load_folder(_load_odin(spec, root, download), train, size, os.path.join(root, "cache"))
+        x = load_dataset(spec[len("interp:"):], False, root, download, size)[0]
+        x, y, classes = ((x[100:].float() + x[:-100].float()) / 2).round().to(torch.uint8), None, []
+        y = torch.full((len(x),), -1)
     else:
         raise ValueError(f"unknown data set '{spec}' (known: {DATASET_SPECS})")
-    return resize_uint8(x, size), y, classes
+    x = resize_uint8(x, size)
+    return (x, y, classes, [str(i) for i in range(len(x))]) if names else (x, y, classes)
 
 
 def parse_classes(text):
@@ -1134,42 +1154,67 @@ def load_data(args):
     """The run's data from the shared flags: train/test images of the in-distribution classes and the OOD sets.
 
     With a proper subset of classes (the default on digits: 0-5), the test images of the other classes are an
-    OOD set; with all classes in-distribution the OOD sets are --ood (default for cifar10: svhn, cifar100,
-    interp:cifar10). Returns a namespace: train_x, train_y, test_x, test_y, ood {name: x}, ood_y {name: labels}
-    (the held-out classes only), classes, id_classes."""
-    load = lambda spec, train, split=False: load_dataset(spec, train, args.data_root, True, args.size, split)
+    OOD set; with all classes in-distribution (or unlabeled data) the OOD sets are --ood (default for cifar10: svhn,
+    cifar100, interp:cifar10). An OOD set whose images are mostly in-distribution images of the run is refused.
+    Returns a namespace: train_x, train_y, test_x, test_y, test_names, ood {name: x}, ood_y {name: labels} (the
+    held-out classes only), ood_names {name: each image's name}, classes, id_classes ([] for unlabeled data)."""
+    load = lambda spec, train, split=False: load_dataset(spec, train, args.data_root, True, args.size, split, True)
     with rank0_first():   # under torchrun rank 0 downloads and decodes; the others then read its files and cache
-        train_x, train_y, classes = load(args.dataset, True, True)
-        test_x, test_y, _ = load(args.dataset, False, True)
-        ood_x = {spec: load(spec, False)[0] for spec in (args.ood or [])}
-    n_classes = len(classes) if classes else int(train_y.max()) + 1
-    id_text = args.id_classes or default_id_classes(args.dataset, n_classes)
-    ids = parse_classes(id_text)
-    if train_y.min() < 0:
-        if args.id_classes:
-            raise ValueError(f"{args.dataset} has no labels, so --id-classes cannot select from it")
-        ids = []
-    elif ids[0] < 0 or ids[-1] >= n_classes:
-        raise ValueError(f"--id-classes {id_text} out of range: {args.dataset} has classes 0-{n_classes - 1}")
-    ood, ood_y = {}, {}   # ood_y: labels of the held-out classes (per-class results); other sets have none
+        train_x, train_y, classes, _ = load(args.dataset, True, True)
+        test_x, test_y, _, test_names = load(args.dataset, False, True)
+    labeled = bool(len(train_y)) and bool(train_y.min() >= 0)
+    n_classes = (len(classes) or int(train_y.max()) + 1) if labeled else 0
+    if not labeled and args.id_classes:
+        raise ValueError(f"{args.dataset} has no class folders or labels, so --id-classes cannot select from it")
+    ids = parse_classes(args.id_classes or default_id_classes(args.dataset, n_classes)) if labeled else []
+    if ids and ids[-1] >= n_classes:
+        raise ValueError(f"--id-classes {format_classes(ids)} out of range: {args.dataset} has classes 0-{n_classes - 1}")
+    named = lambda keep, names: [n for n, k in zip(names, keep.tolist()) if k]
+    ood, ood_y, ood_names = {}, {}, {}   # ood_y: labels of the held-out classes (per-class results)
     if ids and len(ids) < n_classes:
         rest = [c for c in range(n_classes) if c not in ids]
-        held_out = f"classes {format_classes(rest)}"
-        ood[held_out], ood_y[held_out] = select_classes(test_x, test_y, rest)
-        train_x, train_y = select_classes(train_x, train_y, ids)
-        test_x, test_y = select_classes(test_x, test_y, ids)
+        held_out, out_of = f"classes {format_classes(rest)}", torch.isin(test_y, torch.tensor(rest))
+        ood[held_out], ood_y[held_out], ood_names[held_out] = test_x[out_of], test_y[out_of], named(out_of, test_names)
+        keep = torch.isin(train_y, torch.tensor(ids))
+        train_x, train_y = train_x[keep], train_y[keep]
+        keep = torch.isin(test_y, torch.tensor(ids))
+        test_x, test_y, test_names = test_x[keep], test_y[keep], named(keep, test_names)
+    empty = [f"class {classes[c] if classes else c}" for c in ids if not (train_y == c).any()]
+    if empty or not len(train_x) or not len(test_x):
+        raise ValueError(f"{args.dataset}: no {'training' if empty or not len(train_x) else 'test'} images for "
+                         f"{', '.join(empty) or 'the in-distribution classes'} (an empty class folder?)")
     specs = args.ood if args.ood is not None else (["svhn", "cifar100", "interp:cifar10"]
                                                    if args.dataset == "cifar10" and not ood else [])
     with rank0_first():
         for spec in specs:
-            ood[spec] = ood_x[spec] if spec in ood_x else load(spec, False)[0]
+            ood[spec], _, _, ood_names[spec] = load(spec, False)
+    for name, x in ood.items():
+        if not len(x):
+            raise ValueError(f"the OOD set {name} has no images (an empty class folder in test/?)")
     if not ood:
         raise ValueError(f"no OOD set: all classes of {args.dataset} are in-distribution; give --ood SPEC [SPEC ...]")
+    refuse_ood_sets_of_id_images(ood, specs, torch.cat([train_x, test_x]))
     if args.subset and args.subset < len(train_x):
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
         train_x, train_y = train_x[keep], train_y[keep]
-    return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, ood=ood, ood_y=ood_y,
-                           classes=classes, id_classes=ids)
+    return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, test_names=test_names,
+                           ood=ood, ood_y=ood_y, ood_names=ood_names, classes=classes, id_classes=ids)
+
+
+def refuse_ood_sets_of_id_images(ood, specs, id_x, most=0.01):
+    """An --ood set in which more than `most` of the images are pixel for pixel in-distribution images of the run
+    (--ood digits on digits, the ID folder itself) would report AUROC ~50 for a wrong reason: ValueError naming it.
+    A few identical images (public sets share some) are only reported."""
+    digest = lambda x: {hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() for img in x.cpu()}
+    id_digests = digest(id_x)
+    for spec in specs:
+        same = sum(hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() in id_digests for img in ood[spec])
+        if same > most * len(ood[spec]):
+            raise ValueError(f"--ood {spec}: {same} of its {len(ood[spec])} images are in-distribution images of this "
+                             f"run (the same pixels); give an OOD set without them")
+        if same:
+            print(f"note: {same} of the {len(ood[spec])} images of --ood {spec} are also in-distribution images",
+                  flush=True)
 
 
 def simclr_augment(args, **paper):
@@ -1192,8 +1237,9 @@ def arg_parser():
     g.add_argument("--preset", default=None, help="a named configuration of the script (paper, quick); flags override it")
     g.add_argument("--dataset", default="digits", help=f"in-distribution data ({DATASET_SPECS})")
     g.add_argument("--id-classes", default=None,
-                   help="in-distribution classes, e.g. 0-5, 3, 0-2,4-9 (default: 0-5 on digits, all otherwise)")
-    g.add_argument("--ood", nargs="+", default=None, help="OOD sets (specs as --dataset); the held-out classes are always one")
+                   help="in-distribution classes, e.g. 0-5, 3, 0-2,4-9 (default: 0-5 on digits, every class otherwise)")
+    g.add_argument("--ood", nargs="+", action="extend", default=None,
+                   help="OOD sets (specs as --dataset; repeat the flag or list several); the held-out classes are one")
     g.add_argument("--data-root", default="data", help="where data sets are downloaded and decoded folders cached")
     g.add_argument("--size", type=int, default=32, help="image side; other sizes are resized once at load time")
     g.add_argument("--subset", type=int, default=0, help="train on a random subset of N images (quick runs)")
@@ -1201,7 +1247,7 @@ def arg_parser():
                    help="training augmentation: the paper's, or one that keeps digits digits (auto: digits on the "
                         "digits data set unless --preset paper, the paper's otherwise)")
     g.add_argument("--arch", default="resnet18", help=f"{', '.join(CIFAR_ARCHS)} (CIFAR-style) or {', '.join(IMAGENET_ARCHS)}")
-    g.add_argument("--width", type=int, default=16, help="CIFAR ResNet width (64 = standard; 16 for quick CPU runs)")
+    g.add_argument("--width", type=int, default=16, help="CIFAR ResNet width (64: the standard ResNet)")
     g.add_argument("--init", default="pytorch", choices=["pytorch", "torchvision"],
                    help="CIFAR ResNet convolutions: PyTorch's default or torchvision's kaiming-normal (fan_out)")
     g.add_argument("--epochs", type=int, default=20)
@@ -1224,23 +1270,42 @@ def arg_parser():
     g.add_argument("--overwrite", action="store_true", help="start afresh in a --out that holds another run")
     g.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
     g.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and untrained-encoder baselines")
+    g.add_argument("--tpr", type=float, default=0.95,
+                   help="the decision threshold accepts this share of the in-distribution test images")
+    g.add_argument("--score", nargs="+", action="extend", default=None, metavar="SPEC",
+                   help="no training: score these images (specs as --dataset) with the finished run in --out, one "
+                        "CSV per set in <out>/scored/")
     return p
 
 
-def parse_args(parser, presets=None, argv=None):
-    """Parse with `--preset NAME` applied beneath the command line: preset values replace the defaults, flags
-    given explicitly win. Prints the resolved configuration with where each value came from; args.sources
-    records it ({key: 'default' | 'preset NAME' | 'command line'})."""
+# The defaults of the scripts' parsers are their digits settings (16 px, narrow networks: a CPU minute); on any
+# other data these apply instead, beneath a preset and the command line: the papers' image side and ResNet width.
+OTHER_DATA_DEFAULTS = {"size": 32, "width": 64}
+
+
+def parse_args(parser, presets=None, argv=None, other_data=None):
+    """Parse with the data's defaults and `--preset NAME` beneath the command line: the parser's defaults are the
+    digits settings, OTHER_DATA_DEFAULTS (and the script's `other_data`) replace them on any other --dataset, preset
+    values replace those, flags given explicitly win. --help shows every default and what changes it. Prints
+    nothing; args.sources records where each value came from ({key: 'default' | 'default off digits' | 'preset
+    NAME' | 'command line'})."""
     presets = presets or {}
     argv = sys.argv[1:] if argv is None else argv
+    other_data = {**OTHER_DATA_DEFAULTS, **(other_data or {})}
+    annotate_defaults(parser, presets, other_data)
     name = parser.parse_known_args(argv)[0].preset
     if name is not None and name not in presets:
         raise ValueError(f"--preset {name}: expected one of {', '.join(presets) or '(none)'}")
     preset = presets.get(name, {})
     known = {a.dest for a in parser._actions}
-    unknown = [k for k in preset if k not in known]
+    unknown = [k for k in {**preset, **other_data} if k not in known]
     if unknown:
         raise ValueError(f"preset {name} names unknown arguments: {unknown}")  # a bug in the script, not user input
+    parser.set_defaults(**preset)
+    off_digits = {k: v for k, v in other_data.items() if k not in preset}
+    if parser.parse_known_args(argv)[0].dataset == "digits":
+        off_digits = {}
+    parser.set_defaults(**off_digits)
     parser.set_defaults(**preset)
     args = parser.parse_args(argv)
     # Which flags were typed: parse again with every default suppressed, then put the defaults back.
@@ -1254,10 +1319,24 @@ def parse_args(parser, presets=None, argv=None):
         for a, d in saved[0]:
             a.default = d
         parser._defaults.update(saved[1])
-    args.sources = {k: "command line" if k in typed else (f"preset {name}" if k in preset else "default")
+    args.sources = {k: "command line" if k in typed else (f"preset {name}" if k in preset else
+                                                          "default off digits" if k in off_digits else "default")
                     for k in vars(args) if k != "sources"}
     check_shared(args, resolve=False)   # the shared flags first: a script's own checks may rely on them
     return args
+
+
+def annotate_defaults(parser, presets, other_data):
+    """Append to every flag's help its default, its default on data other than digits, and each preset's value."""
+    for a in parser._actions:
+        if a.help == argparse.SUPPRESS or a.dest == "help" or "[default" in (a.help or ""):
+            continue
+        notes = [f"default {a.default}"] if a.default not in (None, False) else []
+        if a.dest in other_data:
+            notes.append(f"off digits {other_data[a.dest]}")
+        notes += [f"--preset {p} {v[a.dest]}" for p, v in presets.items() if a.dest in v]
+        if notes:
+            a.help = ((a.help or "") + " [" + "; ".join(notes).replace("%", "%%") + "]").lstrip()
 
 
 def check(ok, flag, value, allowed):
@@ -1267,6 +1346,19 @@ def check(ok, flag, value, allowed):
 
 
 KNOWN_CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+
+
+def count_classes(spec):
+    """The number of classes of a data set spec, without decoding an image: a built-in set's, a folder's class
+    folders (its train/'s when it has train/ and test/), 0 for unlabeled data (a flat folder, an array, the ODIN
+    sets, interp:)."""
+    if spec in KNOWN_CLASS_COUNTS:
+        return KNOWN_CLASS_COUNTS[spec]
+    if spec.startswith("folder:"):
+        path = spec[len("folder:"):]
+        train = os.path.join(path, "train")
+        return len(class_folders(train if os.path.isdir(train) else path)) if os.path.isdir(path) else 0
+    return 0
 
 
 def check_spec(spec, flag):
@@ -1288,16 +1380,29 @@ def check_shared(args, resolve=True):
     """Every shared flag, before any data is loaded or any folder made (parse_args and setup call it). With
     `resolve` (setup), --id-classes becomes its canonical text (the default written out), so that a typed default
     and the default are the same setting."""
+    for spec in args.score or []:
+        check_spec(spec, "--score")
+    check(0 < args.tpr <= 1, "--tpr", args.tpr, "a fraction in (0, 1]: the share of ID test images accepted")
+    if args.score:                 # scoring with a finished run: its own settings apply, no training flag matters
+        return
     check_spec(args.dataset, "--dataset")
+    check(not args.dataset.startswith(("npy:", "interp:")) and args.dataset not in ODIN_SETS, "--dataset",
+          args.dataset, "a data set with a train/test split (an array or an OOD set serves as --ood or --score)")
     for spec in args.ood or []:
         check_spec(spec, "--ood")
-    if args.id_classes is not None or args.dataset in KNOWN_CLASS_COUNTS:
-        n = KNOWN_CLASS_COUNTS.get(args.dataset)
+    n = count_classes(args.dataset)
+    check(n != 0 or args.id_classes is None, "--id-classes", args.id_classes,
+          f"nothing: {args.dataset} has no class folders, every training image is in-distribution")
+    if n:
         text = args.id_classes if args.id_classes is not None else default_id_classes(args.dataset, n)
         ids = parse_classes(text)
-        check(n is None or ids[-1] < n, "--id-classes", text, f"classes of {args.dataset}: 0-{(n or 1) - 1}")
+        check(ids[-1] < n, "--id-classes", text, f"classes of {args.dataset}: 0-{n - 1}")
         if resolve:
             args.id_classes = format_classes(ids)
+    held_out = n and len(parse_classes(args.id_classes or default_id_classes(args.dataset, n))) < n
+    if not (held_out or args.ood or args.dataset == "cifar10"):
+        raise ValueError(f"no OOD set: every image of {args.dataset} is in-distribution"
+                         f"{'' if n == 0 else ' (--id-classes takes them all)'}; give --ood SPEC [SPEC ...]")
     check(args.size >= 8, "--size", args.size, "an integer >= 8")
     check(args.subset >= 0, "--subset", args.subset, "an integer >= 0 (0: every training image)")
     check(args.subset == 0 or args.subset >= 2, "--subset", args.subset, "0 or at least 2 images")
@@ -1540,45 +1645,198 @@ def save_results(path, results):
         write_atomic(path, write)
 
 
-def finish(args, method, metrics, data, device, t_start, **extra):
-    """The end of every script: the sanity baselines (unless --no-baselines), every score's table beside them, and
-    <out>/results.json = {method, config, settings, metrics {score: {ood set: metrics}}, baselines, seconds, device,
-    **extra}. `settings` are the values that trained the model (as checked on --resume). Returns that dict."""
+def finish(args, method, scorer, data, device, t_start, report=None, more_metrics=None, **extra):
+    """The end of every script, one path for every method: the run's Scorer scores the ID test images and every OOD
+    set; the threshold accepting --tpr of the ID test scores is fixed; the sanity baselines (unless
+    --no-baselines) and the tables of the `report` scores (default: all) are printed; a CSV per set (one row per
+    image: its name, every score, the decision) goes to <out>/scores/, the Scorer to <out>/scorer.pt, and
+    <out>/results.json = {method, config, settings, metrics {score: {ood set: metrics}}, thresholds, tpr,
+    baselines, seconds, device, **extra}. more_metrics: metrics of other models of the run (a pipeline's earlier
+    stages), reported and saved beside. Returns the results dict."""
+    s_id = scorer.scores(data.test_x)
+    scorer.tpr, scorer.thresholds = args.tpr, {k: threshold_at(v, args.tpr) for k, v in s_id.items()}
+    s_ood = {name: scorer.scores(x) for name, x in data.ood.items()}
+    metrics = {k: {name: ood_metrics(s_id[k], s[k]) for name, s in s_ood.items()} for k in s_id}
     baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed)
-    for name, m in metrics.items():
+    for name, m in {**(more_metrics or {}), **{k: metrics[k] for k in (report or metrics)}}.items():
         print_results(m, f"{method}, {name}: AUROC etc. in % (higher score = in-distribution)", baselines)
+    folder = os.path.join(args.out, "scores")
+    if rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        for name, names, scores in [("id_test", data.test_names, s_id)] + [
+                (name, data.ood_names[name], s_ood[name]) for name in data.ood]:
+            write_scores_csv(os.path.join(folder, csv_name(name)), names, scores, scorer.thresholds)
+        scorer.save(args.out)
+    print_decisions(scorer, {"ID test": s_id, **s_ood}, f"on the {len(data.test_x)} ID test images")
     results = {"method": method, "config": {k: v for k, v in vars(args).items() if k != "run"},
-               "settings": args.run["settings"], "metrics": metrics, "baselines": baselines,
+               "settings": args.run["settings"], "metrics": {**(more_metrics or {}), **metrics},
+               "thresholds": scorer.thresholds, "tpr": args.tpr, "baselines": baselines,
                "seconds": time.time() - t_start, "device": str(device), **extra}
     save_results(os.path.join(args.out, "results.json"), results)
-    print(f"results in {os.path.join(args.out, 'results.json')}", flush=True)
+    print(f"results in {os.path.join(args.out, 'results.json')}, a CSV per set in {folder}, the scorer in "
+          f"{os.path.join(args.out, Scorer.FILE)}", flush=True)
     if os.path.abspath(args.out) in _release:
         _release.pop(os.path.abspath(args.out))()
     return results
 
 
 # ----------------------------------------------------------------------------------------------
+# The trained model as a product: a score and a decision for every image, later, from the run folder alone.
+
+class Scorer:
+    """A finished run's model with what its scores need: scores (higher = in-distribution) and OOD decisions for
+    uint8 images, from the run folder alone (no training flag, no training data):
+
+        scorer = common.Scorer.load("runs/ccl-digits")
+        scores, is_ood = scorer(x)        # x: uint8 N x 3 x H x W (resized to the run's --size); {score name: N}
+        scorer.thresholds                 # {score name: t}; is_ood = score < t
+
+    `script` names the method module that defines build_model(s) (the untrained model from the run's settings s)
+    and score(model, state, x, s) -> {score name: N scores}; `state` holds the tensors those scores need
+    (reference features, Gaussians, ...). The run computes its own metrics through the same scores()."""
+
+    FILE = "scorer.pt"
+    SCRIPTS = ("ccl", "mcl", "oecl", "scan_ood", "common")
+
+    def __init__(self, script, settings, model, state, thresholds=None, tpr=0.95):
+        if script not in self.SCRIPTS:
+            raise ValueError(f"unknown script {script!r} (known: {', '.join(self.SCRIPTS)})")
+        self.script, self.settings, self.model, self.state = script, dict(settings), model, state
+        self.thresholds, self.tpr = dict(thresholds or {}), tpr
+
+    @property
+    def module(self):
+        import importlib
+        return sys.modules[__name__] if self.script == "common" else importlib.import_module(self.script)
+
+    @torch.no_grad()
+    def scores(self, x):
+        """{score name: float32 CPU tensor of len(x) scores}, in float32 whatever the caller's autocast."""
+        device = next(self.model.parameters()).device
+        x = resize_uint8(torch.as_tensor(x), self.settings["size"]).to(device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.autocast(device.type, enabled=False):
+            out = self.module.score(self.model, self.state, x, SimpleNamespace(**self.settings))
+        self.model.train(was_training)
+        return {k: v.float().cpu() for k, v in out.items()}
+
+    def __call__(self, x):
+        """-> (scores, is_ood): {score name: N scores}, {score name: N booleans, True = OOD at the threshold}."""
+        if not self.thresholds:
+            raise ValueError("this scorer has no thresholds yet (the run sets them on its ID test images)")
+        scores = self.scores(x)
+        return scores, {k: v < self.thresholds[k] for k, v in scores.items()}
+
+    def save(self, out):
+        save_atomic({"script": self.script, "settings": self.settings, "model": self.model.state_dict(),
+                     "state": self.state, "thresholds": self.thresholds, "tpr": self.tpr}, os.path.join(out, self.FILE))
+
+    @classmethod
+    def load(cls, out, device="cpu"):
+        """The Scorer of the finished run in folder `out` (load_plain: the file never runs code)."""
+        path = os.path.join(out, cls.FILE)
+        if not os.path.exists(path):
+            started = os.path.isdir(out) and any(n.endswith(".pt") for n in os.listdir(out))
+            raise FileNotFoundError(f"{out} holds {'a run that is not finished yet' if started else 'no finished run'}"
+                                    f" (no {cls.FILE}){': finish it with --resume' if started else ''}")
+        c = load_plain(path, "scorer file", device)
+        if not isinstance(c, dict) or not {"script", "settings", "model", "state", "thresholds"} <= set(c):
+            raise ValueError(f"{path} is not a scorer file of these scripts")
+        scorer = cls(c["script"], c["settings"], None, c["state"], c["thresholds"], c.get("tpr", 0.95))
+        model = scorer.module.build_model(SimpleNamespace(**c["settings"]))
+        scorer.model = load_weights(model, c["model"]).to(device).eval()
+        return scorer
+
+
+def csv_name(set_name):
+    """A set's CSV file name: its name with every character but letters, digits, '.', '-' made '_'."""
+    return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in set_name).strip("_") + ".csv"
+
+
+def write_scores_csv(path, names, scores, thresholds):
+    """One row per image: its name, every score, then ood_<score> = 1 where the score is below its threshold."""
+    import csv
+    keys = list(scores)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image"] + keys + [f"ood_{k}" for k in keys])
+            columns = [scores[k].tolist() for k in keys]
+            flags = [(scores[k] < thresholds[k]).int().tolist() for k in keys]
+            for row in zip(names, *columns, *flags):
+                w.writerow([row[0]] + [f"{v:.9g}" for v in row[1:1 + len(keys)]] + list(row[1 + len(keys):]))
+    write_atomic(path, write)
+
+
+def print_decisions(scorer, sets, where):
+    """The threshold of each score and, per set, the share of its images declared OOD."""
+    print(f"thresholds accepting {100 * scorer.tpr:g}% of the ID test scores ({where}): "
+          + ", ".join(f"{k} {t:.6g}" for k, t in scorer.thresholds.items()), flush=True)
+    for name, scores in sets.items():
+        print(f"  {name}: {len(next(iter(scores.values())))} images, declared OOD: "
+              + ", ".join(f"{k} {100 * float((v < scorer.thresholds[k]).float().mean()):.1f}%" for k, v in scores.items()),
+              flush=True)
+
+
+def score_later(args, script):
+    """--score SPEC ...: the finished run of `script` in --out scores these images; writes <out>/scored/<spec>.csv
+    and prints a line per set; reads nothing of the training data and changes no other file of the run."""
+    device = get_device(args.device)
+    args.out = args.out or default_out(script, args.dataset)
+    scorer = Scorer.load(args.out, device)
+    if scorer.script != script:
+        raise ValueError(f"the run in {args.out} was made by {scorer.script}.py, not {script}.py: score with "
+                         f"python {scorer.script}.py --out {args.out} --score ...")
+    folder = os.path.join(args.out, "scored")
+    os.makedirs(folder, exist_ok=True)
+    sets = {}
+    for spec in args.score:
+        x, _, _, names = load_dataset(spec, False, args.data_root, True, scorer.settings["size"], names=True)
+        sets[spec] = scores = scorer.scores(x)
+        write_scores_csv(os.path.join(folder, csv_name(spec)), names, scores, scorer.thresholds)
+    print_decisions(scorer, sets, "set by the run on its ID test images")
+    print(f"a CSV per set in {folder}", flush=True)
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------
 # Self-check: `python common.py`.
+
+def build_model(s):
+    """The self-check's model (the Scorer's build_model): the Encoder of the run's settings s."""
+    return Encoder(s.arch, width=s.width, init=s.init)
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """The self-check's scores (the Scorer's score): cosine kNN to the training images on h and on z."""
+    h, z = embed(model, x)
+    return {"knn_h": knn_scores(state["train_h"], h), "knn_z": knn_scores(state["train_z"], z)}
+
 
 @entry_point
 def main(argv=None):
-    # Self-check on the embedded data, and the SimCLR setting every method is measured against: load, augment,
-    # SimCLR (tau 0.5), kNN on the embedding layer h and on the projection z, beside the sanity baselines.
+    """SimCLR (tau 0.5) on the run's data, scored by cosine kNN on the embedding layer h and on the projection z,
+    beside the sanity baselines: a self-check of this module, and with a method's training flags that method's
+    plain SimCLR setting."""
     parser = argparse.ArgumentParser(description="SimCLR self-check of the shared module", parents=[arg_parser()])
     parser.set_defaults(epochs=1, subset=256, width=8, batch_size=64)
-    args = parse_args(parser, argv=argv)
+    args = parse_args(parser, argv=argv, other_data=dict(epochs=20, subset=0))
+    if args.score:
+        return score_later(args, "common")
     t_start = time.time()
     device = setup(args, "common")
     data = load_data(args)
-    model = Encoder(args.arch, width=args.width, init=args.init).to(device)
+    model = build_model(args).to(device)
     aug = simclr_augment(args, blur=True)
     x = data.train_x.to(device)
     train(model, lambda net, xb, idx, epoch: simclr_step(net, xb, aug, tau=0.5), x,
           TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt")))
     train_h, train_z = embed(model, x)
-    features = lambda imgs: embed(model, imgs.to(device))
-    scores = lambda t: dict(zip(("knn_h", "knn_z"), (knn_scores(r, f) for r, f in zip((train_h, train_z), features(t)))))
-    finish(args, "SimCLR", evaluate(scores, data.test_x, data.ood), data, device, t_start)
+    scorer = Scorer("common", args.run["settings"], model, {"train_h": train_h, "train_z": train_z})
+    return finish(args, "SimCLR", scorer, data, device, t_start)
 
 
 if __name__ == "__main__":
