@@ -304,7 +304,7 @@ def load_plain(path, what="weights file", map_location="cpu"):
         if "global" in str(e).lower():                  # the safe unpickler refused a Python object
             raise ValueError(f"{path} is not a plain {what}: it holds Python objects that loading would have to run, "
                              f"so it is refused; if you trust it, load it yourself (torch.load(path, "
-                             f"weights_only=False)) and torch.save its state_dict()") from None
+                             f"weights_only set to False) and torch.save its state_dict()") from None
         raise ValueError(f"{path} is not a readable {what} ({type(e).__name__})") from None
 
 

@@ -233,7 +233,7 @@ def test_restarted_schedule_gives_the_joint_stage_a_fresh_warmup_and_cosine(tmp_
     assert "ccl" not in lines[2] and "ccl" in lines[3]                                # L_self alone, then Eq. 8
     assert lrs(lines[:3]) == lrs(lines[3:])                                          # the same schedule again
     assert lrs(lines[:3]) == sorted(lrs(lines[:3]), reverse=True)
-    simclr = torch.load(tmp_path / "restart" / "simclr.pt", weights_only=False)
+    simclr = torch.load(tmp_path / "restart" / "simclr.pt", weights_only=True)
     assert simclr["epoch"] == 3
     ccl.main(flags + ["--schedule", "single", "--out", str(tmp_path / "single")])
     single = lrs(epoch_lines(capsys.readouterr().out))
@@ -253,7 +253,7 @@ def test_resume_keeps_the_clusters(tmp_path, capsys):
     args = TINY + ["--cluster-start", "1", "--cluster-every", "3", "--schedule", "single", "--out", str(tmp_path)]
     ccl.main(args + ["--epochs", "3"])
     assert kmeans_lines(capsys.readouterr().out) == ["epoch 2"]               # none in the warm-up epoch 1
-    saved = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["step"]
+    saved = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=True)["step"]
     assert saved["assign"].shape == (64,) and saved["centers"].shape[0] == 3 and saved["phi"].shape == (3,)
     ccl.main(args + ["--epochs", "5", "--resume"])     # epoch 4 trains on the restored clusters, K-means again at 5
     assert kmeans_lines(capsys.readouterr().out) == ["epoch 5"]
@@ -277,7 +277,7 @@ def test_presets_resolve_override_and_reach_the_checkpoint(tmp_path):
     assert ccl.PAPER["size"] == ccl.QUICK["size"] == 32                     # CIFAR-10 at its own size
     ccl.main(["--preset", "quick", "--dataset", "digits", "--epochs", "2", "--cluster-start", "1",
               "--out", str(tmp_path)] + TINY)
-    settings = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["run"]["settings"]
+    settings = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=True)["run"]["settings"]
     assert settings["cluster_every"] == ccl.QUICK["cluster_every"] and settings["clusters"] == 3
 
 

@@ -1,5 +1,6 @@
 """Tests of common.py against independent references: literal loops, scikit-learn, torchvision."""
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -309,7 +310,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights_and_step_state(tmp_pa
     full, full_step = tiny_run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         tiny_run(tmp_path / "b", step=CountingStep(kill_at=2))
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 2
     resumed, resumed_step = tiny_run(tmp_path / "b", resume=True)
     for (k, v), w in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v, w), k
@@ -669,7 +670,7 @@ def run_selfcheck(tmp_path, *argv):
         message = str(e.code)
     finally:
         sys.argv = old
-    files = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))} if out.exists() else {}
+    files = {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if (out / f).is_file()} if out.exists() else {}
     return message, files
 
 
@@ -704,9 +705,9 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, argv, message):
 def test_a_used_run_folder_is_refused_locked_and_resumed_only_with_the_same_settings(tmp_path):
     assert run_selfcheck(tmp_path)[0] is None
     message, files = run_selfcheck(tmp_path)
-    assert "holds another run (checkpoint.pt, results.json): add --resume to continue it, --overwrite" in message
+    assert "holds another run (checkpoint.pt, results.json, scorer.pt): add --resume to continue it, --overwrite" in message
     assert run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0] is None                 # a longer run: allowed
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert "has done 2 epochs, more than the 1 asked for now" in run_selfcheck(tmp_path, "--resume", "--epochs", "1")[0]
     message, after = run_selfcheck(tmp_path, "--resume", "--lr", "0.2", "--width", "4")
     assert "trained with other settings: --lr 0.1 -> 0.2; --width 2 -> 4" in message
@@ -720,7 +721,7 @@ def test_a_used_run_folder_is_refused_locked_and_resumed_only_with_the_same_sett
     (tmp_path / "run" / "checkpoint.pt.tmp12345").write_bytes(b"half a checkpoint")
     assert run_selfcheck(tmp_path, "--overwrite")[0] is None
     left = set(os.listdir(tmp_path / "run"))
-    assert left == {"checkpoint.pt", "results.json", "run.json"}, left                   # lock released, orphan gone
+    assert left == {"checkpoint.pt", "results.json", "run.json", "scorer.pt", "scores"}, left   # lock released, orphan gone
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["settings"]["lr"] == 0.1 and res["baselines"] == {} and "knn_h" in res["metrics"]
 
@@ -734,11 +735,13 @@ def test_a_read_only_run_folder_is_refused_before_training(tmp_path):
 
 
 def test_finish_writes_the_baselines_under_their_fixed_names(tmp_path):
-    args = args_for(tmp_path, "--size", "16")
-    args.run = {"script": "test", "settings": {}}
+    args = args_for(tmp_path, "--size", "16", "--width", "2")
+    args.run = {"script": "common", "settings": dict(vars(args))}
     data = common.load_data(args)
-    res = common.finish(args, "test", {"pixels": common.evaluate(lambda x: x.float().mean((1, 2, 3)), data.test_x, data.ood)},
-                        data, torch.device("cpu"), 0.0)
+    model = common.build_model(args)
+    train_h, train_z = common.embed(model, data.train_x)
+    scorer = common.Scorer("common", vars(args), model, {"train_h": train_h, "train_z": train_z})
+    res = common.finish(args, "test", scorer, data, torch.device("cpu"), 0.0)
     saved = json.load(open(tmp_path / "results.json"))
     assert set(saved["baselines"]) == {"pixels_knn", "random_init_knn"} and saved == json.loads(json.dumps(res))
     px = saved["baselines"]["pixels_knn"]["classes 6-9"]
@@ -765,3 +768,151 @@ def test_building_blocks_use_nothing_of_the_harness_and_never_exit():
     assert not calls & {"exit", "_exit", "fail"}, calls & {"exit", "_exit", "fail"}
     assert not any(isinstance(x, ast.Name) and x.id == "SystemExit" for n in top for x in ast.walk(n))
     assert len(top) > 40 and len(below) > 30                  # both halves are there
+
+
+# ---------------------------------------------------------------------------------------------- your own images
+
+def _digits_folder(root, splits=("train", "test"), classes=range(10), flat=False, per_class=12):
+    """Digits as PNG files: root/<split>/<class>/<i>.png (or root/<split>/<i>.png with flat), the first per_class
+    images of each class of that split."""
+    for split in splits:
+        x, y, _ = common.load_dataset("digits", train=split == "train")
+        for c in classes:
+            folder = root / split if flat else root / split / str(c)
+            os.makedirs(folder, exist_ok=True)
+            for i, img in enumerate(x[y == c][:per_class]):
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{c}_{i}.png")
+
+
+def test_folder_classes_come_from_train_and_sort_as_numbers(tmp_path):
+    _digits_folder(tmp_path / "set", per_class=2)
+    os.rename(tmp_path / "set" / "train" / "9", tmp_path / "set" / "train" / "10")     # folders 0-8 and 10
+    os.rename(tmp_path / "set" / "test" / "9", tmp_path / "set" / "test" / "10")
+    x, y, classes, names = common.load_dataset(f"folder:{tmp_path / 'set'}", True, str(tmp_path), names=True)
+    assert classes == ["0", "1", "2", "3", "4", "5", "6", "7", "8", "10"] and names[0] == os.path.join("0", "0_0.png")
+    assert y.tolist() == [c for c in range(10) for _ in range(2)] and names[-1] == os.path.join("10", "9_1.png")
+    import shutil
+    shutil.rmtree(tmp_path / "set" / "test" / "2")                                    # test/ lacks a class:
+    _, y_test, _ = common.load_dataset(f"folder:{tmp_path / 'set'}", False, str(tmp_path))
+    assert 2 not in y_test.tolist() and y_test.max() == 9                              # the numbers stay train/'s
+    _digits_folder(tmp_path / "more", splits=("test",), classes=[3], per_class=1)
+    os.rename(tmp_path / "more" / "test" / "3", tmp_path / "set" / "test" / "cat")     # a class training lacks
+    with pytest.raises(ValueError, match="class folders that the training folder lacks: cat"):
+        common.load_dataset(f"folder:{tmp_path / 'set'}", False, str(tmp_path))
+
+
+def selfcheck(tmp_path, *argv):
+    """common.py's main in this process -> its results, or the text of its one error line."""
+    try:
+        return common.main(["--data-root", str(tmp_path / "data"), "--size", "8", "--width", "2",
+                            "--batch-size", "16", "--no-baselines", *argv])
+    except SystemExit as e:
+        return str(e.code)
+
+
+def test_a_run_scores_every_image_and_scores_new_images_later_from_its_folder_alone(tmp_path):
+    _digits_folder(tmp_path / "ids", classes=range(6))
+    _digits_folder(tmp_path / "unseen", splits=("test",), classes=range(6, 10), flat=True, per_class=5)
+    os.rename(tmp_path / "unseen" / "test", tmp_path / "new")                        # a flat folder of new images
+    out = tmp_path / "run"
+    res = selfcheck(tmp_path, "--dataset", f"folder:{tmp_path / 'ids'}", "--id-classes", "0-3", "--out", str(out), "--epochs", "1",
+                    "--tpr", "0.9")
+    rows = list(csv.DictReader(open(out / "scores" / "id_test.csv")))
+    assert [r["image"] for r in rows] == [os.path.join(str(c), f) for c in range(4)
+                                          for f in sorted(f"{c}_{i}.png" for i in range(12))]   # files sort as text
+    held_out = list(csv.DictReader(open(out / "scores" / "classes_4-5.csv")))
+    assert len(held_out) == 24 and held_out[0]["image"] == os.path.join("4", "4_0.png")
+    accepted = np.mean([r["ood_knn_h"] == "0" for r in rows])
+    assert 0.9 <= accepted < 0.9 + 2 / len(rows) and set(res["thresholds"]) == {"knn_h", "knn_z"}
+    before = {f: (out / f).read_bytes() for f in ("results.json", "checkpoint.pt", "scorer.pt")}
+    os.rename(tmp_path / "ids", tmp_path / "moved")                                   # no training data any more
+    sets = selfcheck(tmp_path, "--out", str(out), "--score", f"folder:{tmp_path / 'moved' / 'test'}",
+                     f"folder:{tmp_path / 'new'}")
+    assert before == {f: (out / f).read_bytes() for f in before}                     # nothing of the run changed
+    again = list(csv.DictReader(open(out / "scored" / csv_name_of(tmp_path / "moved" / "test"))))
+    id_rows = {r["image"]: r for r in again}
+    assert all(abs(float(id_rows[r["image"]]["knn_h"]) - float(r["knn_h"])) < 1e-5 for r in rows)
+    assert all(id_rows[r["image"]]["ood_knn_h"] == r["ood_knn_h"] for r in rows)
+    new = list(csv.DictReader(open(out / "scored" / csv_name_of(tmp_path / "new"))))
+    assert len(new) == len(sets[f"folder:{tmp_path / 'new'}"]["knn_h"]) == 20 and new[0]["image"] == "6_0.png"
+    scorer = common.Scorer.load(str(out))                                             # from Python
+    scores, is_ood = scorer(common.load_dataset(f"folder:{tmp_path / 'new'}", root=str(tmp_path))[0])
+    assert torch.allclose(scores["knn_h"], torch.tensor([float(r["knn_h"]) for r in new]), atol=1e-6)
+    assert is_ood["knn_h"].tolist() == [r["ood_knn_h"] == "1" for r in new]
+    os.remove(out / "scorer.pt")
+    assert "a run that is not finished yet (no scorer.pt): finish it with --resume" in selfcheck(
+        tmp_path, "--out", str(out), "--score", "digits")
+    assert "holds no finished run" in selfcheck(tmp_path, "--out", str(tmp_path / "nowhere"), "--score", "digits")
+
+
+def csv_name_of(path):
+    return common.csv_name(f"folder:{path}")
+
+
+def test_an_unlabeled_folder_trains_and_asks_for_an_ood_set_before_any_work(tmp_path):
+    _digits_folder(tmp_path / "flat", classes=range(3), flat=True, per_class=10)
+    message = selfcheck(tmp_path, "--dataset", f"folder:{tmp_path / 'flat'}", "--out", str(tmp_path / "r"))
+    assert message.startswith("error: no OOD set: every image of folder:") and not (tmp_path / "r").exists()
+    assert not (tmp_path / "data").exists()                                           # nothing decoded
+    assert "--id-classes 0-1: expected nothing" in selfcheck(tmp_path, "--dataset", f"folder:{tmp_path / 'flat'}",
+                                                             "--id-classes", "0-1", "--ood", "digits")
+    res = selfcheck(tmp_path, "--dataset", f"folder:{tmp_path / 'flat'}", "--ood", "interp:digits",
+                    "--out", str(tmp_path / "r"), "--epochs", "1")
+    assert set(res["metrics"]["knn_h"]) == {"interp:digits"}
+    assert len(list(open(tmp_path / "r" / "scores" / "interp_digits.csv"))) == 1 + 260
+
+
+def test_ood_sets_of_in_distribution_images_are_refused_and_repeated_flags_add_up(tmp_path):
+    assert "--ood digits: 211 of its 360 images are in-distribution images" in selfcheck(
+        tmp_path, "--ood", "digits", "--out", str(tmp_path / "r"))
+    args = args_for(tmp_path, "--ood", "interp:digits", "--ood", "digits", "cifar10")
+    assert args.ood == ["interp:digits", "digits", "cifar10"]
+
+
+def test_defaults_follow_the_data_and_help_shows_them(tmp_path, capsys):
+    parser = lambda: argparse.ArgumentParser(parents=[common.arg_parser()])
+    digits = common.parse_args(parser(), argv=[])
+    other = common.parse_args(parser(), argv=["--dataset", "cifar10"])
+    paper = common.parse_args(parser(), {"paper": {"width": 32}}, argv=["--dataset", "cifar10", "--preset", "paper"])
+    assert (digits.size, other.size, other.width, paper.width) == (32, 32, 64, 32)
+    assert other.sources["width"] == "default off digits" and paper.sources["width"] == "preset paper"
+    with pytest.raises(SystemExit):
+        common.parse_args(parser(), {"paper": {"width": 32}}, argv=["--help"])
+    assert "[default 16; off digits 64; --preset paper 32]" in " ".join(capsys.readouterr().out.split())
+
+
+def test_library_calls_raise_exceptions_never_system_exit(tmp_path):
+    for call in (lambda: common.kmeans(torch.randn(3, 2), 5), lambda: common.knn(torch.randn(3, 2), torch.randn(2, 2), 3),
+                 lambda: common.build_backbone("resnet7"), lambda: common.threshold_at(torch.ones(3), 1.5),
+                 lambda: common.Scorer.load(str(tmp_path)), lambda: common.load_dataset("mnist")):
+        with pytest.raises(ERROR):
+            call()
+
+
+def test_a_file_that_would_run_code_on_loading_is_refused_everywhere(tmp_path):
+    marker = tmp_path / "marker"
+    (tmp_path / "evil.pt").write_bytes(b"")
+    torch.save({"model": RunsCode(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt is not a plain weights file: it holds Python objects"):
+        common.load_weights(common.Encoder(width=2), str(tmp_path / "evil.pt"))
+    out = tmp_path / "run"
+    selfcheck(tmp_path, "--out", str(out), "--subset", "32")
+    torch.save({"model": RunsCode(str(marker)), "epoch": 1, "run": {}}, out / "checkpoint.pt")
+    message = selfcheck(tmp_path, "--out", str(out), "--subset", "32", "--resume", "--epochs", "2")
+    assert message.startswith("error: ") and "checkpoint.pt is not a plain checkpoint" in message
+    torch.save({"script": "common", "model": RunsCode(str(marker))}, out / "scorer.pt")
+    message = selfcheck(tmp_path, "--out", str(out), "--score", "digits")
+    assert message.startswith("error: ") and "scorer.pt is not a plain scorer file" in message
+    assert not marker.exists()
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert not [f for f in os.listdir(here) if f.endswith(".py") and "weights_only=" + "False" in open(os.path.join(here, f)).read()]
+
+
+class RunsCode:
+    """An object whose unpickling creates a file: what a malicious .pt could do instead."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

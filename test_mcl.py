@@ -285,7 +285,7 @@ def tiny_run(tmp_path, *flags):
 
 def test_run_records_the_resolved_preset_and_resumes_with_another_reading(tmp_path):
     out = mcl.main(tiny_run(tmp_path, "--preset", "quick", "--dataset", "digits", "--sei", "4"))
-    settings = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["run"]["settings"]
+    settings = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=True)["run"]["settings"]
     assert settings["lr"] == mcl.QUICK["lr"] and settings["width"] == 4 and settings["dataset"] == "digits"
     assert "sei" not in settings                                                    # evaluation only
     saved = json.load(open(os.path.join(tmp_path, "results.json")))

@@ -200,7 +200,7 @@ def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings
     assert set(res["metrics"]) == {"norm", "ensemble", "mean_sq_norm"}
     assert set(res["metrics"]["ensemble"]) == {"classes 8-9"} and set(res["baselines"]["pixels_knn"]) == {"classes 8-9"}
     assert 0 <= res["metrics"]["ensemble"]["classes 8-9"]["auroc"] <= 100
-    run = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["run"]
+    run = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["run"]
     assert run["script"] == "oecl" and run["settings"]["oe"] == "digits" and run["settings"]["self_oe"] is False
     assert "n_aug" not in run["settings"]                               # evaluation only: may change on --resume
 

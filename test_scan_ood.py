@@ -414,7 +414,7 @@ def test_digits_end_to_end_beats_chance_and_resume_loads_the_finished_stages(tmp
     assert auroc > 50, res["metrics"]                                   # chance; this budget is a path check
     assert res["cluster_accuracy"]["scan"] > 25, res["cluster_accuracy"]        # chance: ~17% (6 classes)
     assert 1 <= res["selected_epoch"] <= 5 and 0 <= res["selected_head"] < 2
-    settings = torch.load(out / "pretext.pt", weights_only=False)["run"]["settings"]
+    settings = torch.load(out / "pretext.pt", weights_only=True)["run"]["settings"]
     assert settings["scan_epochs"] == 5 and settings["weight_decay"] == 1e-4 and settings["width"] == 8
     saved = json.load(open(out / "results.json"))
     assert saved["config"]["selflabel_batch_size"] == 128 and saved["metrics"] == res["metrics"]
