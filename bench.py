@@ -30,6 +30,64 @@ Rows and targets:
                  StrongAugment <= 2 x SimCLRAugment's launches per call
 10 compile       graph breaks of torch.compile on each whole step (augmentation + model + loss): 0 for SimCLR,
                  CCL, OECL
+
+The floor. A CIFAR ResNet-18 (width 64) costs 1.11 GFLOP forward and 3.33 GFLOP forward + backward per 32 x 32 view
+(PyTorch's FLOP counter), so a SimCLR epoch on CIFAR-10 (2 views x 50,000 images) is 331 TFLOP: 0.33 s at an H100's
+or H200's dense bf16 peak (989 TFLOP/s). Row 8 measures the epoch on a GPU as a multiple of that floor; it has not
+been run on a GPU yet.
+
+Measured with `OMP_NUM_THREADS=1 python bench.py --quick --rows R` on a 2-core AMD EPYC shared with other jobs, one
+thread, CIFAR ResNet-18 at width 16 (rows 1-6: ratios of interleaved medians; rows 9-10: exact counts; rows 7 and 8
+need --cifar10 PATH and CUDA and were not run):
+
+ # measurement                                                       measured                       target                          met
+ 1 augmentation: SimCLRAugment vs per-image PIL                      4.07x                          >= 5x                           NO
+ 2 training step: SimCLR (common.simclr_step)                        0.924                          >= 0.85                         yes
+ 2 training step: CCL joint stage (ccl.CCLStep, LARS)                0.904                          >= 0.85                         yes
+ 2 training step: MCL (mcl.mcl_step, 4 rotations)                    0.951                          >= 0.85                         yes
+ 2 training step: OECL (oecl.oecl_step, 2 views of ID and outliers)  0.972                          >= 0.85                         yes
+ 2 training step: self-OECL (oecl.self_oecl_step, rotations)         1.042                          >= 0.85                         yes
+ 2 training step: SCAN stage (scan_ood.scan_step, StrongAugment)     0.777                          >= 0.85                         NO
+ 2 training step: self-labelling (scan_ood.selflabel_step)           1.560                          >= 0.85                         yes
+ 3 loss overhead: SimCLR NT-Xent                                     0.21%                          < 5%                            yes
+ 3 loss overhead: CCL cluster losses (Eq. 4, 6)                      0.37%                          < 5%                            yes
+ 3 loss overhead: MCL CCM + SPA (Eq. 4-10)                           0.55%                          < 5%                            yes
+ 3 loss overhead: OECL loss (Eq. 12)                                 0.07%                          < 5%                            yes
+ 3 loss overhead: SCAN loss                                          0.02%                          < 5%                            yes
+ 4 K-means k=10: common.kmeans vs sklearn                            0.70x, inertia 0.9996          > 1x, inertia <= 1.01           NO
+ 4 K-means k=100: common.kmeans vs sklearn                           1.16x, inertia 0.9878          > 1x, inertia <= 1.01           yes
+ 4 K-means seeding: failures over 30 seeds, ours vs sklearn          2/30 vs 8/30                   ours <= sklearn                 yes
+ 5 kNN: common.knn_scores vs sklearn brute cosine                    4.38x, peak 287 MiB            > 1x, same top-1, peak < 1 GiB  yes
+ 5 kNN: ccl.score_cos vs sklearn brute cosine                        4.57x, peak 311 MiB            > 1x, same top-1, peak < 1 GiB  yes
+ 6 ensemble: OECL ensemble score, clean + 32 augmentations           33.1x = 1.00 per view          <= 36.3x (1.1 per view)         yes
+ 6 ensemble: MCL SEI, 8 views (4 rotations x mirror), Mahalanobis    8.5x = 1.07 per view           <= 8.8x (1.1 per view)          yes
+ 9 per step: SimCLR (common.simclr_step)                             0 syncs, 328 launches (1.83x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: CCL joint stage (ccl.CCLStep, LARS)                     0 syncs, 471 launches (2.63x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: MCL (mcl.mcl_step, 4 rotations)                         0 syncs, 514 launches (2.87x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: OECL (oecl.oecl_step, 2 views of ID and outliers)       0 syncs, 345 launches (1.93x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: self-OECL (oecl.self_oecl_step, rotations)              0 syncs, 358 launches (2.00x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: SCAN stage (scan_ood.scan_step, StrongAugment)          0 syncs, 660 launches (3.82x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: self-labelling (scan_ood.selflabel_step)                0 syncs, 503 launches (2.91x)  0 syncs, <= 1.3x bare           NO
+ 9 per call: StrongAugment vs SimCLRAugment (blur on)                0 syncs, 224 vs 133 launches   0 syncs, <= 2x                  yes
+10 compile: SimCLR (common.simclr_step)                              0 graph breaks                 0                               yes
+10 compile: CCL joint stage (ccl.CCLStep, LARS)                      0 graph breaks                 0                               yes
+10 compile: MCL (mcl.mcl_step, 4 rotations)                          0 graph breaks                 reported                        -
+10 compile: OECL (oecl.oecl_step, 2 views of ID and outliers)        0 graph breaks                 0                               yes
+10 compile: self-OECL (oecl.self_oecl_step, rotations)               0 graph breaks                 reported                        -
+10 compile: SCAN stage (scan_ood.scan_step, StrongAugment)           0 graph breaks                 reported                        -
+10 compile: self-labelling (scan_ood.selflabel_step)                 0 graph breaks                 reported                        -
+
+Rows 1-6 and 9-10 come from OMP_NUM_THREADS=1 python bench.py --quick --rows R in three runs on the loaded
+machine (rows 1 and 4 together, rows 2-3, 6, 9-10 together, row 5 alone); rows 7 (needs --cifar10 PATH) and 8
+(needs CUDA) were not run. Timed ratios from one quick sample move by ±15% with the machine's load. The misses:
+- Row 1: 4.1x in this run (10,356 vs 2,546 images/s); SimCLRAugment's own time did not change with this
+  version's edits (52 vs 50 ms per 512 images against the previous version, timed side by side), so the PIL side
+  ran faster here than in earlier runs (7.3x).
+- Row 2, SCAN: StrongAugment is 224 elementwise launches on 256 images per call on one CPU thread: 0.78.
+- Row 4, k = 10: our k-means++ (twice scikit-learn's candidates) started from other centres and ran 31 Lloyd
+  iterations against scikit-learn's 20; per iteration it is the faster (61 vs 66 ms). Its inertia is the lower.
+- Row 9: no step makes a host sync, but every step launches 1.8-3.8x the bare backbone step in eager mode; see
+  above. torch.compile traces every step without a graph break (row 10).
 """
 import argparse
 import collections
