@@ -65,117 +65,6 @@ import torch.nn.functional as F
 
 import common
 
-# ----------------------------------------------------------------------------------------------
-# Presets: --preset NAME; explicit flags win.
-
-PAPER = dict(
-    dataset="cifar10",            # paper: Sec. 4, the unlabeled CIFAR-10 train set as ID
-    ood=["svhn", "lsun_resize", "imagenet_resize", "cifar100", "interp:cifar10"],  # paper: Table 1 (the *_fix sets
-                                  # exist only on Google Drive: add them as folder:PATH)
-    size=32,                      # paper: Sec. 4, CIFAR-10's 32 x 32 (the digits default is 16)
-    arch="resnet18", width=64,    # paper: Sec. 4, ResNet-18
-    epochs=2000,                  # paper: Sec. 4, 1000 warm-up-stage epochs + 1000 joint epochs
-    cluster_start=1000,           # paper: Sec. 4 / Table 4, the warm-up stage (L_self alone)
-    schedule="restart",           # paper: Sec. 4 / Table 4 (ambiguity: resolved at --schedule)
-    cluster_every=10,             # paper: Table 4, centres updated every 10 epochs
-    clusters=10,                  # paper: Sec. 4 / Table 5
-    cluster_layer="embedding",    # paper: Table 3
-    batch_size=128,               # paper: Sec. 4
-    # ambiguity: Sec. 4 says "learning rate 0.1 ... same with CSI"; CSI's code wraps its SGD(lr 0.1) in a warm-up
-    # scheduler with multiplier 10, so its learning rate rises from 0.1 to 1.0 and anneals from 1.0; the 0.1 is
-    # that base value. We follow the code: the peak is 1.0.
-    lr=1.0,                       # public code: CSI, 0.1 x warm-up multiplier 10
-    warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up (CSI's code: 10, starting at 0.1)
-    final_lr=0.0,                 # public code: CSI's CosineAnnealingLR anneals to 0
-    optimizer="lars",             # public code: CSI wraps SGD in LARS (trust 0.001); CSI's adapts every parameter,
-                                  # common.LARS leaves BatchNorm and biases out (the docstring's deviations)
-    momentum=0.9,                 # public code: CSI's SGD
-    weight_decay=1e-6,            # public code: CSI's SGD
-    tau=0.5,                      # public code: CSI's NT-Xent temperature; the paper gives no value
-    lam=0.5,                      # ours: the paper does not state lambda of Eq. 8
-    alpha=10.0,                   # public code: PCL's smoothing of Eq. 5; the paper gives no value
-    phi="pcl",                    # public code: PCL's rescaling of Eq. 5 (ambiguity: resolved in CCLStep)
-    ccl_form="softmax",           # public code: PCL's ProtoNCE (ambiguity: resolved at cluster_center_loss)
-    n_aug=10,                     # public code: CSI's README, --ood_samples 10 --resize_factor 0.54 --resize_fix
-    score_k=10,                   # ours: the paper does not state K of Eq. 10
-    score_layer="projection",     # paper: Eq. 9-10 score Z, the projection layer
-)
-
-QUICK = dict(
-    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
-    size=32,                      # paper: CIFAR-10's own size (the digits default is 16)
-    epochs=20, cluster_start=10, cluster_every=2,   # ours: half warm-up stage, 5 K-means updates in the joint stage
-    clusters=6,                   # ours: the number of ID classes, as the paper's 10 for CIFAR-10 (Table 5)
-)
-
-PRESETS = {"paper": PAPER, "quick": QUICK}
-
-PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour distortion, plus Gaussian blur
-CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's --resize_factor 0.54 --resize_fix, each test-time crop 54%
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: build_parser() and check_args(), every flag checked before any work.
-
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
-    g = parser.add_argument_group("ccl")
-    g.add_argument("--cluster-start", type=int, default=10,
-                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
-    g.add_argument("--cluster-every", type=int, default=3,
-                   help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
-    # ambiguity: Sec. 4 / Table 4 say "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50
-    # epoch warm-up, same with CSI": one schedule over both stages, or one per stage. Restart: each stage is a CSI run
-    # of its own, and Table 4's warm-up is a SimCLR model "trained for 1000 epochs in advance"; one cosine over
-    # 2000 epochs would start clustering from a half-annealed model and make --lam 0 a 2000-epoch SimCLR.
-    g.add_argument("--schedule", default="restart", choices=["restart", "single"],
-                   help="restart: each stage its own learning-rate warm-up and cosine; single: one over both stages")
-    g.add_argument("--simclr-weights", default=None,
-                   help="start the joint stage from this SimCLR model (a checkpoint of these scripts or a state "
-                        "dict of the same encoder) instead of training the warm-up stage; needs --schedule restart")
-    g.add_argument("--clusters", type=int, default=6, help="K-means centres R (paper: 10 on CIFAR-10)")
-    g.add_argument("--cluster-layer", default="embedding", choices=["embedding", "projection"],
-                   help="where K-means runs and the cluster losses apply (Table 3)")
-    g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
-    g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
-    g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5, PCL's 10)")
-    g.add_argument("--phi", default="pcl", choices=["pcl", "eq5"],
-                   help="pcl: Eq. 5 clipped to its 10th-90th percentile and scaled to mean --tau, as PCL's code; "
-                        "eq5: Eq. 5 as printed")
-    g.add_argument("--ccl-form", default="softmax", choices=["softmax", "decoupled"],
-                   help="Eq. 4's denominator: every centre (softmax, as PCL's ProtoNCE) or the other centres only "
-                        "(decoupled, as printed)")
-    g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
-    g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
-    g.add_argument("--score-layer", default="embedding", choices=["embedding", "projection"],
-                   help="the features Eq. 9-10 score: z (projection, as the paper) or h (embedding)")
-    g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
-    g.add_argument("--n-aug", type=int, default=0,
-                   help="CSI's test-time ensemble: average the features of T augmented views (paper: 10; 0 = clean)")
-    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a small ResNet-18.
-    parser.set_defaults(size=16, width=8, epochs=20, batch_size=64, lr=0.1)
-    return parser
-
-
-def check_args(args):
-    common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
-    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
-    common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
-    common.check(args.clusters >= 2, "--clusters", args.clusters, "an integer >= 2 (Eq. 4 needs other centres)")
-    common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
-    common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
-    common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
-    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
-    clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
-    common.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
-                 f"at most --epochs {args.epochs} (--epochs counts both stages)")
-    common.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
-                 f"fewer than --epochs {args.epochs}: no joint stage is left")
-    if args.simclr_weights is not None:
-        common.check(os.path.isfile(args.simclr_weights), "--simclr-weights", args.simclr_weights, "an existing file")
-        common.check(args.schedule == "restart", "--simclr-weights", args.simclr_weights,
-                     "--schedule restart (the joint stage then runs its own schedule)")
-
 
 # ----------------------------------------------------------------------------------------------
 # Losses: L_self is common.nt_xent on z (Eq. 2-3). h: 2N x d features of the views, row i and i + N one image.
@@ -387,6 +276,118 @@ def score_stage(model, data, args, device):
     train_f = feats(data.train_x)
     scores = lambda f: {"score_cos": score_cos(train_f, f), "score_var": score_var(train_f, f, args.score_k)}
     return common.evaluate(scores, feats(data.test_x), {name: feats(v) for name, v in data.ood.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: --preset NAME; explicit flags win.
+
+PAPER = dict(
+    dataset="cifar10",            # paper: Sec. 4, the unlabeled CIFAR-10 train set as ID
+    ood=["svhn", "lsun_resize", "imagenet_resize", "cifar100", "interp:cifar10"],  # paper: Table 1 (the *_fix sets
+                                  # exist only on Google Drive: add them as folder:PATH)
+    size=32,                      # paper: Sec. 4, CIFAR-10's 32 x 32 (the digits default is 16)
+    arch="resnet18", width=64,    # paper: Sec. 4, ResNet-18
+    epochs=2000,                  # paper: Sec. 4, 1000 warm-up-stage epochs + 1000 joint epochs
+    cluster_start=1000,           # paper: Sec. 4 / Table 4, the warm-up stage (L_self alone)
+    schedule="restart",           # paper: Sec. 4 / Table 4 (ambiguity: resolved at --schedule)
+    cluster_every=10,             # paper: Table 4, centres updated every 10 epochs
+    clusters=10,                  # paper: Sec. 4 / Table 5
+    cluster_layer="embedding",    # paper: Table 3
+    batch_size=128,               # paper: Sec. 4
+    # ambiguity: Sec. 4 says "learning rate 0.1 ... same with CSI"; CSI's code wraps its SGD(lr 0.1) in a warm-up
+    # scheduler with multiplier 10, so its learning rate rises from 0.1 to 1.0 and anneals from 1.0; the 0.1 is
+    # that base value. We follow the code: the peak is 1.0.
+    lr=1.0,                       # public code: CSI, 0.1 x warm-up multiplier 10
+    warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up (CSI's code: 10, starting at 0.1)
+    final_lr=0.0,                 # public code: CSI's CosineAnnealingLR anneals to 0
+    optimizer="lars",             # public code: CSI wraps SGD in LARS (trust 0.001); CSI's adapts every parameter,
+                                  # common.LARS leaves BatchNorm and biases out (the docstring's deviations)
+    momentum=0.9,                 # public code: CSI's SGD
+    weight_decay=1e-6,            # public code: CSI's SGD
+    tau=0.5,                      # public code: CSI's NT-Xent temperature; the paper gives no value
+    lam=0.5,                      # ours: the paper does not state lambda of Eq. 8
+    alpha=10.0,                   # public code: PCL's smoothing of Eq. 5; the paper gives no value
+    phi="pcl",                    # public code: PCL's rescaling of Eq. 5 (ambiguity: resolved in CCLStep)
+    ccl_form="softmax",           # public code: PCL's ProtoNCE (ambiguity: resolved at cluster_center_loss)
+    n_aug=10,                     # public code: CSI's README, --ood_samples 10 --resize_factor 0.54 --resize_fix
+    score_k=10,                   # ours: the paper does not state K of Eq. 10
+    score_layer="projection",     # paper: Eq. 9-10 score Z, the projection layer
+)
+
+QUICK = dict(
+    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
+    size=32,                      # paper: CIFAR-10's own size (the digits default is 16)
+    epochs=20, cluster_start=10, cluster_every=2,   # ours: half warm-up stage, 5 K-means updates in the joint stage
+    clusters=6,                   # ours: the number of ID classes, as the paper's 10 for CIFAR-10 (Table 5)
+)
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour distortion, plus Gaussian blur
+CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's --resize_factor 0.54 --resize_fix, each test-time crop 54%
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: build_parser() and check_args(), every flag checked before any work.
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = parser.add_argument_group("ccl")
+    g.add_argument("--cluster-start", type=int, default=10,
+                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
+    g.add_argument("--cluster-every", type=int, default=3,
+                   help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
+    # ambiguity: Sec. 4 / Table 4 say "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50
+    # epoch warm-up, same with CSI": one schedule over both stages, or one per stage. Restart: each stage is a CSI run
+    # of its own, and Table 4's warm-up is a SimCLR model "trained for 1000 epochs in advance"; one cosine over
+    # 2000 epochs would start clustering from a half-annealed model and make --lam 0 a 2000-epoch SimCLR.
+    g.add_argument("--schedule", default="restart", choices=["restart", "single"],
+                   help="restart: each stage its own learning-rate warm-up and cosine; single: one over both stages")
+    g.add_argument("--simclr-weights", default=None,
+                   help="start the joint stage from this SimCLR model (a checkpoint of these scripts or a state "
+                        "dict of the same encoder) instead of training the warm-up stage; needs --schedule restart")
+    g.add_argument("--clusters", type=int, default=6, help="K-means centres R (paper: 10 on CIFAR-10)")
+    g.add_argument("--cluster-layer", default="embedding", choices=["embedding", "projection"],
+                   help="where K-means runs and the cluster losses apply (Table 3)")
+    g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
+    g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
+    g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5, PCL's 10)")
+    g.add_argument("--phi", default="pcl", choices=["pcl", "eq5"],
+                   help="pcl: Eq. 5 clipped to its 10th-90th percentile and scaled to mean --tau, as PCL's code; "
+                        "eq5: Eq. 5 as printed")
+    g.add_argument("--ccl-form", default="softmax", choices=["softmax", "decoupled"],
+                   help="Eq. 4's denominator: every centre (softmax, as PCL's ProtoNCE) or the other centres only "
+                        "(decoupled, as printed)")
+    g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
+    g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
+    g.add_argument("--score-layer", default="embedding", choices=["embedding", "projection"],
+                   help="the features Eq. 9-10 score: z (projection, as the paper) or h (embedding)")
+    g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
+    g.add_argument("--n-aug", type=int, default=0,
+                   help="CSI's test-time ensemble: average the features of T augmented views (paper: 10; 0 = clean)")
+    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a small ResNet-18.
+    parser.set_defaults(size=16, width=8, epochs=20, batch_size=64, lr=0.1)
+    return parser
+
+
+def check_args(args):
+    common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
+    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
+    common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
+    common.check(args.clusters >= 2, "--clusters", args.clusters, "an integer >= 2 (Eq. 4 needs other centres)")
+    common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
+    common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
+    common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
+    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
+    clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
+    common.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
+                 f"at most --epochs {args.epochs} (--epochs counts both stages)")
+    common.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
+                 f"fewer than --epochs {args.epochs}: no joint stage is left")
+    if args.simclr_weights is not None:
+        common.check(os.path.isfile(args.simclr_weights), "--simclr-weights", args.simclr_weights, "an existing file")
+        common.check(args.schedule == "restart", "--simclr-weights", args.simclr_weights,
+                     "--schedule restart (the joint stage then runs its own schedule)")
 
 
 # ----------------------------------------------------------------------------------------------
