@@ -110,11 +110,27 @@ def cluster_center_loss(h, centers, assign, phi, form="softmax"):
     return (torch.logsumexp(logits, dim=1) - positive).mean()
 
 
+@common.float32
+def supcon(z, labels, tau=0.1):
+    """Supervised contrastive loss (Khosla et al. 2020, Eq. 2, L_out): for each anchor, the mean over its positives
+    (same label, not itself) of -log softmax over all other views. Anchors without a positive contribute nothing;
+    the mean is over anchors that have one (0 if none do). Under torch.distributed, over the views of all ranks.
+    Branch-free (no `if`, no boolean indexing): no host sync."""
+    z, labels = F.normalize(common.all_gather(z), dim=1), common.all_gather(labels)
+    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))                     # the anchor itself: never a term
+    log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).nan_to_num(neginf=0.0)
+    pos = (labels[:, None] == labels[None, :]).fill_diagonal_(False)
+    n_pos = pos.sum(1)
+    per_anchor = -(log_prob * pos).sum(1) / n_pos.clamp_min(1)
+    has = (n_pos > 0).float()
+    return (per_anchor * has).sum() / has.sum().clamp_min(1)
+
+
 def cluster_instance_loss(h, assign, tau=0.5):
     """Eq. 6: SupCon on the 2N views with cluster ids as labels: the views of the same cluster are positives,
     all other views the denominator. A view alone in its cluster contributes nothing (cannot happen when both
     views of an image share its id, as in training)."""
-    return common.supcon(h, assign, tau)
+    return supcon(h, assign, tau)
 
 
 def ccl_loss(l_self, l_ccl, l_cil, lam):

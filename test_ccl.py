@@ -1,4 +1,4 @@
-"""Tests of ccl.py: each loss against a literal loop over the paper's equation (values and gradients), PCL's
+"""Tests of ccl.py: each loss (SupCon, Eq. 4-6) against a literal loop over its equation (values and gradients), PCL's
 rescaling of phi against a literal computation, CCLStep without host syncs, both schedules, --resume, both scores
 against brute force, the test-time ensemble, presets, bad input, a digits run."""
 import json
@@ -118,6 +118,54 @@ def test_cluster_instance_loss_matches_eq6_loop():
     torch.testing.assert_close(grads(fast, [h])[0], grads(slow, [h])[0])
 
 
+def literal_supcon(z, labels, tau):
+    """Khosla et al. Eq. 2 (L_out), one anchor and one positive at a time; anchors without positives skipped."""
+    z = z / z.norm(dim=1, keepdim=True)
+    losses = []
+    for i in range(len(z)):
+        pos = [p for p in range(len(z)) if p != i and labels[p] == labels[i]]
+        if not pos:
+            continue
+        denom = sum(torch.exp(z[i] @ z[a] / tau) for a in range(len(z)) if a != i)
+        losses.append(-sum(torch.log(torch.exp(z[i] @ z[p] / tau) / denom) for p in pos) / len(pos))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_supcon_matches_literal_values_and_gradients(tau):
+    z = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2, 0, 3, 0, 1, 1, 2, 0, 4])                 # 4: a view with no positive
+    ours, ref = ccl.supcon(z, labels, tau), literal_supcon(z, labels, tau)
+    assert torch.allclose(ours.double(), ref, atol=1e-5)
+    g1, = torch.autograd.grad(ours, z)
+    g2, = torch.autograd.grad(ref, z)
+    assert torch.allclose(g1.double(), g2, atol=1e-5)
+    assert torch.allclose(common.nt_xent(z, tau), ccl.supcon(z, torch.arange(12) % 6, tau))  # SimCLR = SupCon on ids
+
+
+def test_supcon_stable_in_bf16_and_without_positives():
+    z = (100 * torch.randn(64, 16)).bfloat16()
+    assert torch.isfinite(ccl.supcon(z, torch.arange(64) % 3, 0.05))
+    zg = torch.randn(4, 3, requires_grad=True)
+    loss = ccl.supcon(zg, torch.arange(4), 0.1)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(zg.grad).all()
+
+
+def test_supcon_runs_in_float32_under_bf16_autocast():
+    z = torch.randn(32, 16, requires_grad=True)
+    labels = torch.arange(32) % 5
+    ref = ccl.supcon(z, labels, 0.1)
+    g_ref, = torch.autograd.grad(ref, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ccl.supcon(z, labels, 0.1)                  # without the float32 guard z @ z.T would run in bf16
+        from_bf16 = ccl.supcon(z.bfloat16(), labels, 0.1)  # a bf16 input: the loss of its float32 value
+    g, = torch.autograd.grad(out, z)
+    assert out.dtype == torch.float32 and from_bf16.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-5)
+    assert torch.allclose(from_bf16, ccl.supcon(z.bfloat16().float(), labels, 0.1), atol=1e-5)
+
+
 def test_total_loss_eq7_eq8_and_ablations():
     l_self, l_ccl, l_cil = torch.tensor(2.0), torch.tensor(1.0), torch.tensor(4.0)
     assert ccl.ccl_loss(l_self, l_ccl, l_cil, 0.5) == pytest.approx(0.5 * 2 + 0.5 * (1 + 4) / 2)
@@ -148,6 +196,13 @@ def test_ccl_step_makes_no_host_sync(form):
             loss.backward()
         assert c.syncs == 0, c.sync_ops
         assert set(logs) == terms and torch.isfinite(loss)
+
+
+def test_supcon_makes_no_host_sync():
+    z, labels = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])   # made outside: a copy from Python data
+    with common.DispatchCounter() as c:
+        ccl.supcon(z, labels)
+    assert c.syncs == 0, c.sync_ops
 
 
 def test_ccl_step_state_round_trip_and_schedule_of_updates(capsys):
