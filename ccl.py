@@ -39,8 +39,12 @@ code is the official one. Every choice is marked "ambiguity:" where it is resolv
                  |                       | multiplier 10 = 1.0     |                         | --lr_init
     lr warm-up   | 50 epochs             | CSI: 10 epochs, from    | 50 epochs, linear from  | the paper's length;
                  |                       | 0.1 x the peak          | ~0                      | common's warm-up
-    LARS         | (CSI's)               | torchlars: every        | BatchNorm and biases    | common.LARS (as
-                 |                       | parameter               | outside LARS            | solo-learn)
+    LARS scope   | (CSI's)               | torchlars: every        | every parameter (preset | CSI's. solo-learn's form
+                 |                       | parameter, BatchNorm    | --lars-scope all);      | moves a BatchNorm weight
+                 |                       | weights and biases too  | weights: solo-learn's,  | 15.7 x and a Linear bias
+                 |                       |                         | 1-d parameters plain    | ~1,900 x as far in one
+                 |                       |                         | SGD                     | step; conv and linear
+                 |                       |                         |                         | weights move equally
     K-means      | on h                  | PCL: faiss, on          | spherical, on           | Eq. 4-5 compare by
                  |                       | normalised features     | normalised features     | cosine
     Eq. 9's norm | the training          | CSI: the test feature's | CSI's                   | Eq. 9 cites CSI
@@ -316,8 +320,8 @@ PAPER = dict(
     lr=1.0,                       # public code: CSI, 0.1 x warm-up multiplier 10
     warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up (CSI's code: 10, starting at 0.1)
     final_lr=0.0,                 # public code: CSI's CosineAnnealingLR anneals to 0
-    optimizer="lars",             # public code: CSI wraps SGD in LARS (trust 0.001); CSI's adapts every parameter,
-                                  # common.LARS leaves BatchNorm and biases out (the docstring's deviations)
+    optimizer="lars",             # public code: CSI wraps SGD in torchlars' LARS (trust coefficient 0.001)
+    lars_scope="all",             # public code: torchlars adapts every parameter, BatchNorm weights and biases too
     momentum=0.9,                 # public code: CSI's SGD
     weight_decay=1e-6,            # public code: CSI's SGD
     tau=0.5,                      # public code: CSI's NT-Xent temperature; the paper gives no value
