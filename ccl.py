@@ -15,6 +15,25 @@ nearest training images (Eq. 10).
     python ccl.py --preset paper                    # Sec. 4: ResNet-18, 1000 + 1000 epochs, CIFAR-10 vs Table 1's sets
     python ccl.py --preset paper --simclr-weights runs/simclr/simclr.pt   # the joint stage from a SimCLR model
 
+Use it in your code:
+
+    import torch, common, ccl
+    from types import SimpleNamespace
+    s = SimpleNamespace(arch="resnet18", width=4, init="pytorch", size=16, score_layer="embedding", score_k=3,
+                        n_aug=2)                                           # the run's settings
+    model = ccl.build_model(s)
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)        # unlabelled training images
+    step = ccl.CCLStep(common.SimCLRAugment(16, blur=True), x, clusters=3, start=0)   # the joint stage
+    step.update(model, epoch=0)                                           # K-means on the features of all of x
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    idx = torch.arange(16)                                                # a batch: its rows of x
+    loss, terms = step(model, x[idx], idx, epoch=0)                       # Eq. 8 and its terms (Eq. 3, 4, 6)
+    loss.backward()
+    opt.step()
+    state = ccl.score_state(model.eval(), x, s)                           # the training images' features
+    scores = ccl.score(model, state, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), s)
+    print({name: v.shape for name, v in scores.items()})                  # score_cos, score_var: 8 each
+
 Stages: --epochs counts both; the first --cluster-start epochs are the warm-up stage, the rest the joint stage.
 --schedule restart gives each stage its own learning-rate warm-up and cosine (the warm-up stage is saved as
 <out>/simclr.pt, and --simclr-weights starts the joint stage from such a model instead); --schedule single runs one
@@ -57,6 +76,15 @@ code is the official one. Every choice is marked "ambiguity:" where it is resolv
     augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | common.simclr_augment (a
                  | blur                  |                         | without the horizontal  | flipped 2 is a 5)
                  |                       |                         | flip                    |
+    test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views; an image's | scores depend on the
+    views        | images, CSI's score   | views, colour jitter,   | from a generator seeded | image and its position
+                 |                       | grayscale, 54% crop;    | with its position (the  | alone: a set scored
+                 |                       | per-image draws, seed   | same across sets, as    | later gives the run's
+                 |                       | reset before each view  | CSI's); digits: none    | numbers
+    precision    | not stated            | CSI: float32            | bf16 autocast on CUDA   | speed; the losses and
+                 |                       |                         | (--amp auto; --amp off: | score() switch autocast
+                 |                       |                         | float32); float32 on    | off, K-means runs
+                 |                       |                         | the CPU                 | outside it: float32
 
 Runs: the digits default takes ~30 s on a 2-core CPU (1 thread); --preset paper is a multi-GPU job.
 """
@@ -245,23 +273,73 @@ def score_var(train_z, test_z, k=10):
     return cos[:, 0] * test_z.float().norm(dim=1) / spread.clamp_min(1e-12)
 
 
+# ambiguity: Eq. 9-10 score Z(x~), the features of augmented images, with CSI's score, and name no views. We
+# follow CSI's evaluation (evals/ood_pre.py, models/classifier.py): the mean of the features of --n-aug views made
+# of colour jitter, grayscale and a crop of exactly 54% of the image (--resize_factor 0.54 --resize_fix); no flip
+# and no blur, unlike the training augmentation of Sec. 3.1. --n-aug 0 (the digits default) scores the clean images.
+CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's README, --resize_factor 0.54 --resize_fix
+
+
+def test_time_augment(size):
+    """CSI's test-time views: colour jitter (brightness, contrast, saturation 0.4, hue 0.1, p 0.8), grayscale
+    (p 0.2), a crop of 54% of the image resized to `size`."""
+    return common.SimCLRAugment(size, scale=(CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE), flip=False, blur=False)
+
+
+def test_time_views(x, aug, n_aug, first=0):
+    """n_aug augmented views of each image -> N x n_aug x 3 x size x size. The views of the image at position
+    first + i are the n_aug rows of one draw from a generator seeded with that position: they depend on the
+    position alone, never on the other images or the global RNG. So the training images, the ID test images and
+    every OOD set see the same views at the same position, as in CSI (which reseeds before each of its views and
+    draws per image within a batch), and scoring a set again repeats them exactly. One augmentation call per image:
+    one generator cannot hand each image a stream of its own in a batched draw."""
+    return torch.stack([aug(img.expand(n_aug, -1, -1, -1), generator=torch.Generator(x.device).manual_seed(first + i))
+                        for i, img in enumerate(x)])
+
+
 @torch.no_grad()
-def features(model, x, layer="projection", n_aug=0, aug=None):
-    """h or z of the images x (on the model's device); with n_aug > 0, CSI's test-time ensemble: the mean over n_aug
-    views made by `aug`, view t drawn from seed t with one parameter set for every image, so the training images,
-    the ID test images and every OOD set see the same n_aug augmentations."""
+def features(model, x, layer="projection", n_aug=0, aug=None, batch_size=256):
+    """h or z of the images x (on the model's device), float32; with n_aug > 0, CSI's test-time ensemble: the mean
+    of the un-normalised features of each image's n_aug views (test_time_views)."""
     pick = 0 if layer == "embedding" else 1
     if n_aug == 0:
         return common.embed(model, x)[pick]
-    total = 0
-    for t in range(n_aug):
-        view = lambda xb: aug(xb, generator=torch.Generator(xb.device).manual_seed(t), same_for_batch=True)
-        total = total + common.embed(model, x, transform=view)[pick]
-    return total / n_aug
+    out = []
+    for i in range(0, len(x), batch_size):
+        views = test_time_views(x[i:i + batch_size], aug, n_aug, first=i)
+        f = common.embed(model, views.flatten(0, 1))[pick]                  # image-major: the views of one image
+        out.append(f.view(len(views), n_aug, -1).mean(1))
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages: the warm-up stage (SimCLR), the joint stage (Eq. 8), the scores -> models and metrics.
+# Scoring a trained model: build_model, score_state and score, the functions a saved run is scored with later;
+# main() scores through them too, so the run's numbers and a later scoring are the same code.
+
+def build_model(s):
+    """The untrained encoder of run settings s (arch, width, init): state_dict() of a trained one loads strictly."""
+    return common.Encoder(s.arch, width=s.width, init=s.init)
+
+
+def score_state(model, train_x, s):
+    """What score() needs beside the weights: the features of the training images (uint8, on the model's device)
+    on s.score_layer, through the same ensemble as the test images."""
+    return {"train_features": features(model, train_x, s.score_layer, s.n_aug, test_time_augment(s.size))}
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """Eq. 9-10 for the uint8 images x (N x 3 x s.size x s.size, on the model's device) -> {"score_cos": N,
+    "score_var": N}, float32, higher = more in-distribution. Autocast is switched off: features, cosines and norms
+    in float32 whatever the caller runs under."""
+    with torch.autocast(x.device.type, enabled=False):
+        test_f = features(model, x, s.score_layer, s.n_aug, test_time_augment(s.size))
+        train_f = state["train_features"]
+        return {"score_cos": score_cos(train_f, test_f), "score_var": score_var(train_f, test_f, s.score_k)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: the warm-up stage (SimCLR), the joint stage (Eq. 8) -> the trained model.
 
 def warmup_stage(model, x, aug, args):
     """Sec. 3.3 "when to cluster": SimCLR alone for --cluster-start epochs, its own schedule, saved as <out>/simclr.pt;
@@ -286,16 +364,6 @@ def train_ccl(model, x, aug, args):
         return model
     joint = common.TrainConfig.from_args(args, checkpoint, epochs=args.epochs - args.cluster_start)
     return common.train(model, make_step(aug, x, args, start=0), x, joint)
-
-
-def score_stage(model, data, args, device):
-    """Eq. 9-10 for the ID test images and every OOD set -> {score name: {ood set: metrics}}. Features are computed
-    once per set (the ensemble costs n_aug passes); the scores then work on features, not images."""
-    test_aug = common.simclr_augment(args, **{**PAPER_AUGMENT, "scale": (CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE)})
-    feats = lambda imgs: features(model, imgs.to(device), args.score_layer, args.n_aug, test_aug)
-    train_f = feats(data.train_x)
-    scores = lambda f: {"score_cos": score_cos(train_f, f), "score_var": score_var(train_f, f, args.score_k)}
-    return common.evaluate(scores, feats(data.test_x), {name: feats(v) for name, v in data.ood.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +412,6 @@ QUICK = dict(
 PRESETS = {"paper": PAPER, "quick": QUICK}
 
 PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour distortion, plus Gaussian blur
-CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's --resize_factor 0.54 --resize_fix, each test-time crop 54%
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,10 +496,11 @@ def main(argv=None):
     data = common.load_data(args)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
-    model = common.Encoder(args.arch, width=args.width, init=args.init).to(device)
+    model = build_model(args).to(device)
     aug = common.simclr_augment(args, **PAPER_AUGMENT)
-    model = train_ccl(model, x, aug, args)
-    metrics = score_stage(model, data, args, device)
+    model = train_ccl(model, x, aug, args).eval()
+    state = score_state(model, x, args)
+    metrics = common.evaluate(lambda imgs: score(model, state, imgs.to(device), args), data.test_x, data.ood)
     return common.finish(args, "ccl", metrics, data, device, t_start)
 
 

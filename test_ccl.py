@@ -4,6 +4,8 @@ against brute force, the test-time ensemble, presets, bad input, a digits run.""
 import json
 import math
 import os
+import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -251,19 +253,106 @@ def test_scores_match_brute_force_and_chunk(monkeypatch):
     torch.testing.assert_close(ccl.score_var(train_z, test_z, k), want_var)
 
 
-def test_ensemble_applies_the_same_views_to_every_image():
+def literal_csi_features(model, x, layer, n_aug):
+    """CSI's test-time ensemble (evals/ood_pre.py), one image at a time: n_aug views of CSI's (colour jitter 0.4,
+    p 0.8; grayscale p 0.2; a crop of 54% of the image; no flip, no blur), drawn for the image from a generator
+    seeded with its position, each view through the model on its own; the mean of their un-normalised features."""
+    csi_views = common.SimCLRAugment(16, scale=(0.54, 0.54), jitter=0.4, p_jitter=0.8, p_gray=0.2, flip=False,
+                                     blur=False)
+    pick = 0 if layer == "embedding" else 1
+    out = []
+    for i in range(len(x)):
+        views = csi_views(x[i:i + 1].expand(n_aug, -1, -1, -1), generator=torch.Generator().manual_seed(i))
+        out.append(torch.stack([model(views[t:t + 1])[pick][0] for t in range(n_aug)]).mean(0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("layer", ["projection", "embedding"])
+def test_test_time_ensemble_matches_a_literal_per_image_loop_of_csi(layer):
     torch.manual_seed(0)
     model = common.Encoder("resnet18", width=2).eval()
-    x = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8)                      # > one embed batch (256)
-    perm = torch.randperm(len(x))
-    aug = common.SimCLRAugment(16, scale=(ccl.CSI_TEST_CROP_SCALE,) * 2, blur=True)
-    for layer in ("projection", "embedding"):
-        f = ccl.features(model, x, layer, n_aug=2, aug=aug)
-        torch.testing.assert_close(ccl.features(model, x[perm], layer, n_aug=2, aug=aug), f[perm])
-        assert not torch.allclose(f, ccl.features(model, x, layer))
+    x = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    rng = torch.get_rng_state()
+    ours = ccl.features(model, x, layer, n_aug=3, aug=ccl.test_time_augment(16), batch_size=3)  # chunks of 3, 3, 1
+    assert torch.equal(torch.get_rng_state(), rng)                      # the global RNG is never drawn from
+    with torch.no_grad():
+        torch.testing.assert_close(ours, literal_csi_features(model, x, layer, 3), atol=1e-5, rtol=1e-4)
+
+
+def test_test_time_views_depend_on_the_image_and_its_position_alone():
+    torch.manual_seed(0)
+    model = common.Encoder("resnet18", width=2).eval()
+    x, other = torch.randint(0, 256, (2, 6, 3, 16, 16), dtype=torch.uint8)
+    other[2] = x[2]                                                     # another set, one image in common
+    feats = lambda imgs, **kw: ccl.features(model, imgs, "projection", n_aug=2, aug=ccl.test_time_augment(16), **kw)
+    f = feats(x)
+    torch.testing.assert_close(feats(x, batch_size=4), f)               # whatever the chunks
+    torch.testing.assert_close(feats(x[:3]), f[:3])                     # a slice from the start: its own numbers
+    torch.testing.assert_close(feats(other)[2], f[2])                   # the same position: the same views
+    assert not torch.allclose(f, ccl.features(model, x, "projection"))  # the views are not the clean images
     h, z = common.embed(model, x)
     torch.testing.assert_close(ccl.features(model, x, "embedding"), h)
     torch.testing.assert_close(ccl.features(model, x, "projection"), z)
+
+
+# ---------------------------------------------------------------- the scorer contract, the docstring's example
+
+def test_a_saved_run_scores_images_as_the_run_did(tmp_path, monkeypatch):
+    """build_model + the run's weights + score_state + score reproduce the scores the run evaluated, to 1e-5, with
+    the test-time ensemble on; the state survives torch.save / torch.load(weights_only=True)."""
+    score_state, score, seen = ccl.score_state, ccl.score, {"scored": []}
+
+    def recording_score_state(model, train_x, s):
+        seen["train_x"] = train_x
+        return score_state(model, train_x, s)
+
+    def recording_score(model, state, x, s):
+        seen["scored"].append((x, score(model, state, x, s)))
+        return seen["scored"][-1][1]
+
+    monkeypatch.setattr(ccl, "score_state", recording_score_state)
+    monkeypatch.setattr(ccl, "score", recording_score)
+    ccl.main(TINY + ["--epochs", "2", "--cluster-start", "1", "--n-aug", "2", "--out", str(tmp_path)])
+    s = SimpleNamespace(**json.load(open(tmp_path / "results.json"))["config"])
+    model = ccl.build_model(s)
+    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"])    # strict
+    model.eval()
+    torch.save(score_state(model, seen["train_x"], s), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    test_x, run_scores = seen["scored"][0]                              # the ID test images, as the run scored them
+    again = score(model, state, test_x[:5], s)
+    assert set(again) == {"score_cos", "score_var"}
+    for name, values in again.items():
+        assert values.dtype == torch.float32
+        torch.testing.assert_close(values, run_scores[name][:5], atol=1e-5, rtol=1e-5)
+
+
+def test_score_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    s = SimpleNamespace(arch="resnet18", width=2, init="pytorch", size=16, score_layer="projection", score_k=3,
+                        n_aug=0)
+    model = ccl.build_model(s).eval()
+    x = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    state = ccl.score_state(model, x, s)
+    want = ccl.score(model, state, x[:4], s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ccl.score(model, state, x[:4], s)
+    for name in want:
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name])
+
+
+def test_the_docstring_example_runs(capsys):
+    block = ccl.__doc__.split("Use it in your code:\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line.strip() and not line.startswith("    "):               # the first unindented line ends it
+            break
+        lines.append(line)
+    code = textwrap.dedent("\n".join(lines))
+    assert "ccl.score(" in code and "loss.backward()" in code
+    exec(code, {})
+    assert "score_cos" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- schedules, resume, presets, bad input
