@@ -82,11 +82,17 @@ code is the official one. Every choice is marked "ambiguity:" where it is resolv
                  |                       | per-image draws, seed   | same across sets, as    | later gives the run's
                  |                       | reset before each view  | CSI's); digits: none    | numbers
     precision    | not stated            | CSI: float32            | bf16 autocast on CUDA   | speed; the losses and
-                 |                       |                         | (--amp auto; --amp off: | score() switch autocast
+                 |                       |                         | (--amp auto; --amp off: | scoring switch autocast
                  |                       |                         | float32); float32 on    | off, K-means runs
                  |                       |                         | the CPU                 | outside it: float32
 
-Runs: the digits default takes ~30 s on a 2-core CPU (1 thread); --preset paper is a multi-GPU job.
+Colour jitter, in training and at test time, follows torchvision's formulas (common.SimCLRAugment, crop first);
+CSI's own layer jitters brightness and saturation in HSV, contrast about each channel's mean and hue by +-0.07
+turns, in an order drawn per batch, and crops last.
+
+Runs: the digits default takes ~25 s of CPU time on one thread of an Intel Xeon (about a minute of wall time on a
+shared 2-core machine); --n-aug T adds one augmentation call per image (~6 ms per image for T = 10 at 32 px on that
+thread); --preset paper is a multi-GPU job.
 """
 import argparse
 import os
@@ -280,13 +286,13 @@ def score_var(train_z, test_z, k=10):
 CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's README, --resize_factor 0.54 --resize_fix
 
 
-def test_time_augment(size):
+def ensemble_augment(size):
     """CSI's test-time views: colour jitter (brightness, contrast, saturation 0.4, hue 0.1, p 0.8), grayscale
     (p 0.2), a crop of 54% of the image resized to `size`."""
     return common.SimCLRAugment(size, scale=(CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE), flip=False, blur=False)
 
 
-def test_time_views(x, aug, n_aug, first=0):
+def ensemble_views(x, aug, n_aug, first=0):
     """n_aug augmented views of each image -> N x n_aug x 3 x size x size. The views of the image at position
     first + i are the n_aug rows of one draw from a generator seeded with that position: they depend on the
     position alone, never on the other images or the global RNG. So the training images, the ID test images and
@@ -300,13 +306,13 @@ def test_time_views(x, aug, n_aug, first=0):
 @torch.no_grad()
 def features(model, x, layer="projection", n_aug=0, aug=None, batch_size=256):
     """h or z of the images x (on the model's device), float32; with n_aug > 0, CSI's test-time ensemble: the mean
-    of the un-normalised features of each image's n_aug views (test_time_views)."""
+    of the un-normalised features of each image's n_aug views (ensemble_views)."""
     pick = 0 if layer == "embedding" else 1
     if n_aug == 0:
         return common.embed(model, x)[pick]
     out = []
     for i in range(0, len(x), batch_size):
-        views = test_time_views(x[i:i + batch_size], aug, n_aug, first=i)
+        views = ensemble_views(x[i:i + batch_size], aug, n_aug, first=i)
         f = common.embed(model, views.flatten(0, 1))[pick]                  # image-major: the views of one image
         out.append(f.view(len(views), n_aug, -1).mean(1))
     return torch.cat(out)
@@ -321,10 +327,12 @@ def build_model(s):
     return common.Encoder(s.arch, width=s.width, init=s.init)
 
 
+@torch.no_grad()
 def score_state(model, train_x, s):
     """What score() needs beside the weights: the features of the training images (uint8, on the model's device)
-    on s.score_layer, through the same ensemble as the test images."""
-    return {"train_features": features(model, train_x, s.score_layer, s.n_aug, test_time_augment(s.size))}
+    on s.score_layer, through the same ensemble as the test images, in float32 (autocast off)."""
+    with torch.autocast(train_x.device.type, enabled=False):
+        return {"train_features": features(model, train_x, s.score_layer, s.n_aug, ensemble_augment(s.size))}
 
 
 @torch.no_grad()
@@ -333,7 +341,7 @@ def score(model, state, x, s):
     "score_var": N}, float32, higher = more in-distribution. Autocast is switched off: features, cosines and norms
     in float32 whatever the caller runs under."""
     with torch.autocast(x.device.type, enabled=False):
-        test_f = features(model, x, s.score_layer, s.n_aug, test_time_augment(s.size))
+        test_f = features(model, x, s.score_layer, s.n_aug, ensemble_augment(s.size))
         train_f = state["train_features"]
         return {"score_cos": score_cos(train_f, test_f), "score_var": score_var(train_f, test_f, s.score_k)}
 

@@ -273,7 +273,7 @@ def test_test_time_ensemble_matches_a_literal_per_image_loop_of_csi(layer):
     model = common.Encoder("resnet18", width=2).eval()
     x = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
     rng = torch.get_rng_state()
-    ours = ccl.features(model, x, layer, n_aug=3, aug=ccl.test_time_augment(16), batch_size=3)  # chunks of 3, 3, 1
+    ours = ccl.features(model, x, layer, n_aug=3, aug=ccl.ensemble_augment(16), batch_size=3)  # chunks of 3, 3, 1
     assert torch.equal(torch.get_rng_state(), rng)                      # the global RNG is never drawn from
     with torch.no_grad():
         torch.testing.assert_close(ours, literal_csi_features(model, x, layer, 3), atol=1e-5, rtol=1e-4)
@@ -284,7 +284,7 @@ def test_test_time_views_depend_on_the_image_and_its_position_alone():
     model = common.Encoder("resnet18", width=2).eval()
     x, other = torch.randint(0, 256, (2, 6, 3, 16, 16), dtype=torch.uint8)
     other[2] = x[2]                                                     # another set, one image in common
-    feats = lambda imgs, **kw: ccl.features(model, imgs, "projection", n_aug=2, aug=ccl.test_time_augment(16), **kw)
+    feats = lambda imgs, **kw: ccl.features(model, imgs, "projection", n_aug=2, aug=ccl.ensemble_augment(16), **kw)
     f = feats(x)
     torch.testing.assert_close(feats(x, batch_size=4), f)               # whatever the chunks
     torch.testing.assert_close(feats(x[:3]), f[:3])                     # a slice from the start: its own numbers
@@ -327,7 +327,7 @@ def test_a_saved_run_scores_images_as_the_run_did(tmp_path, monkeypatch):
         torch.testing.assert_close(values, run_scores[name][:5], atol=1e-5, rtol=1e-5)
 
 
-def test_score_runs_in_float32_under_autocast():
+def test_scoring_runs_in_float32_under_autocast():
     torch.manual_seed(0)
     s = SimpleNamespace(arch="resnet18", width=2, init="pytorch", size=16, score_layer="projection", score_k=3,
                         n_aug=0)
@@ -335,8 +335,8 @@ def test_score_runs_in_float32_under_autocast():
     x = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     state = ccl.score_state(model, x, s)
     want = ccl.score(model, state, x[:4], s)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ccl.score(model, state, x[:4], s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                  # bf16 anywhere would miss by ~1e-3
+        got = ccl.score(model, ccl.score_state(model, x, s), x[:4], s)
     for name in want:
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name], want[name])
