@@ -1,6 +1,7 @@
 """Tests of ccl.py: each loss (SupCon, Eq. 4-6) against a literal loop over its equation (values and gradients), PCL's
 rescaling of phi against a literal computation, CCLStep without host syncs, both schedules, --resume, both scores
-against brute force, the test-time ensemble, presets, bad input, a digits run."""
+against brute force, CSI's test-time ensemble against a literal per-image loop, a saved run rescored (the scorer
+contract), the docstring's example, presets, bad input, the digits pipeline's contract."""
 import json
 import math
 import os
@@ -445,11 +446,17 @@ def test_bad_input_fails_with_one_line_before_setup(flags, message, tmp_path):
 
 # ---------------------------------------------------------------- end to end
 
-def test_digits_end_to_end_far_above_chance(tmp_path):
-    results = ccl.main(["--subset", "320", "--epochs", "10", "--cluster-start", "5", "--out", str(tmp_path)])
+def test_digits_end_to_end_contract(tmp_path):
+    """The pipeline's contract on digits: its files, a finite metric for each score and OOD set, the baselines under
+    their names. No quality threshold: on 320 images, 10 epochs (5 + 5), score_cos's AUROC ranged 52.8-88.0 and
+    score_var's 71.1-92.6 over seeds 0-4 at OMP_NUM_THREADS=1 and 2 (seed 0: 88.0 with one thread, 52.8 with two),
+    no margin above chance (50) that would hold on every machine."""
+    results = ccl.main(["--subset", "160", "--epochs", "4", "--cluster-start", "2", "--out", str(tmp_path)])
+    assert {"results.json", "run.json", "simclr.pt", "checkpoint.pt"} <= set(os.listdir(tmp_path))
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
     assert saved["metrics"] == results["metrics"] and saved["method"] == "ccl"
     assert set(saved["baselines"]) == {"pixels_knn", "random_init_knn"}
-    # chance is 50; on 320 images and 10 epochs the AUROC moves with the data order (seeds)
-    for score in ("score_cos", "score_var"):
-        assert all(m["auroc"] > 60 for m in results["metrics"][score].values())
+    assert set(results["metrics"]) == {"score_cos", "score_var"}
+    for per_set in results["metrics"].values():
+        assert set(per_set) == {"classes 6-9"}
+        assert all(math.isfinite(v) and 0 <= v <= 100 for m in per_set.values() for v in m.values())
