@@ -423,7 +423,8 @@ PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour di
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: build_parser() and check_args(), every flag checked before any work.
+# Command line: build_parser(), check_args() (every flag, before any work), check_sizes() (once the data is
+# loaded, before training).
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
@@ -485,15 +486,15 @@ def check_args(args):
                      "--schedule restart (the joint stage then runs its own schedule)")
 
 
-# ----------------------------------------------------------------------------------------------
-# Main: warm-up stage -> joint stage -> scores.
-
 def check_sizes(args, n):
     """The flags that count training images, against the n loaded ones: before the warm-up stage trains."""
     common.check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
     common.check(args.clusters < n, "--clusters", args.clusters, f"fewer than the {n} training images")
     common.check(args.score_k <= n, "--score-k", args.score_k, f"at most the {n} training images")
 
+
+# ----------------------------------------------------------------------------------------------
+# Main: warm-up stage -> joint stage -> scores.
 
 @common.entry_point
 def main(argv=None):
