@@ -15,6 +15,25 @@ nearest training images (Eq. 10).
     python ccl.py --preset paper                    # Sec. 4: ResNet-18, 1000 + 1000 epochs, CIFAR-10 vs Table 1's sets
     python ccl.py --preset paper --simclr-weights runs/simclr/simclr.pt   # the joint stage from a SimCLR model
 
+Use it in your code:
+
+    import torch, common, ccl
+    from types import SimpleNamespace
+    s = SimpleNamespace(arch="resnet18", width=4, init="pytorch", size=16, score_layer="embedding", score_k=3,
+                        n_aug=2)                                           # the run's settings
+    model = ccl.build_model(s)
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)        # unlabelled training images
+    step = ccl.CCLStep(common.SimCLRAugment(16, blur=True), x, clusters=3, start=0)   # the joint stage
+    step.update(model, epoch=0)                                           # K-means on the features of all of x
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    idx = torch.arange(16)                                                # a batch: its rows of x
+    loss, terms = step(model, x[idx], idx, epoch=0)                       # Eq. 8 and its terms (Eq. 3, 4, 6)
+    loss.backward()
+    opt.step()
+    state = ccl.score_state(model.eval(), x, s)                           # the training images' features
+    scores = ccl.score(model, state, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), s)
+    print({name: v.shape for name, v in scores.items()})                  # score_cos, score_var: 8 each
+
 Stages: --epochs counts both; the first --cluster-start epochs are the warm-up stage, the rest the joint stage.
 --schedule restart gives each stage its own learning-rate warm-up and cosine (the warm-up stage is saved as
 <out>/simclr.pt, and --simclr-weights starts the joint stage from such a model instead); --schedule single runs one
@@ -39,8 +58,12 @@ code is the official one. Every choice is marked "ambiguity:" where it is resolv
                  |                       | multiplier 10 = 1.0     |                         | --lr_init
     lr warm-up   | 50 epochs             | CSI: 10 epochs, from    | 50 epochs, linear from  | the paper's length;
                  |                       | 0.1 x the peak          | ~0                      | common's warm-up
-    LARS         | (CSI's)               | torchlars: every        | BatchNorm and biases    | common.LARS (as
-                 |                       | parameter               | outside LARS            | solo-learn)
+    LARS scope   | (CSI's)               | torchlars: every        | every parameter (preset | CSI's. solo-learn's form
+                 |                       | parameter, BatchNorm    | --lars-scope all);      | moves a BatchNorm weight
+                 |                       | weights and biases too  | weights: solo-learn's,  | 15.7 x and a Linear bias
+                 |                       |                         | 1-d parameters plain    | ~1,900 x as far in one
+                 |                       |                         | SGD                     | step; conv and linear
+                 |                       |                         |                         | weights move equally
     K-means      | on h                  | PCL: faiss, on          | spherical, on           | Eq. 4-5 compare by
                  |                       | normalised features     | normalised features     | cosine
     Eq. 9's norm | the training          | CSI: the test feature's | CSI's                   | Eq. 9 cites CSI
@@ -53,8 +76,23 @@ code is the official one. Every choice is marked "ambiguity:" where it is resolv
     augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | common.simclr_augment (a
                  | blur                  |                         | without the horizontal  | flipped 2 is a 5)
                  |                       |                         | flip                    |
+    test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views; an image's | scores depend on the
+    views        | images, CSI's score   | views, colour jitter,   | from a generator seeded | image and its position
+                 |                       | grayscale, 54% crop;    | with its position (the  | alone: a set scored
+                 |                       | per-image draws, seed   | same across sets, as    | later gives the run's
+                 |                       | reset before each view  | CSI's); digits: none    | numbers
+    precision    | not stated            | CSI: float32            | bf16 autocast on CUDA   | speed; the losses and
+                 |                       |                         | (--amp auto; --amp off: | scoring switch autocast
+                 |                       |                         | float32); float32 on    | off, K-means runs
+                 |                       |                         | the CPU                 | outside it: float32
 
-Runs: the digits default takes ~30 s on a 2-core CPU (1 thread); --preset paper is a multi-GPU job.
+Colour jitter, in training and at test time, follows torchvision's formulas (common.SimCLRAugment, crop first);
+CSI's own layer jitters brightness and saturation in HSV, contrast about each channel's mean and hue by +-0.07
+turns, in an order drawn per batch, and crops last.
+
+Runs: the digits default takes ~25 s of CPU time on one thread of an Intel Xeon (about a minute of wall time on a
+shared 2-core machine); --n-aug T adds one augmentation call per image (~6 ms per image for T = 10 at 32 px on that
+thread); --preset paper is a multi-GPU job.
 """
 import argparse
 import os
@@ -64,117 +102,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-
-# ----------------------------------------------------------------------------------------------
-# Presets: --preset NAME; explicit flags win.
-
-PAPER = dict(
-    dataset="cifar10",            # paper: Sec. 4, the unlabeled CIFAR-10 train set as ID
-    ood=["svhn", "lsun_resize", "imagenet_resize", "cifar100", "interp:cifar10"],  # paper: Table 1 (the *_fix sets
-                                  # exist only on Google Drive: add them as folder:PATH)
-    size=32,                      # paper: Sec. 4, CIFAR-10's 32 x 32 (the digits default is 16)
-    arch="resnet18", width=64,    # paper: Sec. 4, ResNet-18
-    epochs=2000,                  # paper: Sec. 4, 1000 warm-up-stage epochs + 1000 joint epochs
-    cluster_start=1000,           # paper: Sec. 4 / Table 4, the warm-up stage (L_self alone)
-    schedule="restart",           # paper: Sec. 4 / Table 4 (ambiguity: resolved at --schedule)
-    cluster_every=10,             # paper: Table 4, centres updated every 10 epochs
-    clusters=10,                  # paper: Sec. 4 / Table 5
-    cluster_layer="embedding",    # paper: Table 3
-    batch_size=128,               # paper: Sec. 4
-    # ambiguity: Sec. 4 says "learning rate 0.1 ... same with CSI"; CSI's code wraps its SGD(lr 0.1) in a warm-up
-    # scheduler with multiplier 10, so its learning rate rises from 0.1 to 1.0 and anneals from 1.0; the 0.1 is
-    # that base value. We follow the code: the peak is 1.0.
-    lr=1.0,                       # public code: CSI, 0.1 x warm-up multiplier 10
-    warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up (CSI's code: 10, starting at 0.1)
-    final_lr=0.0,                 # public code: CSI's CosineAnnealingLR anneals to 0
-    optimizer="lars",             # public code: CSI wraps SGD in LARS (trust 0.001); CSI's adapts every parameter,
-                                  # common.LARS leaves BatchNorm and biases out (the docstring's deviations)
-    momentum=0.9,                 # public code: CSI's SGD
-    weight_decay=1e-6,            # public code: CSI's SGD
-    tau=0.5,                      # public code: CSI's NT-Xent temperature; the paper gives no value
-    lam=0.5,                      # ours: the paper does not state lambda of Eq. 8
-    alpha=10.0,                   # public code: PCL's smoothing of Eq. 5; the paper gives no value
-    phi="pcl",                    # public code: PCL's rescaling of Eq. 5 (ambiguity: resolved in CCLStep)
-    ccl_form="softmax",           # public code: PCL's ProtoNCE (ambiguity: resolved at cluster_center_loss)
-    n_aug=10,                     # public code: CSI's README, --ood_samples 10 --resize_factor 0.54 --resize_fix
-    score_k=10,                   # ours: the paper does not state K of Eq. 10
-    score_layer="projection",     # paper: Eq. 9-10 score Z, the projection layer
-)
-
-QUICK = dict(
-    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
-    size=32,                      # paper: CIFAR-10's own size (the digits default is 16)
-    epochs=20, cluster_start=10, cluster_every=2,   # ours: half warm-up stage, 5 K-means updates in the joint stage
-    clusters=6,                   # ours: the number of ID classes, as the paper's 10 for CIFAR-10 (Table 5)
-)
-
-PRESETS = {"paper": PAPER, "quick": QUICK}
-
-PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour distortion, plus Gaussian blur
-CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's --resize_factor 0.54 --resize_fix, each test-time crop 54%
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: build_parser() and check_args(), every flag checked before any work.
-
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
-    g = parser.add_argument_group("ccl")
-    g.add_argument("--cluster-start", type=int, default=10,
-                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
-    g.add_argument("--cluster-every", type=int, default=3,
-                   help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
-    # ambiguity: Sec. 4 / Table 4 say "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50
-    # epoch warm-up, same with CSI": one schedule over both stages, or one per stage. Restart: each stage is a CSI run
-    # of its own, and Table 4's warm-up is a SimCLR model "trained for 1000 epochs in advance"; one cosine over
-    # 2000 epochs would start clustering from a half-annealed model and make --lam 0 a 2000-epoch SimCLR.
-    g.add_argument("--schedule", default="restart", choices=["restart", "single"],
-                   help="restart: each stage its own learning-rate warm-up and cosine; single: one over both stages")
-    g.add_argument("--simclr-weights", default=None,
-                   help="start the joint stage from this SimCLR model (a checkpoint of these scripts or a state "
-                        "dict of the same encoder) instead of training the warm-up stage; needs --schedule restart")
-    g.add_argument("--clusters", type=int, default=6, help="K-means centres R (paper: 10 on CIFAR-10)")
-    g.add_argument("--cluster-layer", default="embedding", choices=["embedding", "projection"],
-                   help="where K-means runs and the cluster losses apply (Table 3)")
-    g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
-    g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
-    g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5, PCL's 10)")
-    g.add_argument("--phi", default="pcl", choices=["pcl", "eq5"],
-                   help="pcl: Eq. 5 clipped to its 10th-90th percentile and scaled to mean --tau, as PCL's code; "
-                        "eq5: Eq. 5 as printed")
-    g.add_argument("--ccl-form", default="softmax", choices=["softmax", "decoupled"],
-                   help="Eq. 4's denominator: every centre (softmax, as PCL's ProtoNCE) or the other centres only "
-                        "(decoupled, as printed)")
-    g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
-    g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
-    g.add_argument("--score-layer", default="embedding", choices=["embedding", "projection"],
-                   help="the features Eq. 9-10 score: z (projection, as the paper) or h (embedding)")
-    g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
-    g.add_argument("--n-aug", type=int, default=0,
-                   help="CSI's test-time ensemble: average the features of T augmented views (paper: 10; 0 = clean)")
-    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a small ResNet-18.
-    parser.set_defaults(size=16, width=8, epochs=20, batch_size=64, lr=0.1)
-    return parser
-
-
-def check_args(args):
-    common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
-    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
-    common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
-    common.check(args.clusters >= 2, "--clusters", args.clusters, "an integer >= 2 (Eq. 4 needs other centres)")
-    common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
-    common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
-    common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
-    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
-    clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
-    common.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
-                 f"at most --epochs {args.epochs} (--epochs counts both stages)")
-    common.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
-                 f"fewer than --epochs {args.epochs}: no joint stage is left")
-    if args.simclr_weights is not None:
-        common.check(os.path.isfile(args.simclr_weights), "--simclr-weights", args.simclr_weights, "an existing file")
-        common.check(args.schedule == "restart", "--simclr-weights", args.simclr_weights,
-                     "--schedule restart (the joint stage then runs its own schedule)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,11 +148,27 @@ def cluster_center_loss(h, centers, assign, phi, form="softmax"):
     return (torch.logsumexp(logits, dim=1) - positive).mean()
 
 
+@common.float32
+def supcon(z, labels, tau=0.1):
+    """Supervised contrastive loss (Khosla et al. 2020, Eq. 2, L_out): for each anchor, the mean over its positives
+    (same label, not itself) of -log softmax over all other views. Anchors without a positive contribute nothing;
+    the mean is over anchors that have one (0 if none do). Under torch.distributed, over the views of all ranks.
+    Branch-free (no `if`, no boolean indexing): no host sync."""
+    z, labels = F.normalize(common.all_gather(z), dim=1), common.all_gather(labels)
+    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))                     # the anchor itself: never a term
+    log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).nan_to_num(neginf=0.0)
+    pos = (labels[:, None] == labels[None, :]).fill_diagonal_(False)
+    n_pos = pos.sum(1)
+    per_anchor = -(log_prob * pos).sum(1) / n_pos.clamp_min(1)
+    has = (n_pos > 0).float()
+    return (per_anchor * has).sum() / has.sum().clamp_min(1)
+
+
 def cluster_instance_loss(h, assign, tau=0.5):
     """Eq. 6: SupCon on the 2N views with cluster ids as labels: the views of the same cluster are positives,
     all other views the denominator. A view alone in its cluster contributes nothing (cannot happen when both
     views of an image share its id, as in training)."""
-    return common.supcon(h, assign, tau)
+    return supcon(h, assign, tau)
 
 
 def ccl_loss(l_self, l_ccl, l_cil, lam):
@@ -336,23 +279,75 @@ def score_var(train_z, test_z, k=10):
     return cos[:, 0] * test_z.float().norm(dim=1) / spread.clamp_min(1e-12)
 
 
+# ambiguity: Eq. 9-10 score Z(x~), the features of augmented images, with CSI's score, and name no views. We
+# follow CSI's evaluation (evals/ood_pre.py, models/classifier.py): the mean of the features of --n-aug views made
+# of colour jitter, grayscale and a crop of exactly 54% of the image (--resize_factor 0.54 --resize_fix); no flip
+# and no blur, unlike the training augmentation of Sec. 3.1. --n-aug 0 (the digits default) scores the clean images.
+CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's README, --resize_factor 0.54 --resize_fix
+
+
+def ensemble_augment(size):
+    """CSI's test-time views: colour jitter (brightness, contrast, saturation 0.4, hue 0.1, p 0.8), grayscale
+    (p 0.2), a crop of 54% of the image resized to `size`."""
+    return common.SimCLRAugment(size, scale=(CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE), flip=False, blur=False)
+
+
+def ensemble_views(x, aug, n_aug, first=0):
+    """n_aug augmented views of each image -> N x n_aug x 3 x size x size. The views of the image at position
+    first + i are the n_aug rows of one draw from a generator seeded with that position: they depend on the
+    position alone, never on the other images or the global RNG. So the training images, the ID test images and
+    every OOD set see the same views at the same position, as in CSI (which reseeds before each of its views and
+    draws per image within a batch), and scoring a set again repeats them exactly. One augmentation call per image:
+    one generator cannot hand each image a stream of its own in a batched draw."""
+    return torch.stack([aug(img.expand(n_aug, -1, -1, -1), generator=torch.Generator(x.device).manual_seed(first + i))
+                        for i, img in enumerate(x)])
+
+
 @torch.no_grad()
-def features(model, x, layer="projection", n_aug=0, aug=None):
-    """h or z of the images x (on the model's device); with n_aug > 0, CSI's test-time ensemble: the mean over n_aug
-    views made by `aug`, view t drawn from seed t with one parameter set for every image, so the training images,
-    the ID test images and every OOD set see the same n_aug augmentations."""
+def features(model, x, layer="projection", n_aug=0, aug=None, batch_size=256):
+    """h or z of the images x (on the model's device), float32; with n_aug > 0, CSI's test-time ensemble: the mean
+    of the un-normalised features of each image's n_aug views (ensemble_views)."""
     pick = 0 if layer == "embedding" else 1
     if n_aug == 0:
         return common.embed(model, x)[pick]
-    total = 0
-    for t in range(n_aug):
-        view = lambda xb: aug(xb, generator=torch.Generator(xb.device).manual_seed(t), same_for_batch=True)
-        total = total + common.embed(model, x, transform=view)[pick]
-    return total / n_aug
+    out = []
+    for i in range(0, len(x), batch_size):
+        views = ensemble_views(x[i:i + batch_size], aug, n_aug, first=i)
+        f = common.embed(model, views.flatten(0, 1))[pick]                  # image-major: the views of one image
+        out.append(f.view(len(views), n_aug, -1).mean(1))
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages: the warm-up stage (SimCLR), the joint stage (Eq. 8), the scores -> models and metrics.
+# Scoring a trained model: build_model, score_state and score, the functions a saved run is scored with later;
+# main() scores through them too, so the run's numbers and a later scoring are the same code.
+
+def build_model(s):
+    """The untrained encoder of run settings s (arch, width, init): state_dict() of a trained one loads strictly."""
+    return common.Encoder(s.arch, width=s.width, init=s.init)
+
+
+@torch.no_grad()
+def score_state(model, train_x, s):
+    """What score() needs beside the weights: the features of the training images (uint8, on the model's device)
+    on s.score_layer, through the same ensemble as the test images, in float32 (autocast off)."""
+    with torch.autocast(train_x.device.type, enabled=False):
+        return {"train_features": features(model, train_x, s.score_layer, s.n_aug, ensemble_augment(s.size))}
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """Eq. 9-10 for the uint8 images x (N x 3 x s.size x s.size, on the model's device) -> {"score_cos": N,
+    "score_var": N}, float32, higher = more in-distribution. Autocast is switched off: features, cosines and norms
+    in float32 whatever the caller runs under."""
+    with torch.autocast(x.device.type, enabled=False):
+        test_f = features(model, x, s.score_layer, s.n_aug, ensemble_augment(s.size))
+        train_f = state["train_features"]
+        return {"score_cos": score_cos(train_f, test_f), "score_var": score_var(train_f, test_f, s.score_k)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: the warm-up stage (SimCLR), the joint stage (Eq. 8) -> the trained model.
 
 def warmup_stage(model, x, aug, args):
     """Sec. 3.3 "when to cluster": SimCLR alone for --cluster-start epochs, its own schedule, saved as <out>/simclr.pt;
@@ -379,18 +374,117 @@ def train_ccl(model, x, aug, args):
     return common.train(model, make_step(aug, x, args, start=0), x, joint)
 
 
-def score_stage(model, data, args, device):
-    """Eq. 9-10 for the ID test images and every OOD set -> {score name: {ood set: metrics}}. Features are computed
-    once per set (the ensemble costs n_aug passes); the scores then work on features, not images."""
-    test_aug = common.simclr_augment(args, **{**PAPER_AUGMENT, "scale": (CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE)})
-    feats = lambda imgs: features(model, imgs.to(device), args.score_layer, args.n_aug, test_aug)
-    train_f = feats(data.train_x)
-    scores = lambda f: {"score_cos": score_cos(train_f, f), "score_var": score_var(train_f, f, args.score_k)}
-    return common.evaluate(scores, feats(data.test_x), {name: feats(v) for name, v in data.ood.items()})
+# ----------------------------------------------------------------------------------------------
+# Presets: --preset NAME; explicit flags win.
+
+PAPER = dict(
+    dataset="cifar10",            # paper: Sec. 4, the unlabeled CIFAR-10 train set as ID
+    ood=["svhn", "lsun_resize", "imagenet_resize", "cifar100", "interp:cifar10"],  # paper: Table 1 (the *_fix sets
+                                  # exist only on Google Drive: add them as folder:PATH)
+    size=32,                      # paper: Sec. 4, CIFAR-10's 32 x 32 (the digits default is 16)
+    arch="resnet18", width=64,    # paper: Sec. 4, ResNet-18
+    epochs=2000,                  # paper: Sec. 4, 1000 warm-up-stage epochs + 1000 joint epochs
+    cluster_start=1000,           # paper: Sec. 4 / Table 4, the warm-up stage (L_self alone)
+    schedule="restart",           # paper: Sec. 4 / Table 4 (ambiguity: resolved at --schedule)
+    cluster_every=10,             # paper: Table 4, centres updated every 10 epochs
+    clusters=10,                  # paper: Sec. 4 / Table 5
+    cluster_layer="embedding",    # paper: Table 3
+    batch_size=128,               # paper: Sec. 4
+    # ambiguity: Sec. 4 says "learning rate 0.1 ... same with CSI"; CSI's code wraps its SGD(lr 0.1) in a warm-up
+    # scheduler with multiplier 10, so its learning rate rises from 0.1 to 1.0 and anneals from 1.0; the 0.1 is
+    # that base value. We follow the code: the peak is 1.0.
+    lr=1.0,                       # public code: CSI, 0.1 x warm-up multiplier 10
+    warmup_epochs=50,             # paper: Sec. 4, 50-epoch linear warm-up (CSI's code: 10, starting at 0.1)
+    final_lr=0.0,                 # public code: CSI's CosineAnnealingLR anneals to 0
+    optimizer="lars",             # public code: CSI wraps SGD in torchlars' LARS (trust coefficient 0.001)
+    lars_scope="all",             # public code: torchlars adapts every parameter, BatchNorm weights and biases too
+    momentum=0.9,                 # public code: CSI's SGD
+    weight_decay=1e-6,            # public code: CSI's SGD
+    tau=0.5,                      # public code: CSI's NT-Xent temperature; the paper gives no value
+    lam=0.5,                      # ours: the paper does not state lambda of Eq. 8
+    alpha=10.0,                   # public code: PCL's smoothing of Eq. 5; the paper gives no value
+    phi="pcl",                    # public code: PCL's rescaling of Eq. 5 (ambiguity: resolved in CCLStep)
+    ccl_form="softmax",           # public code: PCL's ProtoNCE (ambiguity: resolved at cluster_center_loss)
+    n_aug=10,                     # public code: CSI's README, --ood_samples 10 --resize_factor 0.54 --resize_fix
+    score_k=10,                   # ours: the paper does not state K of Eq. 10
+    score_layer="projection",     # paper: Eq. 9-10 score Z, the projection layer
+)
+
+QUICK = dict(
+    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
+    size=32,                      # paper: CIFAR-10's own size (the digits default is 16)
+    epochs=20, cluster_start=10, cluster_every=2,   # ours: half warm-up stage, 5 K-means updates in the joint stage
+    clusters=6,                   # ours: the number of ID classes, as the paper's 10 for CIFAR-10 (Table 5)
+)
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour distortion, plus Gaussian blur
 
 
 # ----------------------------------------------------------------------------------------------
-# Main: warm-up stage -> joint stage -> scores.
+# Command line: build_parser(), check_args() (every flag, before any work), check_sizes() (once the data is
+# loaded, before training).
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = parser.add_argument_group("ccl")
+    g.add_argument("--cluster-start", type=int, default=10,
+                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
+    g.add_argument("--cluster-every", type=int, default=3,
+                   help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
+    # ambiguity: Sec. 4 / Table 4 say "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50
+    # epoch warm-up, same with CSI": one schedule over both stages, or one per stage. Restart: each stage is a CSI run
+    # of its own, and Table 4's warm-up is a SimCLR model "trained for 1000 epochs in advance"; one cosine over
+    # 2000 epochs would start clustering from a half-annealed model and make --lam 0 a 2000-epoch SimCLR.
+    g.add_argument("--schedule", default="restart", choices=["restart", "single"],
+                   help="restart: each stage its own learning-rate warm-up and cosine; single: one over both stages")
+    g.add_argument("--simclr-weights", default=None,
+                   help="start the joint stage from this SimCLR model (a checkpoint of these scripts or a state "
+                        "dict of the same encoder) instead of training the warm-up stage; needs --schedule restart")
+    g.add_argument("--clusters", type=int, default=6, help="K-means centres R (paper: 10 on CIFAR-10)")
+    g.add_argument("--cluster-layer", default="embedding", choices=["embedding", "projection"],
+                   help="where K-means runs and the cluster losses apply (Table 3)")
+    g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
+    g.add_argument("--tau", type=float, default=0.5, help="temperature of L_self and L_CIL (CSI's 0.5)")
+    g.add_argument("--alpha", type=float, default=10.0, help="smoothing of the concentration phi (Eq. 5, PCL's 10)")
+    g.add_argument("--phi", default="pcl", choices=["pcl", "eq5"],
+                   help="pcl: Eq. 5 clipped to its 10th-90th percentile and scaled to mean --tau, as PCL's code; "
+                        "eq5: Eq. 5 as printed")
+    g.add_argument("--ccl-form", default="softmax", choices=["softmax", "decoupled"],
+                   help="Eq. 4's denominator: every centre (softmax, as PCL's ProtoNCE) or the other centres only "
+                        "(decoupled, as printed)")
+    g.add_argument("--no-ccl", action="store_true", help="drop the cluster center loss (Table 2)")
+    g.add_argument("--no-cil", action="store_true", help="drop the cluster instance loss (Table 2)")
+    g.add_argument("--score-layer", default="embedding", choices=["embedding", "projection"],
+                   help="the features Eq. 9-10 score: z (projection, as the paper) or h (embedding)")
+    g.add_argument("--score-k", type=int, default=10, help="K nearest training images in score_var (Eq. 10)")
+    g.add_argument("--n-aug", type=int, default=0,
+                   help="CSI's test-time ensemble: average the features of T augmented views (paper: 10; 0 = clean)")
+    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a small ResNet-18.
+    parser.set_defaults(size=16, width=8, epochs=20, batch_size=64, lr=0.1)
+    return parser
+
+
+def check_args(args):
+    common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
+    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
+    common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
+    common.check(args.clusters >= 2, "--clusters", args.clusters, "an integer >= 2 (Eq. 4 needs other centres)")
+    common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
+    common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
+    common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
+    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
+    clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
+    common.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
+                 f"at most --epochs {args.epochs} (--epochs counts both stages)")
+    common.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
+                 f"fewer than --epochs {args.epochs}: no joint stage is left")
+    if args.simclr_weights is not None:
+        common.check(os.path.isfile(args.simclr_weights), "--simclr-weights", args.simclr_weights, "an existing file")
+        common.check(args.schedule == "restart", "--simclr-weights", args.simclr_weights,
+                     "--schedule restart (the joint stage then runs its own schedule)")
+
 
 def check_sizes(args, n):
     """The flags that count training images, against the n loaded ones: before the warm-up stage trains."""
@@ -398,6 +492,9 @@ def check_sizes(args, n):
     common.check(args.clusters < n, "--clusters", args.clusters, f"fewer than the {n} training images")
     common.check(args.score_k <= n, "--score-k", args.score_k, f"at most the {n} training images")
 
+
+# ----------------------------------------------------------------------------------------------
+# Main: warm-up stage -> joint stage -> scores.
 
 @common.entry_point
 def main(argv=None):
@@ -408,10 +505,11 @@ def main(argv=None):
     data = common.load_data(args)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
-    model = common.Encoder(args.arch, width=args.width, init=args.init).to(device)
+    model = build_model(args).to(device)
     aug = common.simclr_augment(args, **PAPER_AUGMENT)
-    model = train_ccl(model, x, aug, args)
-    metrics = score_stage(model, data, args, device)
+    model = train_ccl(model, x, aug, args).eval()
+    state = score_state(model, x, args)
+    metrics = common.evaluate(lambda imgs: score(model, state, imgs.to(device), args), data.test_x, data.ood)
     return common.finish(args, "ccl", metrics, data, device, t_start)
 
 
