@@ -500,6 +500,8 @@ def check_sizes(args, n):
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)
+    if args.score:                                   # a finished run scores new images
+        return common.score_later(args, "ccl")
     t_start = time.time()
     device = common.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
     data = common.load_data(args)
@@ -508,9 +510,8 @@ def main(argv=None):
     model = build_model(args).to(device)
     aug = common.simclr_augment(args, **PAPER_AUGMENT)
     model = train_ccl(model, x, aug, args).eval()
-    state = score_state(model, x, args)
-    metrics = common.evaluate(lambda imgs: score(model, state, imgs.to(device), args), data.test_x, data.ood)
-    return common.finish(args, "ccl", metrics, data, device, t_start)
+    scorer = common.Scorer.from_args("ccl", args, model, score_state(model, x, args))
+    return common.finish(args, "ccl", scorer, data, device, t_start)
 
 
 if __name__ == "__main__":

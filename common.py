@@ -390,22 +390,6 @@ def nt_xent(z, tau=0.5):
     return F.cross_entropy(logits, target)
 
 
-@float32
-def supcon(z, labels, tau=0.1):
-    """Supervised contrastive loss (Khosla et al., L_out): for each anchor, the mean over its positives (same
-    label, not itself) of -log softmax over all other views. Anchors without a positive contribute nothing;
-    the mean is over anchors that have one (0 if none do). Under torch.distributed, over the views of all ranks.
-    Branch-free (no `if`, no boolean indexing): no host sync."""
-    z, labels = F.normalize(all_gather(z), dim=1), all_gather(labels)
-    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))                     # the anchor itself: never a term
-    log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).nan_to_num(neginf=0.0)
-    pos = (labels[:, None] == labels[None, :]).fill_diagonal_(False)
-    n_pos = pos.sum(1)
-    per_anchor = -(log_prob * pos).sum(1) / n_pos.clamp_min(1)
-    has = (n_pos > 0).float()
-    return (per_anchor * has).sum() / has.sum().clamp_min(1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training loop: optimisers, schedule, AMP, the step contract, a loop without host syncs per step,
 # atomic checkpoints that know their run, exact resume.
@@ -1704,6 +1688,12 @@ class Scorer:
         self.script, self.settings, self.model, self.state = script, dict(settings), model, state
         self.thresholds, self.tpr = dict(thresholds or {}), tpr
 
+    @classmethod
+    def from_args(cls, script, args, model, state):
+        """The Scorer of a run that has just trained `model`: its settings are the run's resolved flags."""
+        settings = {k: v for k, v in vars(args).items() if k not in ("sources", "run")}
+        return cls(script, json.loads(json.dumps(settings, default=str)), model, state)
+
     @property
     def module(self):
         import importlib
@@ -1835,7 +1825,7 @@ def main(argv=None):
     train(model, lambda net, xb, idx, epoch: simclr_step(net, xb, aug, tau=0.5), x,
           TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt")))
     train_h, train_z = embed(model, x)
-    scorer = Scorer("common", args.run["settings"], model, {"train_h": train_h, "train_z": train_z})
+    scorer = Scorer.from_args("common", args, model, {"train_h": train_h, "train_z": train_z})
     return finish(args, "SimCLR", scorer, data, device, t_start)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import ccl
 import common
 
@@ -194,7 +195,7 @@ def test_ccl_step_makes_no_host_sync(form):
     step.update(net, 1)
     idx = torch.arange(8)
     for epoch, terms in ((0, set()), (1, {"self", "ccl", "cil"})):     # warm-up stage, joint stage
-        with common.DispatchCounter() as c:
+        with bench.DispatchCounter() as c:
             loss, logs = step(net, x[idx], idx, epoch)
             loss.backward()
         assert c.syncs == 0, c.sync_ops
@@ -203,7 +204,7 @@ def test_ccl_step_makes_no_host_sync(form):
 
 def test_supcon_makes_no_host_sync():
     z, labels = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])   # made outside: a copy from Python data
-    with common.DispatchCounter() as c:
+    with bench.DispatchCounter() as c:
         ccl.supcon(z, labels)
     assert c.syncs == 0, c.sync_ops
 
