@@ -24,7 +24,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -1428,25 +1430,35 @@ def _is_record(r):
     return isinstance(r, dict) and isinstance(r.get("script"), str) and isinstance(r.get("settings"), dict)
 
 
-def recorded_run(path):
-    """The run record inside a torch file these scripts wrote (a checkpoint of train(): {'model', 'epoch', 'run'}),
-    or None for any other file: a foreign *.pt is never taken for one of ours. weights_only and mmap: no code runs
-    and no tensor is read."""
+def recorded_run(path, checkpoint=False):
+    """The run record inside a torch file these scripts wrote (each records its run; with `checkpoint`, only a
+    checkpoint of train(): {'model', 'epoch', 'run'}), or None for any other file: a foreign *.pt is never taken for
+    one of ours. weights_only and mmap: no code runs and no tensor is read."""
     try:
         c = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    return c["run"] if isinstance(c, dict) and {"model", "epoch"} <= set(c) and _is_record(c.get("run")) else None
+    ok = isinstance(c, dict) and _is_record(c.get("run")) and (not checkpoint or {"model", "epoch"} <= set(c))
+    return c["run"] if ok else None
+
+
+def _is_results(path):
+    """Whether `path` is a results.json of these scripts (a JSON object naming its method), not a file of the user's."""
+    try:
+        with open(path) as f:
+            return "method" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _run_files(out):
-    """-> (the files of these scripts' runs in `out`: results.json and the checkpoints, {name: run record or None};
-    the other *.pt files, which are the user's)."""
+    """-> (the files of these scripts' runs in `out`: {name: the run recorded in it, or None for results.json};
+    the other *.pt and results.json files, which are the user's)."""
     ours, foreign = {}, []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
         if name in RUN_FILES and os.path.isfile(path):
-            ours[name] = None
+            (ours.__setitem__(name, None) if _is_results(path) else foreign.append(name))
         elif name.endswith(".pt") and os.path.isfile(path):
             run = recorded_run(path)
             (foreign.append(name) if run is None else ours.__setitem__(name, run))
@@ -1524,10 +1536,11 @@ def guard_run_folder(out, run, resume, overwrite):
     - One live process at a time: out/lock holds the PID and start time of its writer (taken over when that
       process is gone).
     - Temporary files of killed writes are removed by their exact name (remove_orphans); nothing else of the user's
-      is ever touched: the run's own files are results.json, run.json and the checkpoints, the *.pt files that
-      record a run of these scripts.
+      is ever touched: the run's own files are run.json, a results.json naming its method and the *.pt files that
+      record a run of these scripts (checkpoints).
     - A run is never replaced by accident: a folder holding one is refused without --resume or --overwrite, a
-      folder holding a *.pt that is not a checkpoint of these scripts always (a run could write one of that name).
+      folder holding a *.pt or results.json that these scripts did not write always (a run could write one of
+      that name).
       --overwrite moves the old run into out/replaced-run, which goes once the new run has written a checkpoint
       or results.json, and comes back if the new run stops before.
     - --resume needs a run to resume: at least one checkpoint of this script in out; its run.json, when there, must
@@ -1561,7 +1574,12 @@ def guard_run_folder(out, run, resume, overwrite):
     remove_orphans(out)
     ours, foreign = _run_files(out)
     if resume:
-        own = {n: r for n, r in ours.items() if r is not None and r["script"] == run["script"]}
+        own = {n: r for n, r in ours.items() if r is not None and r["script"] == run["script"]
+               and recorded_run(os.path.join(out, n), checkpoint=True)}
+        others = sorted({r["script"] for r in ours.values() if r is not None} - {run["script"]})
+        if not own and others:
+            raise ValueError(f"--resume: {out} holds a run of {', '.join(others)}.py, not of {run['script']}.py: "
+                             f"check --out")
         if not own:
             raise ValueError(f"--resume: {out} holds no checkpoint of {run['script']}.py "
                              f"({', '.join(ours) or 'no run files'}), so there is nothing to resume: check --out, "
@@ -1572,7 +1590,7 @@ def guard_run_folder(out, run, resume, overwrite):
             save_results(record, {"script": saved["script"], "settings": saved["settings"]})
         return                                                          # run.json stays: it records the run's data
     if foreign:                               # never replaced, never deleted: a run could write a file of its name
-        raise ValueError(f"--out {out} holds {', '.join(foreign)}, not a checkpoint of these scripts, which only "
+        raise ValueError(f"--out {out} holds {', '.join(foreign)}, not written by these scripts, which only "
                          f"replace their own files: move it away or choose another --out")
     if ours:
         if not overwrite:
@@ -1634,8 +1652,6 @@ def entry_point(main):
     its traceback."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        import signal
-        import threading
         main_thread = threading.current_thread() is threading.main_thread()
         on_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:

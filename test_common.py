@@ -783,7 +783,7 @@ def test_overwrite_keeps_the_finished_run_until_the_new_one_has_written(tmp_path
 
 def test_only_the_runs_own_files_and_exact_temporary_files_are_ever_removed(tmp_path):
     """Temporary files go by write_atomic's exact pattern <file of ours>.tmp<pid>, and only a dead process's; a *.pt
-    that is not a checkpoint of these scripts is never replaced or deleted, --overwrite or not."""
+    or results.json that these scripts did not write is never replaced or deleted, --overwrite or not."""
     run = tmp_path / "run"
     run.mkdir()
     users = {"notes.tmp.txt": b"notes", "draft.tmpl": b"x", "notes.txt.tmp1": b"y", "model.pt": b"weights",
@@ -795,12 +795,16 @@ def test_only_the_runs_own_files_and_exact_temporary_files_are_ever_removed(tmp_
     (run / f"run.json.tmp{DEAD_PID}").write_text("{")
     torch.save({"model": {}}, run / "weights.pt")                   # a state dict of the user's: not a checkpoint
     for argv in ((), ("--overwrite",)):
-        one_line_error(run_selfcheck(tmp_path, *argv)[0], "holds model.pt, weights.pt, not a checkpoint of these scripts")
+        one_line_error(run_selfcheck(tmp_path, *argv)[0], "holds model.pt, weights.pt, not written by these scripts")
     left = folder_files(run)
     assert {k: left[k] for k in users} == users and os.path.isdir(run / "cache.tmp")
     assert not any(str(DEAD_PID) in name for name in left)
     os.replace(run / "model.pt", tmp_path / "model.pt")
     os.replace(run / "weights.pt", tmp_path / "weights.pt")
+    (run / "results.json").write_text('{"accuracy": 0.9}')          # the user's own results
+    one_line_error(run_selfcheck(tmp_path, "--overwrite")[0], "holds results.json, not written by these scripts")
+    assert (run / "results.json").read_text() == '{"accuracy": 0.9}'
+    os.remove(run / "results.json")
     assert run_selfcheck(tmp_path)[0] is None
     assert {k: folder_files(run)[k] for k in users if k != "model.pt"} == {k: v for k, v in users.items() if k != "model.pt"}
 
@@ -843,6 +847,8 @@ def test_resume_with_nothing_to_resume_is_one_line_and_makes_nothing(tmp_path):
     assert folder_files(tmp_path / "run") == kept
     os.remove(tmp_path / "run" / "results.json")
     one_line_error(run_selfcheck(tmp_path, "--resume")[0], "holds no checkpoint of common.py (no run files)")
+    torch.save({"model": {}, "epoch": 1, "run": {"script": "ccl", "settings": {}}}, tmp_path / "run" / "checkpoint.pt")
+    one_line_error(run_selfcheck(tmp_path, "--resume")[0], "holds a run of ccl.py, not of common.py")
 
 
 def test_a_lock_is_taken_over_from_a_dead_process_and_from_a_reused_pid(tmp_path):
