@@ -1486,7 +1486,7 @@ def _settle_replaced(out):
     old = os.path.join(out, REPLACED)
     if not os.path.isdir(old):
         return
-    names = [n for n in os.listdir(old) if _ours_by_name(n)]      # only what --overwrite put there
+    names = list(_run_files(old)[0]) + (["run.json"] if os.path.isfile(os.path.join(old, "run.json")) else [])
     new_run_wrote = any(_run_files(out)[0])
     for name in names:
         if new_run_wrote:
@@ -1508,6 +1508,8 @@ def _take_lock(out):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
+            if not os.path.isfile(lock):
+                raise ValueError(f"--out {out}: {lock} is not a lock file of these scripts: move it away") from None
             try:
                 with open(lock) as f:
                     pid, *start = f.read().split()

@@ -791,6 +791,8 @@ def test_only_the_runs_own_files_and_exact_temporary_files_are_ever_removed(tmp_
     for name, data in users.items():
         (run / name).write_bytes(data)
     (run / "cache.tmp").mkdir()
+    (run / common.REPLACED).mkdir()                                 # a folder of the user's with --overwrite's name
+    (run / common.REPLACED / "mine.pt").write_bytes(b"kept")
     (run / f"checkpoint.pt.tmp{DEAD_PID}").write_bytes(b"half a checkpoint")
     (run / f"run.json.tmp{DEAD_PID}").write_text("{")
     torch.save({"model": {}}, run / "weights.pt")                   # a state dict of the user's: not a checkpoint
@@ -807,6 +809,8 @@ def test_only_the_runs_own_files_and_exact_temporary_files_are_ever_removed(tmp_
     os.remove(run / "results.json")
     assert run_selfcheck(tmp_path)[0] is None
     assert {k: folder_files(run)[k] for k in users if k != "model.pt"} == {k: v for k, v in users.items() if k != "model.pt"}
+    assert run_selfcheck(tmp_path, "--overwrite")[0] is None
+    assert (run / common.REPLACED / "mine.pt").read_bytes() == b"kept"
 
 
 def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(tmp_path, monkeypatch):
@@ -868,6 +872,12 @@ def test_a_lock_is_taken_over_from_a_dead_process_and_from_a_reused_pid(tmp_path
         else:
             with pytest.raises(ERROR, match=f"another run \\(process {live}\\) is writing there"):
                 common.guard_run_folder(out, run, resume=False, overwrite=False)
+    os.remove(tmp_path / "run" / "lock")
+    os.mkdir(tmp_path / "run" / "lock")                             # not a lock file: named, never removed
+    with pytest.raises(ERROR, match="lock is not a lock file of these scripts: move it away"):
+        common.guard_run_folder(out, run, resume=False, overwrite=False)
+    assert os.path.isdir(tmp_path / "run" / "lock")
+    os.rmdir(tmp_path / "run" / "lock")
     if start is not None:                                           # Linux: the start time tells a reused PID
         (tmp_path / "run" / "lock").write_text(f"{live} {int(start) + 1}\n")
         common.guard_run_folder(out, run, resume=False, overwrite=False)
