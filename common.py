@@ -1457,11 +1457,19 @@ def _run_files(out):
     ours, foreign = {}, []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
-        if name in RUN_FILES and os.path.isfile(path):
-            (ours.__setitem__(name, None) if _is_results(path) else foreign.append(name))
-        elif name.endswith(".pt") and os.path.isfile(path):
+        if not os.path.isfile(path):
+            continue
+        if name in RUN_FILES:
+            run, is_ours = None, _is_results(path)
+        elif name.endswith(".pt"):
             run = recorded_run(path)
-            (foreign.append(name) if run is None else ours.__setitem__(name, run))
+            is_ours = run is not None
+        else:
+            continue
+        if is_ours:
+            ours[name] = run
+        else:
+            foreign.append(name)
     return ours, foreign
 
 
@@ -1540,11 +1548,10 @@ def guard_run_folder(out, run, resume, overwrite):
     - Temporary files of killed writes are removed by their exact name (remove_orphans); nothing else of the user's
       is ever touched: the run's own files are run.json, a results.json naming its method and the *.pt files that
       record a run of these scripts (checkpoints).
-    - A run is never replaced by accident: a folder holding one is refused without --resume or --overwrite, a
-      folder holding a *.pt or results.json that these scripts did not write always (a run could write one of
-      that name).
-      --overwrite moves the old run into out/replaced-run, which goes once the new run has written a checkpoint
-      or results.json, and comes back if the new run stops before.
+    - A run is never replaced by accident: a folder holding one is refused without --resume or --overwrite; a
+      folder holding a *.pt or results.json that these scripts did not write, always (a run could write a file of
+      that name). --overwrite moves the old run into out/replaced-run, which goes once the new run has written a
+      checkpoint or results.json, and comes back if the new run stops before.
     - --resume needs a run to resume: at least one checkpoint of this script in out; its run.json, when there, must
       be a valid record of the same script and settings (the one place a resume is refused for settings before any
       data is loaded; train() checks each checkpoint again). A checkpoint of a later stage that was deleted while
@@ -1648,10 +1655,10 @@ def entry_point(main):
     """Decorates each script's main(argv): the one place where an exception becomes one line. Everything below it
     raises ordinary exceptions with a clear message (ValueError for bad input, FileNotFoundError, OSError for the
     disk, FloatingPointError for a diverged model); here the run folder this process holds is released and the
-    message printed without a traceback: `error: ...`, exit status 1. Ctrl-C and SIGTERM stop the run with one
-    line (exit status 130); so does output piped into a reader that quit (`| head`), since a run's log has nowhere
-    to go then. Checkpoints are kept in all three cases: --resume continues. Any other exception is a bug and keeps
-    its traceback."""
+    message printed without a traceback: `error: ...`, exit status 1. Output piped into a reader that quit (`| head`)
+    stops the run the same way (as any Unix tool; its log has nowhere to go); Ctrl-C and SIGTERM stop it with one
+    line, exit status 130. Checkpoints are kept in these cases: --resume continues. Any other exception is a bug and
+    keeps its traceback."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         main_thread = threading.current_thread() is threading.main_thread()
