@@ -1508,6 +1508,26 @@ def _settle_replaced(out):
         os.rmdir(old)                                             # kept if someone put other files there
 
 
+def _listed_checkpoints(record):
+    names = record.get("checkpoints")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _record_checkpoints(out):
+    """Write into run.json the checkpoints of its run that the folder holds as the run stops, so that --resume can
+    tell a checkpoint deleted since from one never written (a killed run, which stops without this, falls back to
+    the rule of at least one checkpoint)."""
+    record = os.path.join(out, "run.json")
+    if not os.path.isfile(record):
+        return
+    saved = read_record(record)
+    names = {n for n, r in _run_files(out)[0].items() if r is not None and r["script"] == saved["script"]
+             and recorded_run(os.path.join(out, n), checkpoint=True)}
+    names = sorted(names | set(_listed_checkpoints(saved)))         # a refused resume must not forget one that went
+    if saved.get("checkpoints") != names:
+        save_results(record, {**saved, "checkpoints": names})
+
+
 def _take_lock(out):
     """Create out/lock holding `<pid> <start time>`; a lock of a process that is gone (or of an unrelated process
     that got its PID since) is taken over. ValueError when a live run holds it."""
@@ -1552,10 +1572,11 @@ def guard_run_folder(out, run, resume, overwrite):
       folder holding a *.pt or results.json that these scripts did not write, always (a run could write a file of
       that name). --overwrite moves the old run into out/replaced-run, which goes once the new run has written a
       checkpoint or results.json, and comes back if the new run stops before.
-    - --resume needs a run to resume: at least one checkpoint of this script in out; its run.json, when there, must
-      be a valid record of the same script and settings (the one place a resume is refused for settings before any
-      data is loaded; train() checks each checkpoint again). A checkpoint of a later stage that was deleted while
-      one of an earlier stage remains cannot be told from a run killed before it: that stage starts afresh."""
+    - --resume needs a run to resume: at least one checkpoint of this script in out, and every checkpoint that was
+      there when the run last stopped (run.json lists them); its run.json, when there, must be a valid record of
+      the same script and settings (refused here, before any data is loaded; train() checks each checkpoint
+      again). Only after a kill -9, which leaves no list, a deleted checkpoint of a later stage beside one of an
+      earlier stage cannot be told from one never written: that stage starts afresh."""
     record = os.path.join(out, "run.json")
     if resume and not os.path.isdir(out):
         raise FileNotFoundError(f"--resume: there is no run folder {out} (check --out)")
@@ -1568,8 +1589,9 @@ def guard_run_folder(out, run, resume, overwrite):
 
     def release():                                                      # idempotent: finish, entry_point, exit
         if os.path.exists(lock):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 _settle_replaced(out)
+                _record_checkpoints(out)
         with contextlib.suppress(OSError):
             os.remove(lock)
         with contextlib.suppress(OSError):
@@ -1595,6 +1617,10 @@ def guard_run_folder(out, run, resume, overwrite):
                              f"or drop --resume to start afresh")
         saved = read_record(record) if os.path.exists(record) else own[next(iter(own))]
         compare_runs(saved, run, f"the run in {out}")
+        gone = sorted(set(_listed_checkpoints(saved)) - set(own))
+        if gone:
+            raise ValueError(f"--resume: {', '.join(gone)} of the run in {out} is gone (it was there when the run "
+                             f"last stopped): restore it, or start afresh with --overwrite")
         if not os.path.exists(record):
             save_results(record, {"script": saved["script"], "settings": saved["settings"]})
         return                                                          # run.json stays: it records the run's data

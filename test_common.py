@@ -844,7 +844,12 @@ def test_resume_with_nothing_to_resume_is_one_line_and_makes_nothing(tmp_path):
     one_line_error(run_selfcheck(tmp_path, "--resume")[0], "--resume: there is no run folder", "run")
     assert not (tmp_path / "run").exists()                         # a mistyped --out: nothing created
     assert run_selfcheck(tmp_path)[0] is None
-    os.remove(tmp_path / "run" / "checkpoint.pt")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["checkpoints"] == ["checkpoint.pt"]
+    os.replace(tmp_path / "run" / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    torch.save({"model": {}, "epoch": 1, "run": {"script": "common", "settings": {}}}, tmp_path / "run" / "simclr.pt")
+    one_line_error(run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0],    # an earlier stage's is not enough
+                   "checkpoint.pt of the run in", "is gone (it was there when the run last stopped)")
+    os.remove(tmp_path / "run" / "simclr.pt")
     kept = folder_files(tmp_path / "run")
     one_line_error(run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0], "holds no checkpoint of common.py",
                    "nothing to resume")
