@@ -1586,12 +1586,14 @@ def guard_run_folder(out, run, resume, overwrite):
     except OSError as e:
         raise OSError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     lock = _take_lock(out)
+    accepted = []                                                       # the run passed the checks below
 
     def release():                                                      # idempotent: finish, entry_point, exit
         if os.path.exists(lock):
             with contextlib.suppress(OSError, ValueError):
                 _settle_replaced(out)
-                _record_checkpoints(out)
+                if accepted:                                            # a refused start changes nothing
+                    _record_checkpoints(out)
         with contextlib.suppress(OSError):
             os.remove(lock)
         with contextlib.suppress(OSError):
@@ -1623,6 +1625,7 @@ def guard_run_folder(out, run, resume, overwrite):
                              f"last stopped): restore it, or start afresh with --overwrite")
         if not os.path.exists(record):
             save_results(record, {"script": saved["script"], "settings": saved["settings"]})
+        accepted.append(True)
         return                                                          # run.json stays: it records the run's data
     if foreign:                               # never replaced, never deleted: a run could write a file of its name
         raise ValueError(f"--out {out} holds {', '.join(foreign)}, not written by these scripts, which only "
@@ -1636,6 +1639,7 @@ def guard_run_folder(out, run, resume, overwrite):
         for name in list(ours) + (["run.json"] if os.path.exists(record) else []):
             os.replace(os.path.join(out, name), os.path.join(old, name))
     save_results(record, run)                                           # atomic JSON, as results.json
+    accepted.append(True)
 
 
 def data_fingerprint(x, y):

@@ -703,8 +703,10 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, argv, message):
 
 def test_a_used_run_folder_is_refused_locked_and_resumed_only_with_the_same_settings(tmp_path):
     assert run_selfcheck(tmp_path)[0] is None
+    finished = folder_files(tmp_path / "run")
     message, files = run_selfcheck(tmp_path)
     assert "holds another run (checkpoint.pt, results.json): add --resume to continue it, --overwrite" in message
+    assert files == finished                                                              # refused: nothing changed
     assert run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0] is None                 # a longer run: allowed
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
     assert "has done 2 epochs, more than the 1 asked for now" in run_selfcheck(tmp_path, "--resume", "--epochs", "1")[0]
