@@ -1490,10 +1490,11 @@ def read_record(path):
 def _settle_replaced(out):
     """After an --overwrite (at its end, or at the next start when it was killed): the old run in out/replaced-run
     is deleted once the new run has written a file of its own (a checkpoint, results.json), and otherwise moved back
-    in place of the new run.json, so that a run that stopped before writing anything leaves the old one intact."""
+    in place of the new run.json, so that a run that stopped before writing anything leaves the old one intact.
+    -> whether the old run came back."""
     old = os.path.join(out, REPLACED)
     if not os.path.isdir(old):
-        return
+        return False
     names = list(_run_files(old)[0]) + (["run.json"] if os.path.isfile(os.path.join(old, "run.json")) else [])
     new_run_wrote = any(_run_files(out)[0])
     for name in names:
@@ -1506,6 +1507,7 @@ def _settle_replaced(out):
             os.remove(os.path.join(out, "run.json"))              # the old run had none: neither has the folder now
     with contextlib.suppress(OSError):
         os.rmdir(old)                                             # kept if someone put other files there
+    return not new_run_wrote
 
 
 def _listed_checkpoints(record):
@@ -1591,8 +1593,8 @@ def guard_run_folder(out, run, resume, overwrite):
     def release():                                                      # idempotent: finish, entry_point, exit
         if os.path.exists(lock):
             with contextlib.suppress(OSError, ValueError):
-                _settle_replaced(out)
-                if accepted:                                            # a refused start changes nothing
+                restored = _settle_replaced(out)
+                if accepted and not restored:             # a refused start, or the old run back: changes nothing
                     _record_checkpoints(out)
         with contextlib.suppress(OSError):
             os.remove(lock)

@@ -765,6 +765,9 @@ def test_overwrite_keeps_the_finished_run_until_the_new_one_has_written(tmp_path
     """--overwrite moves the old run aside and brings it back, byte for byte, when the new run stops before writing a
     checkpoint (a check after setup, a kill); once the new run has written, the old one is gone."""
     assert run_selfcheck(tmp_path)[0] is None
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    del record["checkpoints"]                                       # as a run made before the list existed
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
     finished = folder_files(tmp_path / "run")
     assert set(finished) == {"checkpoint.pt", "results.json", "run.json"}
     message, _ = run_selfcheck(tmp_path, "--overwrite", "--batch-size", "100")           # refused after setup
