@@ -23,7 +23,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -1028,10 +1031,11 @@ def _load_folder(path, train, size, cache_dir, need_split=False):
         raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
     names = [os.path.relpath(f, path) for f, _ in files]
     h = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{classes}".encode())
-    for f, _ in files:
-        st = os.stat(f)
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for key in pool.map(_cache_key, [f for f, _ in files], chunksize=256):
+            h.update(key)
     cache = os.path.join(cache_dir, f"folder-{h.hexdigest()[:16]}.pt")
+    remove_orphans(cache_dir)                 # a killed cache write's temporary file (a live writer's stays)
     if os.path.exists(cache):
         try:
             d = torch.load(cache, weights_only=True)
@@ -1041,10 +1045,24 @@ def _load_folder(path, train, size, cache_dir, need_split=False):
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
         imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0])[None], size)[0], files, chunksize=256))
     x, y = torch.stack(imgs), torch.tensor([f[1] for f in files]).long()
-    with contextlib.suppress(OSError):       # a read-only data root still works, only without a cache
+    try:
         os.makedirs(cache_dir, exist_ok=True)
         save_atomic({"x": x, "y": y, "classes": classes}, cache)
+    except OSError as e:                      # a read-only data root still works, only without a cache
+        print(f"note: decoded {path} without caching it ({e.strerror or e})", flush=True)
     return x, y, classes, names
+
+
+def _cache_key(f):
+    """What the folder cache's key sees of one image file: its path, size, modification time and its first and last
+    64 KiB (the whole file up to 128 KiB, which covers the images of these data sets), so that an edit keeping the
+    size and the mtime is seen too. Still unseen: such an edit confined to the middle of a file over 128 KiB."""
+    st = os.stat(f)
+    with open(f, "rb") as fh:
+        head = fh.read(65536)
+        fh.seek(max(len(head), st.st_size - 65536))
+        tail = fh.read(65536)
+    return f"{f}|{st.st_size}|{st.st_mtime_ns}|".encode() + hashlib.sha1(head + tail).digest()
 
 
 def _load_npy(path):
@@ -1400,26 +1418,39 @@ def check_shared(args, resolve=True):
     check(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "a number >= 0")
     check(args.grad_clip > 0, "--grad-clip", args.grad_clip, "a number > 0 (inf: no clipping)")
     check(args.save_every >= 1, "--save-every", args.save_every, "an integer >= 1")
-    check(args.seed >= 0, "--seed", args.seed, "an integer >= 0")
+    check(0 <= args.seed < 2 ** 32, "--seed", args.seed, "an integer in [0, 2^32 - 1] (NumPy's seeds are 32-bit)")
     check(not (args.resume and args.overwrite), "--resume", "--overwrite", "one of the two, not both")
+    get_device(args.device)                             # a device this machine does not have: now, not at first use
 
 
 def get_device(name="auto"):
-    if name != "auto":
-        try:
-            return torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """--device -> a torch.device this machine has; ValueError naming the flag for an unknown or absent one."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that PyTorch {torch.__version__} can use; "
+                         f"use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0-{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: Apple's MPS is not available on this machine; use --device cpu (or auto)")
+    return device
 
 
 def seed_everything(seed):
     torch.manual_seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)          # seed + rank under torchrun may pass NumPy's 32 bits
 
 
 def print_config(args):
@@ -1438,91 +1469,340 @@ MAY_CHANGE = ("epochs", "resume", "overwrite", "out", "device", "save_every", "n
               "compile", "preset", "sources", "run")
 
 
-RUN_FILES = ("results.json",)          # with every *.pt: what a run folder holds that a new run must not replace
+RUN_FILES = ("results.json",)   # what a run writes beside run.json and its checkpoints (*.pt recording their run)
+REPLACED = "replaced-run"       # where --overwrite keeps the old run until the new one has written something
+TEMP_FILE = re.compile(r"(.+)\.tmp(\d+)")   # write_atomic's temporary file: <name>.tmp<pid>
 
 
-def _pid_alive(pid):
+def _process_start(pid):
+    """When process `pid` started (Linux: field 22 of /proc/<pid>/stat, clock ticks since boot) or None where that
+    is unknown (no /proc): with the PID it names one process, even after the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]        # the fields after the name; field 3 is index 0
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid, start=None):
+    """Whether process `pid` runs and, where both start times are known, is the one that started at `start` (a
+    PID reused by an unrelated process is not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
 
 
-_release = {}   # run folder -> its lock's release, called by finish() (and at exit, whatever happens)
+def _ours_by_name(name):
+    return name == "run.json" or name in RUN_FILES or name.endswith(".pt")
+
+
+def remove_orphans(folder):
+    """Remove the temporary files that write_atomic left behind in `folder` when its process was killed: exactly
+    `<name>.tmp<pid>`, a plain file, <name> a file of these scripts (run.json, results.json, *.pt), its process gone.
+    Anything else is the user's and stays (notes.tmp.txt, draft.tmpl, a folder cache.tmp); so does a live
+    process's file (a concurrent run's cache write), and the file of a dead process whose PID is in use again."""
+    with contextlib.suppress(OSError):                         # an unreadable or read-only folder: nothing to do
+        for entry in os.scandir(folder):
+            m = TEMP_FILE.fullmatch(entry.name)
+            if m and _ours_by_name(m[1]) and entry.is_file(follow_symlinks=False) and not _pid_alive(int(m[2])):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+
+
+def _is_record(r):
+    """A run record as these scripts write it: {'script': name, 'settings': {...}, ...}."""
+    return isinstance(r, dict) and isinstance(r.get("script"), str) and isinstance(r.get("settings"), dict)
+
+
+def recorded_run(path, checkpoint=False):
+    """The run record inside a torch file these scripts wrote (each records its run; with `checkpoint`, only a
+    checkpoint of train(): {'model', 'epoch', 'run'}), or None for any other file: a foreign *.pt is never taken for
+    one of ours. weights_only and mmap: no code runs and no tensor is read."""
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    ok = isinstance(c, dict) and _is_record(c.get("run")) and (not checkpoint or {"model", "epoch"} <= set(c))
+    return c["run"] if ok else None
+
+
+def _is_results(path):
+    """Whether `path` is a results.json of these scripts (a JSON object naming its method), not a file of the user's."""
+    try:
+        with open(path) as f:
+            return "method" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _run_files(out):
+    """-> (the files of these scripts' runs in `out`: {name: the run recorded in it, or None for results.json};
+    the other *.pt and results.json files, which are the user's)."""
+    ours, foreign = {}, []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        if name in RUN_FILES:
+            run, is_ours = None, _is_results(path)
+        elif name.endswith(".pt"):
+            run = recorded_run(path)
+            is_ours = run is not None
+        else:
+            continue
+        if is_ours:
+            ours[name] = run
+        else:
+            foreign.append(name)
+    return ours, foreign
+
+
+def read_record(path):
+    """run.json -> its record; ValueError naming the file when it is not one (empty, `{}`, `[]`, not JSON)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable ({getattr(e, 'strerror', None) or type(e).__name__}): restore it, or "
+                         f"start afresh with --overwrite") from None
+    if not _is_record(record):
+        raise ValueError(f"{path} is not a run record of these scripts (expected {{\"script\": ..., \"settings\": {{...}}}}, "
+                         f"got {json.dumps(record)[:40]}): restore it, or start afresh with --overwrite")
+    return record
+
+
+def _settle_replaced(out):
+    """After an --overwrite (at its end, or at the next start when it was killed): the old run in out/replaced-run
+    is deleted once the new run has written a file of its own (a checkpoint, results.json), and otherwise moved back
+    in place of the new run.json, so that a run that stopped before writing anything leaves the old one intact.
+    -> whether the old run came back."""
+    old = os.path.join(out, REPLACED)
+    if not os.path.isdir(old):
+        return False
+    names = list(_run_files(old)[0]) + (["run.json"] if os.path.isfile(os.path.join(old, "run.json")) else [])
+    new_run_wrote = any(_run_files(out)[0])
+    for name in names:
+        if new_run_wrote:
+            os.remove(os.path.join(old, name))
+        else:
+            os.replace(os.path.join(old, name), os.path.join(out, name))
+    if not new_run_wrote and "run.json" not in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, "run.json"))              # the old run had none: neither has the folder now
+    with contextlib.suppress(OSError):
+        os.rmdir(old)                                             # kept if someone put other files there
+    return not new_run_wrote
+
+
+def _listed_checkpoints(record):
+    names = record.get("checkpoints")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _record_checkpoints(out):
+    """Write into run.json the checkpoints of its run that the folder holds as the run stops, so that --resume can
+    tell a checkpoint deleted since from one never written (a killed run, which stops without this, falls back to
+    the rule of at least one checkpoint)."""
+    record = os.path.join(out, "run.json")
+    if not os.path.isfile(record):
+        return
+    saved = read_record(record)
+    names = {n for n, r in _run_files(out)[0].items() if r is not None and r["script"] == saved["script"]
+             and recorded_run(os.path.join(out, n), checkpoint=True)}
+    names = sorted(names | set(_listed_checkpoints(saved)))         # a refused resume must not forget one that went
+    if saved.get("checkpoints") != names:
+        save_results(record, {**saved, "checkpoints": names})
+
+
+def _take_lock(out):
+    """Create out/lock holding `<pid> <start time>`; a lock of a process that is gone (or of an unrelated process
+    that got its PID since) is taken over. ValueError when a live run holds it."""
+    lock = os.path.join(out, "lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not os.path.isfile(lock):
+                raise ValueError(f"--out {out}: {lock} is not a lock file of these scripts: move it away") from None
+            try:
+                with open(lock) as f:
+                    pid, *start = f.read().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                pid, start = -1, []                               # unreadable or half-written: its writer is gone
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid, start[0] if start else None):
+                raise ValueError(f"--out {out}: another run (process {pid}) is writing there; wait for it or use another --out")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)                                   # a dead process's lock: take it over
+            continue
+        except OSError as e:
+            raise OSError(f"--out {out}: the folder is not writable ({e.strerror or e})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {_process_start(os.getpid()) or ''}\n")
+        return lock
+    raise ValueError(f"--out {out}: another run took the folder at the same moment; use another --out")
+
+
+_release = {}   # run folder -> its release, called by finish() and entry_point (and at exit, whatever happens)
 
 
 def guard_run_folder(out, run, resume, overwrite):
-    """Make --out safe to write: one live process at a time (a lock file; a dead process's lock is taken over),
-    never a finished run replaced by accident, leftover temporary files of killed writes removed, writability
-    checked now rather than at the first save. Writes out/run.json (script and settings) -> nothing."""
+    """Make --out safe to write, before any work. Writes out/run.json (script and settings) -> nothing.
+
+    - One live process at a time: out/lock holds the PID and start time of its writer (taken over when that
+      process is gone).
+    - Temporary files of killed writes are removed by their exact name (remove_orphans); nothing else of the user's
+      is ever touched: the run's own files are run.json, a results.json naming its method and the *.pt files that
+      record a run of these scripts (checkpoints).
+    - A run is never replaced by accident: a folder holding one is refused without --resume or --overwrite; a
+      folder holding a *.pt or results.json that these scripts did not write, always (a run could write a file of
+      that name). --overwrite moves the old run into out/replaced-run, which goes once the new run has written a
+      checkpoint or results.json, and comes back if the new run stops before.
+    - --resume needs a run to resume: at least one checkpoint of this script in out, and every checkpoint that was
+      there when the run last stopped (run.json lists them); its run.json, when there, must be a valid record of
+      the same script and settings (refused here, before any data is loaded; train() checks each checkpoint
+      again). Only after a kill -9, which leaves no list, a deleted checkpoint of a later stage beside one of an
+      earlier stage cannot be told from one never written: that stage starts afresh."""
+    record = os.path.join(out, "run.json")
+    if resume and not os.path.isdir(out):
+        raise FileNotFoundError(f"--resume: there is no run folder {out} (check --out)")
     created = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        raise OSError(f"--out {out}: cannot create the folder ({e.strerror or e})")
-    lock = os.path.join(out, "lock")
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(open(lock).read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pid = -1
-        if pid > 0 and pid != os.getpid() and _pid_alive(pid):
-            raise ValueError(f"--out {out}: another run (process {pid}) is writing there; wait for it or use another --out")
-        os.remove(lock)                                                   # a dead process's lock: take it over
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except OSError as e:
-        raise OSError(f"--out {out}: the folder is not writable ({e.strerror or e})")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        raise OSError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    lock = _take_lock(out)
+    accepted = []                                                       # the run passed the checks below
 
-    def release():                                                      # idempotent: finish, fail, exit
+    def release():                                                      # idempotent: finish, entry_point, exit
+        if os.path.exists(lock):
+            with contextlib.suppress(OSError, ValueError):
+                restored = _settle_replaced(out)
+                if accepted and not restored:             # a refused start, or the old run back: changes nothing
+                    _record_checkpoints(out)
         with contextlib.suppress(OSError):
             os.remove(lock)
         with contextlib.suppress(OSError):
             if created and set(os.listdir(out)) <= {"run.json"}:      # a run that wrote nothing leaves nothing
-                os.remove(os.path.join(out, "run.json"))
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(record)
                 os.rmdir(out)
     atexit.register(release)
     _release[os.path.abspath(out)] = release
-    for name in os.listdir(out):                                        # orphans of killed atomic writes
-        if ".tmp" in name:
-            os.remove(os.path.join(out, name))
-    used = sorted(n for n in os.listdir(out) if n.endswith(".pt") or n in RUN_FILES)
-    record = os.path.join(out, "run.json")
-    if used and not resume and not overwrite:
-        raise ValueError(f"--out {out} holds another run ({', '.join(used)}): add --resume to continue it, --overwrite to "
-             f"replace it, or choose another --out")
-    if resume and os.path.exists(record):
-        try:
-            saved = json.load(open(record))
-        except (OSError, ValueError):
-            raise ValueError(f"{record} is not readable: start afresh with --overwrite")
-        compare_runs(saved, json.loads(json.dumps(run, default=str)), f"the run in {out}")
-    if overwrite:
-        for name in used:
-            os.remove(os.path.join(out, name))
+    _settle_replaced(out)                                               # an --overwrite that was killed
+    remove_orphans(out)
+    ours, foreign = _run_files(out)
+    if resume:
+        own = {n: r for n, r in ours.items() if r is not None and r["script"] == run["script"]
+               and recorded_run(os.path.join(out, n), checkpoint=True)}
+        others = sorted({r["script"] for r in ours.values() if r is not None} - {run["script"]})
+        if not own and others:
+            raise ValueError(f"--resume: {out} holds a run of {', '.join(others)}.py, not of {run['script']}.py: "
+                             f"check --out")
+        if not own:
+            raise ValueError(f"--resume: {out} holds no checkpoint of {run['script']}.py "
+                             f"({', '.join(ours) or 'no run files'}), so there is nothing to resume: check --out, "
+                             f"or drop --resume to start afresh")
+        saved = read_record(record) if os.path.exists(record) else own[next(iter(own))]
+        compare_runs(saved, run, f"the run in {out}")
+        gone = sorted(set(_listed_checkpoints(saved)) - set(own))
+        if gone:
+            raise ValueError(f"--resume: {', '.join(gone)} of the run in {out} is gone (it was there when the run "
+                             f"last stopped): restore it, or start afresh with --overwrite")
+        if not os.path.exists(record):
+            save_results(record, {"script": saved["script"], "settings": saved["settings"]})
+        accepted.append(True)
+        return                                                          # run.json stays: it records the run's data
+    if foreign:                               # never replaced, never deleted: a run could write a file of its name
+        raise ValueError(f"--out {out} holds {', '.join(foreign)}, not written by these scripts, which only "
+                         f"replace their own files: move it away or choose another --out")
+    if ours:
+        if not overwrite:
+            raise ValueError(f"--out {out} holds another run ({', '.join(ours)}): add --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+        old = os.path.join(out, REPLACED)
+        os.makedirs(old, exist_ok=True)
+        for name in list(ours) + (["run.json"] if os.path.exists(record) else []):
+            os.replace(os.path.join(out, name), os.path.join(old, name))
     save_results(record, run)                                           # atomic JSON, as results.json
+    accepted.append(True)
+
+
+def data_fingerprint(x, y):
+    """What the run trains on, cheaply: the number of images, their shape and a SHA-1 of the uint8 pixels and of the
+    labels (about 0.2 s for 50,000 CIFAR images)."""
+    digest = lambda t: hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"images": len(x), "shape": list(x.shape[1:]), "pixels": digest(x), "labels": digest(y)}
+
+
+def check_data(args, data):
+    """Call right after load_data: records the fingerprint of the training images in <out>/run.json, and on --resume
+    refuses, in one line, images that changed since the run was trained (its checkpoints saw other images;
+    continuing would mix two data sets without a word)."""
+    if rank() != 0:
+        return
+    record = os.path.join(args.out, "run.json")
+    saved = read_record(record)
+    now = data_fingerprint(data.train_x, data.train_y)
+    then = saved.get("data")
+    if args.resume and isinstance(then, dict) and then != now:
+        changed = (f"{then.get('images')} training images then, {now['images']} now" if then.get("images") != now["images"]
+                   else f"image shape {then.get('shape')} -> {now['shape']}" if then.get("shape") != now["shape"]
+                   else f"the pixels of the {now['images']} training images differ" if then.get("pixels") != now["pixels"]
+                   else "their labels differ")
+        raise ValueError(f"--resume: the training data of {args.dataset} changed since the run in {args.out} was "
+                         f"trained ({changed}); resume on the same images, or start afresh with --overwrite")
+    if then != now:
+        save_results(record, {**saved, "data": now})
+
+
+def _stdout_to_devnull():
+    """After the reader of our output went away (`| head`): nothing more goes to the pipe, not even Python's flush
+    at exit, which would print a second error."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def entry_point(main):
-    """Decorates each script's main(argv): the one place where an exception becomes one `error:` line. Everything
-    below it raises ordinary exceptions with a clear message (ValueError for bad input, FileNotFoundError, OSError
-    for the disk, FloatingPointError for a diverged model); here the run folder this process holds is released and
-    the message printed without a traceback. Any other exception is a bug and keeps its traceback."""
+    """Decorates each script's main(argv): the one place where an exception becomes one line. Everything below it
+    raises ordinary exceptions with a clear message (ValueError for bad input, FileNotFoundError, OSError for the
+    disk, FloatingPointError for a diverged model); here the run folder this process holds is released and the
+    message printed without a traceback: `error: ...`, exit status 1. Output piped into a reader that quit (`| head`)
+    stops the run the same way (as any Unix tool; its log has nowhere to go); Ctrl-C and SIGTERM stop it with one
+    line, exit status 130. Checkpoints are kept in these cases: --resume continues. Any other exception is a bug and
+    keeps its traceback."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        on_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            sys.stdout.flush()                          # a closed pipe shows here, not at exit
+            return result
+        except BrokenPipeError:
+            _stdout_to_devnull()
+            stop = SystemExit("error: the output pipe was closed (its reader quit), so the run stopped")
         except (ValueError, OSError, FloatingPointError) as e:
-            for release in list(_release.values()):
-                release()
-            _release.clear()
-            raise SystemExit(f"error: {e}") from None
+            stop = SystemExit(f"error: {e}")
+        except KeyboardInterrupt:
+            print("interrupted: the run stopped; --resume continues it from its last checkpoint", file=sys.stderr)
+            stop = SystemExit(130)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, on_term)
+        for release in list(_release.values()):
+            release()
+        _release.clear()
+        raise stop from None
     return wrapper
 
 
@@ -1559,6 +1839,10 @@ def setup(args, script, may_change=()):
             builtins.print = lambda *a, **k: None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN pick its fastest convolutions once
+    if args.compile and device.type != "cuda":
+        # a note, not a refusal: the compiled path is correct on a CPU and worth checking there, only slow
+        print(f"note: --compile on {device.type}: each epoch is much slower than without (about 250x measured on "
+              f"a CPU with the digits default: compile time and CPU kernels); it pays off on a CUDA GPU", flush=True)
     seed_everything(args.seed + rank())   # each rank its own augmentation draws (train's shuffle is common to all)
     if rank() == 0:
         guard_run_folder(args.out, args.run, args.resume, args.overwrite)
@@ -1720,7 +2004,9 @@ class Scorer:
 
     def save(self, out):
         save_atomic({"script": self.script, "settings": self.settings, "model": self.model.state_dict(),
-                     "state": self.state, "thresholds": self.thresholds, "tpr": self.tpr}, os.path.join(out, self.FILE))
+                     "state": self.state, "thresholds": self.thresholds, "tpr": self.tpr,
+                     "run": {"script": self.script, "settings": self.settings}},       # a file of this run's
+                    os.path.join(out, self.FILE))
 
     @classmethod
     def load(cls, out, device="cpu"):
@@ -1819,6 +2105,7 @@ def main(argv=None):
     t_start = time.time()
     device = setup(args, "common")
     data = load_data(args)
+    check_data(args, data)
     model = build_model(args).to(device)
     aug = simclr_augment(args, blur=True)
     x = data.train_x.to(device)

@@ -317,7 +317,7 @@ def test_a_saved_run_scores_images_as_the_run_did(tmp_path, monkeypatch):
     ccl.main(TINY + ["--epochs", "2", "--cluster-start", "1", "--n-aug", "2", "--out", str(tmp_path)])
     s = SimpleNamespace(**json.load(open(tmp_path / "results.json"))["config"])
     model = ccl.build_model(s)
-    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"])    # strict
+    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"])    # strict
     model.eval()
     torch.save(score_state(model, seen["train_x"], s), tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)

@@ -645,7 +645,7 @@ def run_selfcheck(tmp_path, *argv):
         message = str(e.code)
     finally:
         sys.argv = old
-    files = {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if (out / f).is_file()} if out.exists() else {}
+    files = folder_files(out) if out.exists() else {}
     return message, files
 
 
@@ -679,8 +679,10 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, argv, message):
 
 def test_a_used_run_folder_is_refused_locked_and_resumed_only_with_the_same_settings(tmp_path):
     assert run_selfcheck(tmp_path)[0] is None
+    finished = folder_files(tmp_path / "run")
     message, files = run_selfcheck(tmp_path)
     assert "holds another run (checkpoint.pt, results.json, scorer.pt): add --resume to continue it, --overwrite" in message
+    assert files == finished                                                              # refused: nothing changed
     assert run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0] is None                 # a longer run: allowed
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert "has done 2 epochs, more than the 1 asked for now" in run_selfcheck(tmp_path, "--resume", "--epochs", "1")[0]
@@ -693,7 +695,7 @@ def test_a_used_run_folder_is_refused_locked_and_resumed_only_with_the_same_sett
     (tmp_path / "run" / "lock").write_text(f"{os.getppid()}\n")                            # a live process
     assert "another run (process" in run_selfcheck(tmp_path, "--overwrite")[0]
     (tmp_path / "run" / "lock").write_text("999999999\n")                                   # a dead one
-    (tmp_path / "run" / "checkpoint.pt.tmp12345").write_bytes(b"half a checkpoint")
+    (tmp_path / "run" / "checkpoint.pt.tmp999999999").write_bytes(b"half a checkpoint")      # of a dead process
     assert run_selfcheck(tmp_path, "--overwrite")[0] is None
     left = set(os.listdir(tmp_path / "run"))
     assert left == {"checkpoint.pt", "results.json", "run.json", "scorer.pt", "scores"}, left   # lock released, orphan gone
@@ -721,6 +723,260 @@ def test_finish_writes_the_baselines_under_their_fixed_names(tmp_path):
     assert set(saved["baselines"]) == {"pixels_knn", "random_init_knn"} and saved == json.loads(json.dumps(res))
     px = saved["baselines"]["pixels_knn"]["classes 6-9"]
     assert set(px) == {"auroc", "fpr95", "aupr_in", "aupr_out"} and px["auroc"] > 95   # digits: trivially separable
+
+
+DEAD_PID = 999999999    # above every PID_MAX: no such process
+
+
+def folder_files(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def one_line_error(message, *parts):
+    assert message is not None and message.startswith("error: ") and "\n" not in message, message
+    assert all(p in message for p in parts), message
+
+
+def test_overwrite_keeps_the_finished_run_until_the_new_one_has_written(tmp_path):
+    """--overwrite moves the old run aside and brings it back, byte for byte, when the new run stops before writing a
+    checkpoint (a check after setup, a kill); once the new run has written, the old one is gone."""
+    assert run_selfcheck(tmp_path)[0] is None
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    del record["checkpoints"]                                       # as a run made before the list existed
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    finished = folder_files(tmp_path / "run")
+    assert set(finished) == {"checkpoint.pt", "results.json", "run.json", "scorer.pt", os.path.join("scores", "id_test.csv"),
+                             os.path.join("scores", "classes_6-9.csv")}
+    message, _ = run_selfcheck(tmp_path, "--overwrite", "--batch-size", "100")           # refused after setup
+    one_line_error(message, "--batch-size 100 is larger than the training set")
+    assert folder_files(tmp_path / "run") == finished
+    # a killed --overwrite (its lock's process gone, the old run aside, the new run.json written): back at the next start
+    os.makedirs(tmp_path / "run" / common.REPLACED)
+    for name in finished:
+        if os.sep not in name:                                      # the run's files; its CSVs stay in scores/
+            os.replace(tmp_path / "run" / name, tmp_path / "run" / common.REPLACED / name)
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"script": "common", "settings": {"lr": 9}}))
+    (tmp_path / "run" / "lock").write_text(f"{DEAD_PID} 1\n")
+    one_line_error(run_selfcheck(tmp_path)[0], "holds another run (checkpoint.pt, results.json, scorer.pt)")
+    assert folder_files(tmp_path / "run") == finished
+    assert run_selfcheck(tmp_path, "--overwrite", "--lr", "0.05")[0] is None               # the new run replaces it
+    assert set(folder_files(tmp_path / "run")) == set(finished)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["lr"] == 0.05
+
+
+def test_only_the_runs_own_files_and_exact_temporary_files_are_ever_removed(tmp_path):
+    """Temporary files go by write_atomic's exact pattern <file of ours>.tmp<pid>, and only a dead process's; a *.pt
+    or results.json that these scripts did not write is never replaced or deleted, --overwrite or not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    users = {"notes.tmp.txt": b"notes", "draft.tmpl": b"x", "notes.txt.tmp1": b"y", "model.pt": b"weights",
+             f"checkpoint.pt.tmp{os.getppid()}": b"a live writer's"}
+    for name, data in users.items():
+        (run / name).write_bytes(data)
+    (run / "cache.tmp").mkdir()
+    (run / common.REPLACED).mkdir()                                 # a folder of the user's with --overwrite's name
+    (run / common.REPLACED / "mine.pt").write_bytes(b"kept")
+    (run / f"checkpoint.pt.tmp{DEAD_PID}").write_bytes(b"half a checkpoint")
+    (run / f"run.json.tmp{DEAD_PID}").write_text("{")
+    torch.save({"model": {}}, run / "weights.pt")                   # a state dict of the user's: not a checkpoint
+    for argv in ((), ("--overwrite",)):
+        one_line_error(run_selfcheck(tmp_path, *argv)[0], "holds model.pt, weights.pt, not written by these scripts")
+    left = folder_files(run)
+    assert {k: left[k] for k in users} == users and os.path.isdir(run / "cache.tmp")
+    assert not any(str(DEAD_PID) in name for name in left)
+    os.replace(run / "model.pt", tmp_path / "model.pt")
+    os.replace(run / "weights.pt", tmp_path / "weights.pt")
+    (run / "results.json").write_text('{"accuracy": 0.9}')          # the user's own results
+    one_line_error(run_selfcheck(tmp_path, "--overwrite")[0], "holds results.json, not written by these scripts")
+    assert (run / "results.json").read_text() == '{"accuracy": 0.9}'
+    os.remove(run / "results.json")
+    assert run_selfcheck(tmp_path)[0] is None
+    assert {k: folder_files(run)[k] for k in users if k != "model.pt"} == {k: v for k, v in users.items() if k != "model.pt"}
+    assert run_selfcheck(tmp_path, "--overwrite")[0] is None
+    assert (run / common.REPLACED / "mine.pt").read_bytes() == b"kept"
+
+
+def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(tmp_path, monkeypatch):
+    assert run_selfcheck(tmp_path)[0] is None
+    finished = folder_files(tmp_path / "run")
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith(".pt.tmp" + str(os.getpid())):
+            open(f, "wb").write(b"the first bytes")                 # a partial file, as a full disk leaves
+            raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed: No space left on device")
+        return save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk)
+    message, files = run_selfcheck(tmp_path, "--overwrite")
+    one_line_error(message, "cannot write", "checkpoint.pt", "No space left on device")
+    assert files == finished                                         # no temporary file, the old run back in place
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", "not json", "", '{"script": "common", "settings": [1]}'])
+def test_a_malformed_run_json_on_resume_is_one_line(tmp_path, content):
+    (tmp_path / "run").mkdir()
+    torch.save({"model": {}, "epoch": 1, "run": {"script": "common", "settings": {}}}, tmp_path / "run" / "checkpoint.pt")
+    (tmp_path / "run" / "run.json").write_text(content)
+    one_line_error(run_selfcheck(tmp_path, "--resume")[0], "run.json is not", "--overwrite")
+    assert (tmp_path / "run" / "run.json").read_text() == content
+
+
+def test_resume_with_nothing_to_resume_is_one_line_and_makes_nothing(tmp_path):
+    """The rule: --resume needs at least one checkpoint of the script in --out (run.json alone is not a run)."""
+    one_line_error(run_selfcheck(tmp_path, "--resume")[0], "--resume: there is no run folder", "run")
+    assert not (tmp_path / "run").exists()                         # a mistyped --out: nothing created
+    assert run_selfcheck(tmp_path)[0] is None
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["checkpoints"] == ["checkpoint.pt"]
+    os.replace(tmp_path / "run" / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    torch.save({"model": {}, "epoch": 1, "run": {"script": "common", "settings": {}}}, tmp_path / "run" / "simclr.pt")
+    one_line_error(run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0],    # an earlier stage's is not enough
+                   "checkpoint.pt of the run in", "is gone (it was there when the run last stopped)")
+    os.remove(tmp_path / "run" / "simclr.pt")
+    kept = folder_files(tmp_path / "run")
+    one_line_error(run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0], "holds no checkpoint of common.py",
+                   "nothing to resume")
+    assert folder_files(tmp_path / "run") == kept
+    os.remove(tmp_path / "run" / "results.json")
+    os.remove(tmp_path / "run" / "scorer.pt")
+    one_line_error(run_selfcheck(tmp_path, "--resume")[0], "holds no checkpoint of common.py (no run files)")
+    torch.save({"model": {}, "epoch": 1, "run": {"script": "ccl", "settings": {}}}, tmp_path / "run" / "checkpoint.pt")
+    one_line_error(run_selfcheck(tmp_path, "--resume")[0], "holds a run of ccl.py, not of common.py")
+
+
+def test_a_lock_is_taken_over_from_a_dead_process_and_from_a_reused_pid(tmp_path):
+    out = str(tmp_path / "run")
+    run = {"script": "test", "settings": {}}
+    os.makedirs(out)
+    live = os.getppid()
+    start = common._process_start(live)
+    for text, taken in ((f"{DEAD_PID}\n", True), (f"{DEAD_PID} 5\n", True), ("garbage", True), ("", True),
+                        (f"{live}\n", False), (f"{live} {start}\n", start is None or False)):
+        (tmp_path / "run" / "lock").write_text(text)
+        if taken:
+            common.guard_run_folder(out, run, resume=False, overwrite=False)
+            assert (tmp_path / "run" / "lock").read_text().split()[0] == str(os.getpid())
+            common._release.pop(os.path.abspath(out))()
+            assert not (tmp_path / "run" / "lock").exists()
+        else:
+            with pytest.raises(ERROR, match=f"another run \\(process {live}\\) is writing there"):
+                common.guard_run_folder(out, run, resume=False, overwrite=False)
+    os.remove(tmp_path / "run" / "lock")
+    os.mkdir(tmp_path / "run" / "lock")                             # not a lock file: named, never removed
+    with pytest.raises(ERROR, match="lock is not a lock file of these scripts: move it away"):
+        common.guard_run_folder(out, run, resume=False, overwrite=False)
+    assert os.path.isdir(tmp_path / "run" / "lock")
+    os.rmdir(tmp_path / "run" / "lock")
+    if start is not None:                                           # Linux: the start time tells a reused PID
+        (tmp_path / "run" / "lock").write_text(f"{live} {int(start) + 1}\n")
+        common.guard_run_folder(out, run, resume=False, overwrite=False)
+        common._release.pop(os.path.abspath(out))()
+
+
+def test_resume_refuses_training_images_that_changed(tmp_path):
+    """The run records a fingerprint of its training images; an edit keeping each file's size and mtime is seen
+    too (the folder cache's key reads the files' bytes)."""
+    root = tmp_path / "set"
+    for split in ("train", "test"):
+        for c in ("0", "1"):
+            _write_images(root / split / c, 8, 8, seed=len(split) + int(c))
+    argv = ["--dataset", f"folder:{root}", "--id-classes", "0", "--batch-size", "4", "--subset", "0"]
+    assert run_selfcheck(tmp_path, *argv)[0] is None
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert recorded["images"] == 8 and recorded["shape"] == [3, 8, 8]
+    image = root / "train" / "0" / "3.png"
+    st = os.stat(image)
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if os.stat(image).st_size != st.st_size:                       # PNG sizes vary: pad the same edit to the size
+        pytest.skip("the edit changed the file size")
+    message, _ = run_selfcheck(tmp_path, *argv, "--resume", "--epochs", "2")
+    one_line_error(message, "--resume: the training data", "changed", "the pixels of the 8 training images differ")
+    os.remove(image)
+    message, _ = run_selfcheck(tmp_path, *argv, "--resume", "--epochs", "2")
+    one_line_error(message, "8 training images then, 7 now")
+
+
+def test_the_folder_cache_on_a_read_only_data_root_and_its_orphans(tmp_path, monkeypatch, capsys):
+    """A data root that cannot be written: a cache already there is read, a missing one is decoded without a
+    traceback. A killed cache write's temporary file goes at the next load; a live writer's stays."""
+    root = tmp_path / "set"
+    _write_images(root / "a", 3, 16, seed=0)
+    data = str(tmp_path / "data")
+    x16 = common.load_dataset(f"folder:{root}", root=data, size=16)[0]
+    cache = tmp_path / "data" / "cache"
+    (cache / f"folder-0.pt.tmp{DEAD_PID}").write_bytes(b"half")
+    (cache / f"folder-1.pt.tmp{os.getppid()}").write_bytes(b"being written")
+
+    def read_only(*args, **kwargs):                                 # torch's words for an unwritable path
+        raise RuntimeError("File data/cache/x.pt cannot be opened.")
+    monkeypatch.setattr(torch, "save", read_only)
+    before = sorted(os.listdir(cache))
+    assert torch.equal(common.load_dataset(f"folder:{root}", root=data, size=16)[0], x16)        # from the cache
+    x8 = common.load_dataset(f"folder:{root}", root=data, size=8)[0]                               # decoded
+    assert x8.shape == (3, 3, 8, 8) and "without caching it" in capsys.readouterr().out
+    assert sorted(os.listdir(cache)) == [n for n in before if str(DEAD_PID) not in n]
+    if os.geteuid() != 0:                                          # a real read-only folder (root writes anyway)
+        monkeypatch.undo()
+        os.chmod(cache, 0o500)
+        try:
+            assert common.load_dataset(f"folder:{root}", root=data, size=12)[0].shape == (3, 3, 12, 12)
+        finally:
+            os.chmod(cache, 0o700)
+
+
+def test_devices_this_machine_lacks_and_large_seeds_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for argv, words in ((["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+                        (["--device", "cuda:1"], "--device cuda:1: this machine has no CUDA GPU"),
+                        (["--device", "mps"], "--device mps: Apple's MPS is not available"),
+                        (["--device", "meta"], "--device meta: expected auto, cpu, cuda"),
+                        (["--seed", str(2 ** 32)], "--seed 4294967296: expected an integer in [0, 2^32 - 1]"),
+                        (["--seed", "-1"], "--seed -1: expected")):
+        message, files = run_selfcheck(tmp_path, *argv)
+        one_line_error(message, words)
+        assert files == {}                                          # before any work: no folder made
+    assert common.get_device("auto") == torch.device("cpu")
+    args = args_for(tmp_path, "--seed", str(2 ** 32 - 1))          # the largest seed runs
+    common.seed_everything(args.seed + 1)
+
+
+def test_compile_on_a_cpu_is_noted_in_one_line(tmp_path, capsys):
+    args = args_for(tmp_path, "--compile", "--device", "cpu")
+    common.setup(args, "test")
+    common._release.pop(os.path.abspath(args.out))()
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--compile" in line and "note" in line]
+    assert len(notes) == 1 and "slower" in notes[0]
+
+
+def test_entry_point_stops_in_one_line_on_interrupts_and_a_closed_pipe(tmp_path):
+    """Ctrl-C and SIGTERM: one line, exit status 130, the run folder released. Output into a reader that quits
+    (`| head`): one `error:` line, no traceback, no second complaint from Python's exit."""
+    import signal
+    out = str(tmp_path / "run")
+
+    @common.entry_point
+    def main(interrupt):
+        common.guard_run_folder(out, {"script": "test", "settings": {}}, resume=False, overwrite=False)
+        interrupt()
+    for interrupt in (lambda: (_ for _ in ()).throw(KeyboardInterrupt), lambda: os.kill(os.getpid(), signal.SIGTERM)):
+        with pytest.raises(SystemExit) as e:
+            main(interrupt)
+        assert e.value.code == 130 and not os.path.exists(out)      # the folder it made, released and removed
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL      # the handler is the caller's again
+    code = ("import common\n@common.entry_point\ndef main():\n    for i in range(10 ** 6):\n        print(i)\nmain()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    p.stdout.readline()
+    p.stdout.close()                                                # `| head -1`
+    err = p.stderr.read().decode()
+    assert p.wait() == 1 and err.strip().splitlines() == ["error: the output pipe was closed (its reader quit), so the "
+                                                          "run stopped"], err
 
 
 # ---------------------------------------------------------------------------------------------- the two halves
@@ -874,7 +1130,9 @@ def test_a_file_that_would_run_code_on_loading_is_refused_everywhere(tmp_path):
     selfcheck(tmp_path, "--out", str(out), "--subset", "32")
     torch.save({"model": RunsCode(str(marker)), "epoch": 1, "run": {}}, out / "checkpoint.pt")
     message = selfcheck(tmp_path, "--out", str(out), "--subset", "32", "--resume", "--epochs", "2")
-    assert message.startswith("error: ") and "checkpoint.pt is not a plain checkpoint" in message
+    assert message.startswith("error: ") and "\n" not in message                   # refused as no checkpoint of ours
+    with pytest.raises(ValueError, match="checkpoint.pt is not a plain checkpoint: it holds Python objects"):
+        common.load_checkpoint(str(out / "checkpoint.pt"))
     torch.save({"script": "common", "model": RunsCode(str(marker))}, out / "scorer.pt")
     message = selfcheck(tmp_path, "--out", str(out), "--score", "digits")
     assert message.startswith("error: ") and "scorer.pt is not a plain scorer file" in message
