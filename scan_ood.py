@@ -85,164 +85,6 @@ import torch.nn.functional as F
 import common
 
 # ----------------------------------------------------------------------------------------------
-# Presets: --preset NAME; explicit flags win.
-
-PAPER = dict(
-    dataset="cifar10",                  # paper: Sec. 4, CIFAR-10, all 10 classes in-distribution
-    ood=["cifar100", "svhn", "lsun_resize"],  # paper: Tab. 2 (LSUN FIX exists only on CSI's Google Drive: add it
-                                        # as folder:PATH)
-    size=32,                            # paper: Sec. 4, CIFAR-10's 32 x 32
-    arch="resnet18", width=64,          # paper: Tab. 2 "SCAN Features, ResNet-18"; public code: SCAN's CIFAR ResNet
-    epochs=500,                         # public code: SCAN's simclr_cifar10.yml
-    batch_size=512,                     # public code
-    optimizer="sgd",                    # public code
-    lr=0.4,                             # public code
-    momentum=0.9,                       # public code
-    weight_decay=1e-4,                  # public code
-    final_lr=4e-4,                      # public code: cosine to lr x 1e-3
-    warmup_epochs=0,                    # public code
-    tau=0.1,                            # public code: SimCLR temperature
-    crop_min=0.2,                       # public code: crop scale (0.2, 1)
-    num_neighbors=20,                   # public code: top-20 neighbours
-    clusters=10,                        # paper: Sec. 4.3, K = 10 for every data set, ImageNet-30 included
-    heads=1,                            # public code: num_heads 1
-    entropy_weight=5.0,                 # public code: scan_cifar10.yml
-    scan_epochs=50,                     # public code
-    scan_batch_size=128,                # public code
-    scan_lr=1e-4,                       # public code: Adam, constant
-    scan_weight_decay=1e-4,             # public code
-    selflabel_epochs=200,               # public code
-    selflabel_batch_size=1000,          # public code
-    selflabel_lr=1e-4,                  # public code: Adam, constant
-    selflabel_weight_decay=1e-4,        # public code
-    confidence=0.99,                    # public code: self-labelling threshold
-    val_fraction=0.1,                   # ours: SCAN selects on test images (ambiguity: at --val-fraction)
-    backbone="resnet152",               # paper: Sec. 4.3 / Tab. 2 "Ours, ResNet-152"
-    weights="IMAGENET1K_V1",            # public code: MSCL's resnet152(pretrained=True) (ambiguity: at --weights)
-    adapt_crop="center",                # public code: MSCL's Resize(256) + CenterCrop(224) (ambiguity: --adapt-crop)
-    adapt_freeze="layer2",              # public code: MSCL freezes conv1-layer2 (ambiguity: at --adapt-freeze)
-    adapt_epochs=5,                     # paper: Sec. 4.3
-    adapt_lr=1e-5,                      # paper: Sec. 4.3, Adam, cosine annealing from 1e-5 ...
-    adapt_final_lr=1e-6,                # paper: Sec. 4.3 ... to 1e-6
-    adapt_size=224,                     # public code: MSCL's 224 x 224 input
-    adapt_batch_size=64,                # ours (ambiguity: the paper gives no batch size)
-    score="knn",                        # paper: Sec. 3.2
-    knn_k=1,                            # paper: Sec. 4.3, k = 1 for every kNN evaluation
-)
-
-QUICK = dict(
-    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
-    size=32,                            # ours: CIFAR-10's own size (the digits default is 16)
-    epochs=12,                          # ours: the pretext stage is about half the run
-    batch_size=256,                     # ours
-    lr=0.4,                             # public code: SCAN's pretext
-    final_lr=4e-4,                      # public code: cosine to lr x 1e-3
-    weight_decay=1e-4,                  # public code
-    scan_epochs=4,                      # ours
-    scan_lr=1e-3,                       # ours: a ~100x shorter SCAN stage than SCAN's, at 10x its lr
-    selflabel_epochs=3,                 # ours
-    selflabel_batch_size=500,           # ours: 12 steps per epoch
-)
-
-PRESETS = {"paper": PAPER, "quick": QUICK}
-
-HELD_OUT_NEIGHBORS = 5                  # public code: SCAN mines 5 neighbours among its selection images
-TORCHVISION_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: build_parser() and check_args(), every flag checked before any work.
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
-    g = p.add_argument_group("scan_ood")
-    g.add_argument("--tau", type=float, default=0.1, help="SimCLR temperature (pretext)")
-    g.add_argument("--crop-min", type=float, default=0.2, help="smallest crop scale of the pretext augmentation")
-    g.add_argument("--num-neighbors", type=int, default=20, help="neighbours mined per image (SCAN: 20)")
-    g.add_argument("--clusters", type=int, default=0, help="K (default: the number of in-distribution classes)")
-    g.add_argument("--heads", type=int, default=1, help="clustering heads trained at once; the lowest-loss one is kept")
-    g.add_argument("--entropy-weight", type=float, default=5.0, help="weight of the entropy term of the SCAN loss")
-    g.add_argument("--scan-epochs", type=int, default=50)
-    g.add_argument("--scan-batch-size", type=int, default=128)
-    g.add_argument("--scan-lr", type=float, default=1e-4, help="Adam, constant")
-    g.add_argument("--scan-weight-decay", type=float, default=1e-4)
-    g.add_argument("--selflabel-epochs", type=int, default=200)
-    g.add_argument("--selflabel-batch-size", type=int, default=1000)
-    g.add_argument("--selflabel-lr", type=float, default=1e-4, help="Adam, constant")
-    g.add_argument("--selflabel-weight-decay", type=float, default=1e-4)
-    g.add_argument("--confidence", type=float, default=0.99, help="self-labelling threshold on the softmax maximum")
-    # ambiguity: SCAN keeps the epoch and head of lowest SCAN loss (entropy weight 1) on the CIFAR-10 test split;
-    # the paper does not say how SCAN-OOD selects. Test images must not choose the model: we select on a held-out
-    # part of the training images, which then train no clustering stage (they still train the pretext stage and
-    # are training images for every score).
-    g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of the training images held out to select the SCAN epoch and head")
-    g.add_argument("--labels", default="scan", choices=["scan", "kmeans"],
-                   help="pseudo-labels from SCAN, or from K-means on the pretext features (ablation, Sec. 5)")
-    g.add_argument("--backbone", default=None, choices=[a[len("imagenet_"):] for a in common.IMAGENET_ARCHS],
-                   help="also run the pre-trained variant with this torchvision ResNet (paper: resnet152)")
-    # ambiguity: no SCAN-OOD code is public. "ImageNet pre-training" (Sec. 4.3): the same lab's MSCL and PANDA code
-    # load torchvision's pretrained=True, i.e. IMAGENET1K_V1 (torchvision's default is now V2 for ResNet-152).
-    g.add_argument("--weights", default=None,
-                   help=f"backbone weights: {', '.join(TORCHVISION_WEIGHTS)} (torchvision's, default V1), PATH to a "
-                        f"state dict, or random (testing only)")
-    # ambiguity: the paper names neither the input transform nor frozen layers; MSCL's and PANDA's code use
-    # Resize(256) + CenterCrop(224) and freeze conv1 through layer2.
-    g.add_argument("--adapt-crop", default="resize", choices=["resize", "center"],
-                   help="resize: the whole image resized to --adapt-size; center: the central 224/256 of it (MSCL)")
-    g.add_argument("--adapt-freeze", default="none", choices=["none", "layer2"],
-                   help="layer2: conv1, bn1, layer1, layer2 keep their ImageNet weights (MSCL, PANDA)")
-    g.add_argument("--adapt-epochs", type=int, default=5)
-    g.add_argument("--adapt-batch-size", type=int, default=64)
-    g.add_argument("--adapt-lr", type=float, default=1e-5, help="Adam, cosine to --adapt-final-lr")
-    g.add_argument("--adapt-final-lr", type=float, default=1e-6)
-    g.add_argument("--adapt-size", type=int, default=224, help="the backbone's input side")
-    g.add_argument("--no-average", action="store_true", help="score the last epoch's weights, not their average")
-    g.add_argument("--recompute-bn", action="store_true",
-                   help="also score the averaged weights with BatchNorm statistics recomputed on the training images")
-    g.add_argument("--score", default="knn", choices=["knn", "mahalanobis", "msp"])
-    g.add_argument("--knn-k", type=int, default=1, help="kNN score: similarity to the k-th nearest training image")
-    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a width-8 ResNet-18, every stage short.
-    # The SCAN stage is ~100x shorter than SCAN's, so it runs at 10x SCAN's lr; self-labelling at 10x collapsed into
-    # one cluster, so it keeps 1e-4.
-    p.set_defaults(size=16, width=8, epochs=20, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
-                   scan_epochs=10, scan_lr=1e-3, scan_batch_size=64, selflabel_epochs=5, selflabel_batch_size=128)
-    return p
-
-
-def check_args(args):
-    check = common.check
-    check(args.tau > 0, "--tau", args.tau, "a number > 0")
-    check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
-    check(args.num_neighbors >= 1, "--num-neighbors", args.num_neighbors, "an integer >= 1")
-    check(args.clusters == 0 or args.clusters >= 2, "--clusters", args.clusters, "0 (the class count) or >= 2")
-    check(args.heads >= 1, "--heads", args.heads, "an integer >= 1")
-    check(args.entropy_weight >= 0, "--entropy-weight", args.entropy_weight, "a number >= 0")
-    for stage in ("scan", "selflabel", "adapt"):
-        epochs, batch = getattr(args, f"{stage}_epochs"), getattr(args, f"{stage}_batch_size")
-        check(epochs >= (0 if stage == "selflabel" else 1), f"--{stage}-epochs", epochs,
-              "an integer >= 0 (0: no self-labelling)" if stage == "selflabel" else "an integer >= 1")
-        check(batch >= 2, f"--{stage}-batch-size", batch, "an integer >= 2")
-        lr = getattr(args, f"{stage}_lr")
-        check(lr > 0, f"--{stage}-lr", lr, "a number > 0")
-    for stage in ("scan", "selflabel"):
-        wd = getattr(args, f"{stage}_weight_decay")
-        check(wd >= 0, f"--{stage}-weight-decay", wd, "a number >= 0")
-    check(0 < args.confidence < 1, "--confidence", args.confidence, "a number in (0, 1)")
-    check(0 <= args.adapt_final_lr <= args.adapt_lr, "--adapt-final-lr", args.adapt_final_lr,
-          f"a number in [0, --adapt-lr {args.adapt_lr}]")
-    check(args.adapt_size >= 8, "--adapt-size", args.adapt_size, "an integer >= 8")
-    check(args.knn_k >= 1, "--knn-k", args.knn_k, "an integer >= 1")
-    check(args.weights is None or args.backbone is not None, "--weights", args.weights,
-          "--backbone too (the weights are the pre-trained variant's)")
-    check(args.weights in (None, "random", *TORCHVISION_WEIGHTS) or os.path.isfile(args.weights), "--weights",
-          args.weights, f"{', '.join(TORCHVISION_WEIGHTS)}, random, or an existing state-dict file")
-    check(0 < args.val_fraction <= 0.5, "--val-fraction", args.val_fraction, "a number in (0, 0.5]")
-    if args.backbone and not args.weights:
-        args.weights = "IMAGENET1K_V1"
-
-
-# ----------------------------------------------------------------------------------------------
 # Losses: SCAN (stage 2), self-labelling (stage 3, also the K-means-label ablation), Eq. 2 (cross-entropy).
 
 # torch's binary cross-entropy, which SCAN's loss is, clamps x (1 - x) at 1e-12 in its gradient: a pair whose
@@ -516,6 +358,10 @@ def cluster_report(name, pred, data, K):
 # Stages: pretext (SimCLR), scan (SCAN + head selection), self-labelling, the K-means labels, the pre-trained
 # variant -> models, labels and diagnostics.
 
+HELD_OUT_NEIGHBORS = 5                  # public code: SCAN mines 5 neighbours among its selection images
+TORCHVISION_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
+
+
 def stage_config(args, stage, **settings):
     """The TrainConfig of one stage: the shared flags, the stage's own optimiser settings, its checkpoint."""
     return common.TrainConfig.from_args(args, os.path.join(args.out, f"{stage}.pt"), **settings)
@@ -664,6 +510,162 @@ def adapt_stage(labels, x, K, args, data):
         recompute_bn(clf, x, view, args.adapt_batch_size)
         metrics["pretrained_bn"] = score_net(clf, data, x, args.score, args.knn_k, x.device, labels, view)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: --preset NAME; explicit flags win.
+
+PAPER = dict(
+    dataset="cifar10",                  # paper: Sec. 4, CIFAR-10, all 10 classes in-distribution
+    ood=["cifar100", "svhn", "lsun_resize"],  # paper: Tab. 2 (LSUN FIX exists only on CSI's Google Drive: add it
+                                        # as folder:PATH)
+    size=32,                            # paper: Sec. 4, CIFAR-10's 32 x 32
+    arch="resnet18", width=64,          # paper: Tab. 2 "SCAN Features, ResNet-18"; public code: SCAN's CIFAR ResNet
+    epochs=500,                         # public code: SCAN's simclr_cifar10.yml
+    batch_size=512,                     # public code
+    optimizer="sgd",                    # public code
+    lr=0.4,                             # public code
+    momentum=0.9,                       # public code
+    weight_decay=1e-4,                  # public code
+    final_lr=4e-4,                      # public code: cosine to lr x 1e-3
+    warmup_epochs=0,                    # public code
+    tau=0.1,                            # public code: SimCLR temperature
+    crop_min=0.2,                       # public code: crop scale (0.2, 1)
+    num_neighbors=20,                   # public code: top-20 neighbours
+    clusters=10,                        # paper: Sec. 4.3, K = 10 for every data set, ImageNet-30 included
+    heads=1,                            # public code: num_heads 1
+    entropy_weight=5.0,                 # public code: scan_cifar10.yml
+    scan_epochs=50,                     # public code
+    scan_batch_size=128,                # public code
+    scan_lr=1e-4,                       # public code: Adam, constant
+    scan_weight_decay=1e-4,             # public code
+    selflabel_epochs=200,               # public code
+    selflabel_batch_size=1000,          # public code
+    selflabel_lr=1e-4,                  # public code: Adam, constant
+    selflabel_weight_decay=1e-4,        # public code
+    confidence=0.99,                    # public code: self-labelling threshold
+    val_fraction=0.1,                   # ours: SCAN selects on test images (ambiguity: at --val-fraction)
+    backbone="resnet152",               # paper: Sec. 4.3 / Tab. 2 "Ours, ResNet-152"
+    weights="IMAGENET1K_V1",            # public code: MSCL's resnet152(pretrained=True) (ambiguity: at --weights)
+    adapt_crop="center",                # public code: MSCL's Resize(256) + CenterCrop(224) (ambiguity: --adapt-crop)
+    adapt_freeze="layer2",              # public code: MSCL freezes conv1-layer2 (ambiguity: at --adapt-freeze)
+    adapt_epochs=5,                     # paper: Sec. 4.3
+    adapt_lr=1e-5,                      # paper: Sec. 4.3, Adam, cosine annealing from 1e-5 ...
+    adapt_final_lr=1e-6,                # paper: Sec. 4.3 ... to 1e-6
+    adapt_size=224,                     # public code: MSCL's 224 x 224 input
+    adapt_batch_size=64,                # ours (ambiguity: the paper gives no batch size)
+    score="knn",                        # paper: Sec. 3.2
+    knn_k=1,                            # paper: Sec. 4.3, k = 1 for every kNN evaluation
+)
+
+QUICK = dict(
+    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root, a CPU setting
+    size=32,                            # ours: CIFAR-10's own size (the digits default is 16)
+    epochs=12,                          # ours: the pretext stage is about half the run
+    batch_size=256,                     # ours
+    lr=0.4,                             # public code: SCAN's pretext
+    final_lr=4e-4,                      # public code: cosine to lr x 1e-3
+    weight_decay=1e-4,                  # public code
+    scan_epochs=4,                      # ours
+    scan_lr=1e-3,                       # ours: a ~100x shorter SCAN stage than SCAN's, at 10x its lr
+    selflabel_epochs=3,                 # ours
+    selflabel_batch_size=500,           # ours: 12 steps per epoch
+)
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: build_parser(), check_args() and, once the data is loaded, check_sizes() and n_clusters():
+# every flag checked before any work.
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = p.add_argument_group("scan_ood")
+    g.add_argument("--tau", type=float, default=0.1, help="SimCLR temperature (pretext)")
+    g.add_argument("--crop-min", type=float, default=0.2, help="smallest crop scale of the pretext augmentation")
+    g.add_argument("--num-neighbors", type=int, default=20, help="neighbours mined per image (SCAN: 20)")
+    g.add_argument("--clusters", type=int, default=0, help="K (default: the number of in-distribution classes)")
+    g.add_argument("--heads", type=int, default=1, help="clustering heads trained at once; the lowest-loss one is kept")
+    g.add_argument("--entropy-weight", type=float, default=5.0, help="weight of the entropy term of the SCAN loss")
+    g.add_argument("--scan-epochs", type=int, default=50)
+    g.add_argument("--scan-batch-size", type=int, default=128)
+    g.add_argument("--scan-lr", type=float, default=1e-4, help="Adam, constant")
+    g.add_argument("--scan-weight-decay", type=float, default=1e-4)
+    g.add_argument("--selflabel-epochs", type=int, default=200)
+    g.add_argument("--selflabel-batch-size", type=int, default=1000)
+    g.add_argument("--selflabel-lr", type=float, default=1e-4, help="Adam, constant")
+    g.add_argument("--selflabel-weight-decay", type=float, default=1e-4)
+    g.add_argument("--confidence", type=float, default=0.99, help="self-labelling threshold on the softmax maximum")
+    # ambiguity: SCAN keeps the epoch and head of lowest SCAN loss (entropy weight 1) on the CIFAR-10 test split;
+    # the paper does not say how SCAN-OOD selects. Test images must not choose the model: we select on a held-out
+    # part of the training images, which then train no clustering stage (they still train the pretext stage and
+    # are training images for every score).
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training images held out to select the SCAN epoch and head")
+    g.add_argument("--labels", default="scan", choices=["scan", "kmeans"],
+                   help="pseudo-labels from SCAN, or from K-means on the pretext features (ablation, Sec. 5)")
+    g.add_argument("--backbone", default=None, choices=[a[len("imagenet_"):] for a in common.IMAGENET_ARCHS],
+                   help="also run the pre-trained variant with this torchvision ResNet (paper: resnet152)")
+    # ambiguity: no SCAN-OOD code is public. "ImageNet pre-training" (Sec. 4.3): the same lab's MSCL and PANDA code
+    # load torchvision's pretrained=True, i.e. IMAGENET1K_V1 (torchvision's default is now V2 for ResNet-152).
+    g.add_argument("--weights", default=None,
+                   help=f"backbone weights: {', '.join(TORCHVISION_WEIGHTS)} (torchvision's, default V1), PATH to a "
+                        f"state dict, or random (testing only)")
+    # ambiguity: the paper names neither the input transform nor frozen layers; MSCL's and PANDA's code use
+    # Resize(256) + CenterCrop(224) and freeze conv1 through layer2.
+    g.add_argument("--adapt-crop", default="resize", choices=["resize", "center"],
+                   help="resize: the whole image resized to --adapt-size; center: the central 224/256 of it (MSCL)")
+    g.add_argument("--adapt-freeze", default="none", choices=["none", "layer2"],
+                   help="layer2: conv1, bn1, layer1, layer2 keep their ImageNet weights (MSCL, PANDA)")
+    g.add_argument("--adapt-epochs", type=int, default=5)
+    g.add_argument("--adapt-batch-size", type=int, default=64)
+    g.add_argument("--adapt-lr", type=float, default=1e-5, help="Adam, cosine to --adapt-final-lr")
+    g.add_argument("--adapt-final-lr", type=float, default=1e-6)
+    g.add_argument("--adapt-size", type=int, default=224, help="the backbone's input side")
+    g.add_argument("--no-average", action="store_true", help="score the last epoch's weights, not their average")
+    g.add_argument("--recompute-bn", action="store_true",
+                   help="also score the averaged weights with BatchNorm statistics recomputed on the training images")
+    g.add_argument("--score", default="knn", choices=["knn", "mahalanobis", "msp"])
+    g.add_argument("--knn-k", type=int, default=1, help="kNN score: similarity to the k-th nearest training image")
+    # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a width-8 ResNet-18, every stage short.
+    # The SCAN stage is ~100x shorter than SCAN's, so it runs at 10x SCAN's lr; self-labelling at 10x collapsed into
+    # one cluster, so it keeps 1e-4.
+    p.set_defaults(size=16, width=8, epochs=20, batch_size=128, lr=0.4, final_lr=4e-4, weight_decay=1e-4, heads=3,
+                   scan_epochs=10, scan_lr=1e-3, scan_batch_size=64, selflabel_epochs=5, selflabel_batch_size=128)
+    return p
+
+
+def check_args(args):
+    check = common.check
+    check(args.tau > 0, "--tau", args.tau, "a number > 0")
+    check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
+    check(args.num_neighbors >= 1, "--num-neighbors", args.num_neighbors, "an integer >= 1")
+    check(args.clusters == 0 or args.clusters >= 2, "--clusters", args.clusters, "0 (the class count) or >= 2")
+    check(args.heads >= 1, "--heads", args.heads, "an integer >= 1")
+    check(args.entropy_weight >= 0, "--entropy-weight", args.entropy_weight, "a number >= 0")
+    for stage in ("scan", "selflabel", "adapt"):
+        epochs, batch = getattr(args, f"{stage}_epochs"), getattr(args, f"{stage}_batch_size")
+        check(epochs >= (0 if stage == "selflabel" else 1), f"--{stage}-epochs", epochs,
+              "an integer >= 0 (0: no self-labelling)" if stage == "selflabel" else "an integer >= 1")
+        check(batch >= 2, f"--{stage}-batch-size", batch, "an integer >= 2")
+        lr = getattr(args, f"{stage}_lr")
+        check(lr > 0, f"--{stage}-lr", lr, "a number > 0")
+    for stage in ("scan", "selflabel"):
+        wd = getattr(args, f"{stage}_weight_decay")
+        check(wd >= 0, f"--{stage}-weight-decay", wd, "a number >= 0")
+    check(0 < args.confidence < 1, "--confidence", args.confidence, "a number in (0, 1)")
+    check(0 <= args.adapt_final_lr <= args.adapt_lr, "--adapt-final-lr", args.adapt_final_lr,
+          f"a number in [0, --adapt-lr {args.adapt_lr}]")
+    check(args.adapt_size >= 8, "--adapt-size", args.adapt_size, "an integer >= 8")
+    check(args.knn_k >= 1, "--knn-k", args.knn_k, "an integer >= 1")
+    check(args.weights is None or args.backbone is not None, "--weights", args.weights,
+          "--backbone too (the weights are the pre-trained variant's)")
+    check(args.weights in (None, "random", *TORCHVISION_WEIGHTS) or os.path.isfile(args.weights), "--weights",
+          args.weights, f"{', '.join(TORCHVISION_WEIGHTS)}, random, or an existing state-dict file")
+    check(0 < args.val_fraction <= 0.5, "--val-fraction", args.val_fraction, "a number in (0, 0.5]")
+    if args.backbone and not args.weights:
+        args.weights = "IMAGENET1K_V1"
 
 
 def check_sizes(args, n):
