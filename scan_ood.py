@@ -150,6 +150,131 @@ def self_label_loss(weak_logits, strong_logits, threshold=0.99):
 
 
 # ----------------------------------------------------------------------------------------------
+# Strong augmentation (SCAN's "strong" transform), batched and branch-free: every sample draws its own flip,
+# ops, magnitudes and Cutout box on the batch's device; every op runs on the whole batch, with identity
+# parameters for the samples that drew another op, so a call makes no host sync and launches the same kernels
+# whatever the batch and the draws.
+
+class StrongAugment(nn.Module):
+    """SCAN's strong augmentation (Van Gansbeke et al., its code's `Augment(4)` + `Cutout(1, 16)`) on a batch.
+
+    horizontal flip (p 0.5) -> n_ops rounds, each applying to every image one op drawn uniformly (with
+    replacement) from SCAN's 14, with a magnitude drawn uniformly from the op's range -> Cutout: one square of
+    side 2 floor(L / 2), L uniform in 1..cutout, centred on a uniform pixel and clipped at the border (so empty
+    for L = 1, as SCAN's).
+
+    SCAN's ops and ranges: identity, autocontrast, equalize, rotate +-30 deg, solarize (threshold 0..256 of 255),
+    color / contrast / brightness / sharpness (factor 0.05..0.95: always a degradation), shear x / y +-0.1,
+    translate x / y +-10% of the side, posterize to 4..7 bits. Geometric ops map pixel centres as PIL's affine
+    transform does (shear about the top-left corner, rotation about the centre), nearest pixel, black fill.
+    Colour ops use PIL's formulas (ImageOps, ImageEnhance: a blend with a degenerate image), and every op ends on
+    256 levels, truncated, as PIL's 8-bit images do.
+    Cutout fills `cutout_fill`: SCAN's Cutout multiplies the normalised tensor by 0, which is the normalisation's
+    mean colour; 0.5 (the default) is 0 after common.Encoder's (x - 0.5) / 0.5. SCAN's RandomCrop(32) is the
+    identity on 32 x 32 images and is left out. Runs in float32 whatever the autocast (the sampling grid is exact).
+
+    `ops` restricts the draw to some of OPS (tests, ablations). forward(x, generator=None): x uint8 or float in
+    [0, 1], B x 3 x H x W -> float in [0, 1], same shape. One call draws torch.rand(B, 2 n_ops + 4): the ops, their
+    magnitudes, the flip, the Cutout side and its centre (row, column), in that column order."""
+
+    OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "contrast", "brightness",
+           "sharpness", "shear_x", "translate_x", "translate_y", "posterize", "shear_y")   # SCAN's list and order
+
+    def __init__(self, n_ops=4, cutout=16, cutout_fill=0.5, ops=OPS):
+        super().__init__()
+        unknown = set(ops) - set(self.OPS)
+        if unknown or not ops:
+            raise ValueError(f"unknown ops {sorted(unknown)}; choose among {self.OPS}")
+        self.n_ops, self.cutout, self.cutout_fill, self.ops = n_ops, cutout, cutout_fill, tuple(ops)
+
+    def forward(self, x, generator=None):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.augment(x, generator)
+
+    def augment(self, x, generator=None):
+        x = x.float() if x.dtype == torch.uint8 else (x * 255).round_()      # 8-bit levels 0..255, as PIL
+        B, C, H, W = x.shape
+        R = self.n_ops
+        u = torch.rand(B, 2 * R + 4, device=x.device, generator=generator)   # every draw of the call at once
+        x = torch.where(u[:, 2 * R, None, None, None] < 0.5, x.flip(3), x)
+        if R:
+            params = self.round_params(u[:, :R], u[:, R:2 * R], H, W)
+            gy, gx = torch.meshgrid(torch.linspace(1 / H - 1, 1 - 1 / H, H, device=x.device),
+                                    torch.linspace(1 / W - 1, 1 - 1 / W, W, device=x.device), indexing="ij")
+            pixels = torch.stack([gx, gy, torch.ones_like(gx)], -1).view(H * W, 3)   # output pixel centres
+            for r in range(R):
+                x = self.one_round(x, pixels, *(p[:, r] for p in params))
+        return self.apply_cutout(x.div_(255), u[:, 2 * R + 1], u[:, 2 * R + 2:])
+
+    def round_params(self, u_op, m, H, W):
+        """Every round's op as identity-or-active parameters, B x R each: the affine map (PIL's input-from-output
+        matrix in grid_sample's [-1, 1] coordinates), autocontrast and equalize switches, the degenerate image's
+        weights (smoothed, grey, mean grey), the blend factor, the solarize threshold, the posterize step."""
+        n = len(self.ops)
+        drawn = (u_op * n).floor_().clamp_(max=n - 1)
+        is_op = drawn[..., None] == torch.arange(n, device=m.device)          # B x R x n one-hot, bool
+        one_hot = is_op.to(m.dtype)
+        on = lambda name: one_hot[..., self.ops.index(name)] if name in self.ops else torch.zeros_like(m)
+        v = 0.2 * m - 0.1                                                     # shear, translate: +-0.1
+        a = on("rotate") * (math.radians(30) - math.radians(60) * m)          # rotate: -(+-30 deg), as PIL
+        c, s = torch.cos(a), torch.sin(a)                                     # identity: c = 1, s = 0
+        shx, shy = on("shear_x") * v, on("shear_y") * v
+        # PIL: x_in = c x + (s + shx) y + tx, y_in = (shy - s) x + c y + ty in pixels, rotating about the centre
+        # and shearing about the top-left corner (in [-1, 1] coordinates: + shx (gy + 1)); tx = 10% of the side
+        # is 0.2 in [-1, 1] coordinates.
+        aspect = lambda t, r: t if r == 1 else t * r                          # square images: no kernel
+        row_x = [c, aspect(s + shx, H / W), torch.add(aspect(shx, H / W), on("translate_x") * v, alpha=2)]
+        row_y = [aspect(shy - s, W / H), c, torch.add(aspect(shy, W / H), on("translate_y") * v, alpha=2)]
+        theta = torch.stack(row_x + row_y, -1)
+        enhance = on("color") + on("contrast") + on("brightness") + on("sharpness")
+        factor = torch.addcmul(torch.ones_like(m), enhance, 0.9 * m - 0.95)  # 0.05..0.95; identity 1
+        thresh = 512 - on("solarize") * (512 - 256 * m)                       # invert levels >= thresh
+        step = torch.exp2(on("posterize") * (4 - (4 * m).floor()))           # bits int(uniform(4, 8)); none: 1
+        is_ = lambda name: is_op[..., self.ops.index(name)] if name in self.ops else torch.zeros_like(m) > 0
+        return (theta.view(*m.shape, 2, 3), is_("autocontrast"), is_("equalize"), on("sharpness"), on("color"),
+                on("contrast"), factor, thresh, step)
+
+    def one_round(self, x, pixels, theta, autocontrast, equalize, w_smooth, w_grey, w_mean, factor, thresh, step):
+        """One op per image on levels 0..255, every op's arithmetic on the whole batch with identity parameters
+        for the images that drew another op (an identity warp, a where(), factor 1, threshold 512, step 1)."""
+        B, C, H, W = x.shape
+        f = lambda t: t[:, None, None, None]
+        grid = (pixels @ theta.transpose(1, 2)).view(B, H, W, 2)              # geometric ops (identity: exact)
+        x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        # autocontrast and equalize per channel from the sorted levels (PIL's ImageOps); 0 / 0 is never selected
+        flat = x.flatten(2)                                                   # B x C x HW
+        levels = flat.sort(-1).values
+        lo, hi = levels[..., :1], levels[..., -1:]
+        below = torch.searchsorted(levels, flat)                              # pixels at a lower level
+        eq_step = below.amax(-1, keepdim=True).div(255).floor_()              # (N - top count) // 255
+        equalized = torch.div(below + torch.div(eq_step, 2, rounding_mode="floor"), eq_step, rounding_mode="floor")
+        flat = torch.where(autocontrast[:, None, None] & (hi > lo), (flat - lo) * (255 / (hi - lo)),
+                           torch.where(equalize[:, None, None] & (eq_step > 0), equalized, flat))
+        x = flat.view(B, C, H, W)
+        # color, contrast, brightness, sharpness: a blend with a degenerate 8-bit image (identity: factor 1)
+        smooth = x.clone()                                                    # PIL's SMOOTH filter, border kept:
+        smooth[:, :, 1:-1, 1:-1].lerp_(F.avg_pool2d(x, 3, 1), 9 / 13)          # (4 x + 3x3 sum) / 13
+        grey = (x[:, 0:1] * 0.299).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114).round_()  # "L"
+        degenerate = smooth.mul_(f(w_smooth)).addcmul_(grey, f(w_grey)).addcmul_(grey.mean((2, 3), True), f(w_mean))
+        x = torch.lerp(degenerate.round_(), x, f(factor))                     # exactly x where factor is 1
+        x = torch.where(x >= f(thresh), 255 - x, x)                           # solarize
+        # back to whole levels, truncated as PIL's blend does (+1e-3: float32 error), then posterized
+        return x.clamp_(0, 255).add_(1e-3).div_(f(step), rounding_mode="floor").mul_(f(step))
+
+    def apply_cutout(self, x, u_len, u_pos):
+        """SCAN's Cutout: L uniform in 1..cutout, rows [y - L // 2, y + L // 2) clipped at the border, y a uniform
+        row (columns alike); i.e. the pixels with |row + 0.5 - y| < L // 2."""
+        if not self.cutout:
+            return x
+        H, W = x.shape[2:]
+        half = u_len.mul(self.cutout / 2).add_(0.5).floor_()                 # L // 2 for L = floor(u cutout) + 1
+        centre = (u_pos * H if H == W else torch.stack([u_pos[:, 0] * H, u_pos[:, 1] * W], 1)).floor_()   # B x 2
+        inside = (torch.arange(0.5, max(H, W), device=x.device) - centre[:, :, None]).abs_() < half[:, None, None]
+        box = inside[:, 0, :H, None] & inside[:, 1, None, :W]               # B x H x W
+        return x.masked_fill_(box[:, None], self.cutout_fill)
+
+
+# ----------------------------------------------------------------------------------------------
 # Training step: the clustering network, neighbour mining, and the steps of the stages (scan_step,
 # selflabel_step, label_step, adapt_step), with SCAN's head selection and the weight average as their state.
 
@@ -384,7 +509,7 @@ def pretext_stage(x, args, device):
 
 
 def strong_augment(args):
-    return common.StrongAugment(n_ops=4, cutout=args.size // 2)         # public code: Cutout 16 px on 32 px CIFAR
+    return StrongAugment(n_ops=4, cutout=args.size // 2)         # public code: Cutout 16 px on 32 px CIFAR
 
 
 def split_held_out(n, fraction, seed):

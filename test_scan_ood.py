@@ -280,12 +280,12 @@ def scan_reference(x, aug, seed):
     return np.stack(out).astype(int)
 
 
-@pytest.mark.parametrize("name", common.StrongAugment.OPS)
+@pytest.mark.parametrize("name", scan_ood.StrongAugment.OPS)
 def test_strong_augment_matches_pil_op_by_op(name):
     """Each of SCAN's 14 ops alone against PIL on the same draws: geometric ops and the histogram ops exact but for
     a few pixels on nearest-pixel ties, the blends within one level (PIL truncates in fixed point)."""
     x = smooth_images(32)
-    aug = common.StrongAugment(n_ops=1, cutout=0, ops=(name,))
+    aug = scan_ood.StrongAugment(n_ops=1, cutout=0, ops=(name,))
     ours = (aug(x, generator=torch.Generator().manual_seed(1)) * 255).round().permute(0, 2, 3, 1).numpy()
     diff = np.abs(scan_reference(x, aug, 1) - ours)
     assert (diff > 1).mean() < 0.001 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
@@ -293,7 +293,7 @@ def test_strong_augment_matches_pil_op_by_op(name):
 
 def test_strong_augment_four_ops_match_pil():
     x = smooth_images(32, seed=1)
-    aug = common.StrongAugment(n_ops=4, cutout=0)
+    aug = scan_ood.StrongAugment(n_ops=4, cutout=0)
     ours = (aug(x, generator=torch.Generator().manual_seed(2)) * 255).round().permute(0, 2, 3, 1).numpy()
     diff = np.abs(scan_reference(x, aug, 2) - ours)
     assert (diff > 1).mean() < 0.002, (diff > 1).mean()
@@ -308,7 +308,7 @@ def test_strong_augment_shift_distribution_is_scans(name, row):
     n, span = 3000, 3.3 if name.startswith("translate") else 3.25
     x = torch.zeros(n, 3, 33, 33, dtype=torch.uint8)
     x[:, :, row, 16] = 255
-    out = common.StrongAugment(n_ops=1, cutout=0, ops=(name,))(x, generator=torch.Generator().manual_seed(0))
+    out = scan_ood.StrongAugment(n_ops=1, cutout=0, ops=(name,))(x, generator=torch.Generator().manual_seed(0))
     where = out[:, 0].flatten(1).argmax(1)
     moved = (where // 33 - row) if name == "translate_y" else (where % 33 - 16)
     assert (out[:, 0].flatten(1).amax(1) == 1).all()
@@ -330,7 +330,7 @@ def test_strong_augment_cutout_area_distribution_is_scans():
     areas = np.array(areas, dtype=float)
     n = 20000
     white = torch.full((n, 1, 32, 32), 255, dtype=torch.uint8)             # Cutout alone works on any channels
-    out = common.StrongAugment(n_ops=0, cutout=16)(white, generator=torch.Generator().manual_seed(0))
+    out = scan_ood.StrongAugment(n_ops=0, cutout=16)(white, generator=torch.Generator().manual_seed(0))
     ours = (out[:, 0] == 0.5).flatten(1).sum(1).double().numpy()
     assert abs(ours.mean() - areas.mean()) < 4 * areas.std() / math.sqrt(n), (ours.mean(), areas.mean())
     empty = (areas == 0).mean()
@@ -339,9 +339,21 @@ def test_strong_augment_cutout_area_distribution_is_scans():
     assert (out[out != 0.5] == 1).all()                                 # nothing but the box changes
 
 
+def test_strong_augment_batched_per_sample_and_deterministic():
+    x = (torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    aug = scan_ood.StrongAugment()
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    same = aug(x[:1].expand(64, -1, -1, -1), torch.Generator().manual_seed(2))
+    assert len({bytes(v.numpy()) for v in (same * 255).round().byte().reshape(64, -1)}) > 60  # per-sample params
+    assert ((a == 0.5).all(1).sum((1, 2)) > 0).float().mean() > 0.9         # a Cutout square nearly always shows
+
+
 def test_strong_augment_is_batched_without_syncs_within_twice_simclr_kernels():
     x = smooth_images(64)
-    simclr, strong = common.SimCLRAugment(16, scale=(0.2, 1.0)), common.StrongAugment(n_ops=4, cutout=8)
+    simclr, strong = common.SimCLRAugment(16, scale=(0.2, 1.0)), scan_ood.StrongAugment(n_ops=4, cutout=8)
     counts = []
     for aug in (simclr, strong):
         aug(x)
@@ -350,7 +362,7 @@ def test_strong_augment_is_batched_without_syncs_within_twice_simclr_kernels():
         counts.append(c)
     assert counts[1].syncs == 0, counts[1].sync_ops
     assert counts[1].launches <= 2 * counts[0].launches, (counts[1].launches, counts[0].launches)
-    identity = common.StrongAugment(n_ops=3, cutout=0, ops=("identity",))(x)     # identities are exact
+    identity = scan_ood.StrongAugment(n_ops=3, cutout=0, ops=("identity",))(x)     # identities are exact
     same = (identity == x.float() / 255).flatten(1).all(1)
     mirrored = (identity == x.flip(3).float() / 255).flatten(1).all(1)
     assert (same | mirrored).all() and same.any() and mirrored.any()
@@ -374,7 +386,7 @@ def test_every_training_step_makes_no_host_sync():
     g = torch.Generator().manual_seed(1)
     x = torch.randint(256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
     neighbors = scan_ood.mine_neighbors(x.flatten(1).float(), 3)
-    strong = common.StrongAugment(n_ops=4, cutout=8)
+    strong = scan_ood.StrongAugment(n_ops=4, cutout=8)
     scan = scan_ood.SCANStep(x, neighbors, strong, 5.0, x[:6], neighbors[:6, :3] % 6)
     target = torch.randint(3, (16,), generator=g)
     crop = common.SimCLRAugment(16, scale=(0.8, 1.0), jitter=0.0, p_gray=0.0)
