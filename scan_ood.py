@@ -783,49 +783,62 @@ def build_parser():
 
 
 def check_args(args):
+    """Every flag of a stage that runs, before any work: pretext and self-labelling always (K-means labels train with
+    the self-labelling settings), the SCAN stage with --labels scan, the pre-trained variant with --backbone. A flag
+    of a stage that does not run is not checked: its default may not fit the run (--adapt-batch-size 64 on 60
+    images)."""
     check = common.check
     check(args.tau > 0, "--tau", args.tau, "a number > 0")
     check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
-    check(args.num_neighbors >= 1, "--num-neighbors", args.num_neighbors, "an integer >= 1")
     check(args.clusters == 0 or args.clusters >= 2, "--clusters", args.clusters, "0 (the class count) or >= 2")
-    check(args.heads >= 1, "--heads", args.heads, "an integer >= 1")
-    check(args.entropy_weight >= 0, "--entropy-weight", args.entropy_weight, "a number >= 0")
-    for stage in ("scan", "selflabel", "adapt"):
+    check(args.knn_k >= 1, "--knn-k", args.knn_k, "an integer >= 1")
+    check(args.weights is None or args.backbone is not None, "--weights", args.weights,
+          "--backbone too (the weights are the pre-trained variant's)")
+    stages = ["selflabel"] + ["scan"] * (args.labels == "scan") + ["adapt"] * bool(args.backbone)
+    for stage in stages:
         epochs, batch = getattr(args, f"{stage}_epochs"), getattr(args, f"{stage}_batch_size")
         check(epochs >= (0 if stage == "selflabel" else 1), f"--{stage}-epochs", epochs,
               "an integer >= 0 (0: no self-labelling)" if stage == "selflabel" else "an integer >= 1")
         check(batch >= 2, f"--{stage}-batch-size", batch, "an integer >= 2")
         lr = getattr(args, f"{stage}_lr")
         check(lr > 0, f"--{stage}-lr", lr, "a number > 0")
-    for stage in ("scan", "selflabel"):
-        wd = getattr(args, f"{stage}_weight_decay")
-        check(wd >= 0, f"--{stage}-weight-decay", wd, "a number >= 0")
-    check(0 < args.confidence < 1, "--confidence", args.confidence, "a number in (0, 1)")
-    check(0 <= args.adapt_final_lr <= args.adapt_lr, "--adapt-final-lr", args.adapt_final_lr,
-          f"a number in [0, --adapt-lr {args.adapt_lr}]")
-    check(args.adapt_size >= 8, "--adapt-size", args.adapt_size, "an integer >= 8")
-    check(args.knn_k >= 1, "--knn-k", args.knn_k, "an integer >= 1")
-    check(args.weights is None or args.backbone is not None, "--weights", args.weights,
-          "--backbone too (the weights are the pre-trained variant's)")
-    check(args.weights in (None, "random", *TORCHVISION_WEIGHTS) or os.path.isfile(args.weights), "--weights",
-          args.weights, f"{', '.join(TORCHVISION_WEIGHTS)}, random, or an existing state-dict file")
-    check(0 < args.val_fraction <= 0.5, "--val-fraction", args.val_fraction, "a number in (0, 0.5]")
-    if args.backbone and not args.weights:
-        args.weights = "IMAGENET1K_V1"
+        if stage != "adapt":
+            wd = getattr(args, f"{stage}_weight_decay")
+            check(wd >= 0, f"--{stage}-weight-decay", wd, "a number >= 0")
+    if "scan" in stages:
+        check(args.num_neighbors >= 1, "--num-neighbors", args.num_neighbors, "an integer >= 1")
+        check(args.heads >= 1, "--heads", args.heads, "an integer >= 1")
+        check(args.entropy_weight >= 0, "--entropy-weight", args.entropy_weight, "a number >= 0")
+        check(0 < args.confidence < 1, "--confidence", args.confidence, "a number in (0, 1)")
+        check(0 < args.val_fraction <= 0.5, "--val-fraction", args.val_fraction, "a number in (0, 0.5]")
+    if "adapt" in stages:
+        check(0 <= args.adapt_final_lr <= args.adapt_lr, "--adapt-final-lr", args.adapt_final_lr,
+              f"a number in [0, --adapt-lr {args.adapt_lr}]")
+        check(args.adapt_size >= 8, "--adapt-size", args.adapt_size, "an integer >= 8")
+        check(args.weights in (None, "random", *TORCHVISION_WEIGHTS) or os.path.isfile(args.weights), "--weights",
+              args.weights, f"{', '.join(TORCHVISION_WEIGHTS)}, random, or an existing state-dict file")
+        args.weights = args.weights or "IMAGENET1K_V1"
 
 
 def check_sizes(args, n):
-    """The flags that count training images, against the n loaded ones: before any stage trains."""
-    n_fit = n - len(split_held_out(n, args.val_fraction, args.seed)[1])           # the SCAN stages' images
-    common.check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
-    common.check(args.num_neighbors < n_fit, "--num-neighbors", args.num_neighbors,
-                 f"fewer than the {n_fit} images of the SCAN stage")
-    for stage in ("scan", "selflabel"):
-        size = getattr(args, f"{stage}_batch_size")
-        common.check(size <= n_fit, f"--{stage}-batch-size", size, f"at most the {n_fit} images of the SCAN stages")
-    common.check(args.adapt_batch_size <= n, "--adapt-batch-size", args.adapt_batch_size,
-                 f"at most the {n} training images")
-    common.check(args.knn_k <= n, "--knn-k", args.knn_k, f"at most the {n} training images")
+    """The flags that count training images, against the n loaded ones, for the stages that run (as check_args):
+    before any stage trains."""
+    check = common.check
+    check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
+    check(args.knn_k <= n, "--knn-k", args.knn_k, f"at most the {n} training images")
+    if args.labels == "scan":
+        n_fit = n - len(split_held_out(n, args.val_fraction, args.seed)[1])       # the SCAN stages' images
+        check(args.num_neighbors < n_fit, "--num-neighbors", args.num_neighbors,
+              f"fewer than the {n_fit} images of the SCAN stage")
+        for stage in ("scan", "selflabel"):
+            size = getattr(args, f"{stage}_batch_size")
+            check(size <= n_fit, f"--{stage}-batch-size", size, f"at most the {n_fit} images of the SCAN stages")
+    else:
+        check(args.selflabel_batch_size <= n, "--selflabel-batch-size", args.selflabel_batch_size,
+              f"at most the {n} training images")
+    if args.backbone:
+        check(args.adapt_batch_size <= n, "--adapt-batch-size", args.adapt_batch_size,
+              f"at most the {n} training images")
 
 
 def n_clusters(args, data, n):

@@ -453,11 +453,33 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path):
     (["--confidence", "1"], "--confidence 1.0: expected a number in (0, 1)"),
     (["--backbone", "resnet18", "--weights", "IMAGENET1K_V9"], "--weights IMAGENET1K_V9: expected IMAGENET1K_V1"),
     (["--clusters", "1"], "--clusters 1: expected 0"),
-    (["--subset", "96", "--batch-size", "32", "--scan-batch-size", "500"], "--scan-batch-size 500: expected at most the 86 images"),
-    (["--subset", "96", "--batch-size", "32", "--selflabel-batch-size", "32", "--knn-k", "500"], "--knn-k 500: expected at most the 96 training images"),
-    (["--subset", "96", "--batch-size", "32", "--selflabel-batch-size", "32", "--num-neighbors", "90"], "--num-neighbors 90: expected fewer than the 86 images"),
+    (["--subset", "96", "--batch-size", "32", "--scan-batch-size", "500"],
+     "--scan-batch-size 500: expected at most the 86 images"),
+    (["--subset", "96", "--batch-size", "32", "--selflabel-batch-size", "32", "--knn-k", "500"],
+     "--knn-k 500: expected at most the 96 training images"),
+    (["--subset", "96", "--batch-size", "32", "--selflabel-batch-size", "32", "--num-neighbors", "90"],
+     "--num-neighbors 90: expected fewer than the 86 images"),
+    (["--subset", "60", "--batch-size", "32", "--scan-batch-size", "32", "--selflabel-batch-size", "32",
+      "--backbone", "resnet18", "--weights", "random"],
+     "--adapt-batch-size 64: expected at most the 60 training images"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         scan_ood.main(flags + ["--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_stage_flags_are_checked_only_when_their_stage_runs():
+    """A stage's flags are checked when it runs: 60 images refuse the adapt stage's default batch of 64 with
+    --backbone only, and K-means labels ignore the SCAN stage's flags."""
+    parse = lambda *flags: common.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, list(flags))
+    small = ["--subset", "60", "--batch-size", "32", "--scan-batch-size", "32", "--selflabel-batch-size", "32"]
+    for args in (parse(*small), parse("--labels", "kmeans", "--heads", "0", "--val-fraction", "0.9",
+                                      "--scan-batch-size", "500", "--num-neighbors", "500", "--batch-size", "32",
+                                      "--selflabel-batch-size", "60")):
+        scan_ood.check_args(args)
+        scan_ood.check_sizes(args, 60)
+    args = parse(*small, "--backbone", "resnet18", "--weights", "random")
+    scan_ood.check_args(args)
+    with pytest.raises(ValueError, match=re.escape("--adapt-batch-size 64: expected at most the 60 training images")):
+        scan_ood.check_sizes(args, 60)
