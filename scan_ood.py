@@ -16,10 +16,35 @@ un-adapted features, is reported beside it).
     python scan_ood.py --preset paper                    # CIFAR-10 vs CIFAR-100/SVHN/LSUN, SCAN's settings + ResNet-152
     python scan_ood.py --backbone resnet18 --weights random --adapt-size 64   # exercises the pre-trained path only
 
-Every run also reports the pretext-only SimCLR kNN score, the cluster accuracy (Hungarian matching, for
-information: labels never train anything) and the sanity baselines. Checkpoints: <out>/{pretext,scan,selflabel,
-adapt}.pt; --resume loads the finished stages and continues the unfinished one. The digits default takes ~30 s of
-CPU time (one thread of a 2-core AMD EPYC; ~60 s of wall time while other jobs share the machine).
+Use it in your code:
+
+    import torch
+    from types import SimpleNamespace
+    import scan_ood
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)      # unlabelled training images
+    s = SimpleNamespace(arch="resnet18", width=4, init="torchvision", clusters=3, backbone=None, labels="scan",
+                        score="knn", knn_k=1)                            # the settings score() reads
+    net = scan_ood.build_model(s)                                        # a CIFAR ResNet-18 and one head of K = 3
+    neighbors = scan_ood.mine_neighbors(x.flatten(1).float(), 5)         # in practice: of the SimCLR projections
+    strong = scan_ood.StrongAugment(n_ops=4, cutout=8)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    idx = torch.arange(32)                                               # one batch of the SCAN stage
+    loss, parts = scan_ood.scan_step(net, x[idx], idx, x, neighbors, strong, entropy_weight=5.0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    labels = scan_ood.features(net, x)[1].argmax(1)                      # the pseudo-labels of the training images
+    state = scan_ood.score_state(net, x, labels, s)
+    new = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    scores = scan_ood.score(net, state, new, s)["scan_features"]         # higher = in-distribution
+
+The final model's score (the SCAN features, or with --backbone the pre-trained variant) is score()'s: build_model,
+score_state and score rebuild it and score new images from a finished run alone. Every run also reports the
+intermediate variants (the pretext-only SimCLR kNN score; with --backbone the SCAN features and DN2), the cluster
+accuracy (Hungarian matching, for information: labels never train anything) and the sanity baselines. Checkpoints:
+<out>/{pretext,scan,selflabel,adapt}.pt; --resume loads the finished stages and continues the unfinished one. The
+digits default takes ~42 s of CPU time (one thread of a 2-core Intel Xeon); its wall time grows with what else shares
+the machine (75 s to 6 min here).
 
 Deviations. SCAN's code is the official clustering code; MSCL's code is the same lab's pre-trained pipeline (no
 SCAN-OOD code is public). "-": silent or not applicable.
@@ -452,39 +477,88 @@ class AdaptStep:
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores (higher = in-distribution): kNN (Sec. 3.1, 3.2, 4.3), Mahalanobis and MSP (Eq. 1) for Tab. 5.
+# Scores (higher = in-distribution): kNN (Sec. 3.1, 3.2, 4.3), Mahalanobis and MSP (Eq. 1) for Tab. 5; the final
+# model's scores behind build_model, score_state and score, which main and a later scorer of the run folder share.
 
-def mahalanobis_scorer(train_h, labels, ridge=1e-6):
-    """Per-cluster Gaussians on the training features ("the empirical covariance matrix of each cluster", Sec. 3.2),
-    the clusters being the pseudo-labels -> score(h) = -min_c (h - mu_c)^T S_c^-1 (h - mu_c); ridge x mean
-    variance keeps small clusters invertible. Empty clusters are skipped."""
-    _, labels = labels.unique(return_inverse=True)
-    means, chol = common.fit_gaussians(train_h, labels, int(labels.max()) + 1, ridge)
-    return lambda h: -common.mahalanobis(h, means, chol).min(1).values.float()
+@torch.no_grad()
+def features(net, x, view=None):
+    """(penultimate features h, logits of the first head) of uint8 images x, batch by batch in eval mode, in float32
+    without autocast whatever the caller's (scores are compared across runs and devices); `view` maps a uint8 batch
+    to the network's input. A common.Encoder (the pretext network) gives its projection in place of logits."""
+    with torch.autocast(x.device.type, enabled=False):
+        h, out = common.embed(net, x, transform=view)
+    return h, (out[:, 0] if out.dim() == 3 else out)
 
 
-def make_scorer(kind, train_h, labels=None, k=1):
-    """-> score(h, logits) for one of --score knn | mahalanobis (per cluster of `labels`, the pseudo-labels of the
-    training images) | msp."""
-    if kind == "knn":   # ambiguity: Sec. 3.2 says "the distance"; cosine, as the paper's DN2 (after MeanShifted)
-        return lambda h, logits: common.knn_scores(train_h, h, k)
+def score_reference(kind, train_h, labels=None):
+    """What score `kind` keeps of the training images: kNN their features; Mahalanobis the Gaussians of their
+    pseudo-label clusters ("the empirical covariance matrix of each cluster", Sec. 3.2; ridge 1e-6 x the mean
+    variance keeps small clusters invertible; empty clusters skipped); MSP nothing -> {name: tensor}."""
+    if kind == "knn":
+        return {"train_h": train_h.float()}
     if kind == "mahalanobis":
-        maha = mahalanobis_scorer(train_h, labels)
-        return lambda h, logits: maha(h)
+        _, labels = labels.unique(return_inverse=True)
+        means, chol = common.fit_gaussians(train_h, labels, int(labels.max()) + 1, ridge=1e-6)
+        return {"means": means, "chol": chol}
     if kind == "msp":
-        return lambda h, logits: F.softmax(logits.float(), -1).amax(-1)
+        return {}
     raise ValueError(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
 
 
-def score_net(net, data, x, kind, k, device, labels=None, transform=None):
-    """{ood set: metrics} of a one-head ClusterNet (or a common.Encoder with kind 'knn') on its features, the
-    training images x (with their pseudo-labels for the Mahalanobis score) as reference."""
-    def features(imgs):
-        with torch.autocast(device.type, enabled=False):                 # scores in float32, whatever the caller
-            h, out = common.embed(net, imgs.to(device), transform=transform)
-        return h, (out[:, 0] if out.dim() == 3 else out)                 # one head: B x K logits
-    score = make_scorer(kind, features(x)[0], labels, k)
-    return common.evaluate(lambda imgs: score(*features(imgs)), data.test_x, data.ood)
+def score_features(kind, reference, h, logits, k=1):
+    """Score `kind` of features h (and logits, for MSP) against score_reference's `reference`, float32: kNN the
+    cosine similarity to the k-th nearest training feature, Mahalanobis -min_c (h - mu_c)^T S_c^-1 (h - mu_c), MSP
+    the softmax maximum."""
+    if kind == "knn":   # ambiguity: Sec. 3.2 says "the distance"; cosine, as the paper's DN2 (after MeanShifted)
+        return common.knn_scores(reference["train_h"], h, k)
+    if kind == "mahalanobis":
+        return -common.mahalanobis(h, reference["means"], reference["chol"]).min(1).values.float()
+    if kind == "msp":
+        return F.softmax(logits.float(), -1).amax(-1)
+    raise ValueError(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
+
+
+def score_net(net, data, x, kind, k, labels=None, view=None):
+    """{ood set: metrics} of score `kind` on a network's features, the training images x (with their pseudo-labels
+    for the Mahalanobis score) as reference: the intermediate variants, which are not the run's final model."""
+    reference = score_reference(kind, features(net, x, view)[0], labels)
+    score_images = lambda imgs: score_features(kind, reference, *features(net, imgs.to(x.device), view), k)
+    return common.evaluate(score_images, data.test_x, data.ood)
+
+
+def main_variant(s):
+    """The name of the final model's score: 'pretrained' (Sec. 3.2) with --backbone, else '<labels>_features'."""
+    return "pretrained" if s.backbone else f"{s.labels}_features"
+
+
+def build_model(s):
+    """The final model, untrained, for the run's settings s: the one-head ImageNet ResNet classifier of the
+    pre-trained variant with --backbone, else the one-head ClusterNet that SCAN (or the K-means labels) trained.
+    s.clusters is K as main resolves it (--clusters 0: the class count of the data)."""
+    if s.clusters < 2:
+        raise ValueError(f"clusters {s.clusters}: build_model needs K as the run resolved it (>= 2)")
+    if s.backbone:
+        return ClusterNet(f"imagenet_{s.backbone}", s.clusters, 1)       # random weights: the run's are loaded
+    return ClusterNet(s.arch, s.clusters, 1, s.width, init=s.init)
+
+
+def final_view(s):
+    """The final model's input: the pre-trained network's view of the images with --backbone, else the images."""
+    return adapt_views(s)[0] if s.backbone else None
+
+
+def score_state(model, x, labels, s):
+    """What score() needs beside the weights, from the training images x (uint8, on the model's device) and their
+    pseudo-labels: the reference of --score (score_reference) on the final model's features."""
+    return score_reference(s.score, features(model, x, final_view(s))[0], labels)
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """{main_variant(s): float32 scores of the uint8 images x}, higher = in-distribution: the final model's --score,
+    the one score the run reports for it; deterministic (no test-time augmentation)."""
+    h, logits = features(model, x, final_view(s))
+    return {main_variant(s): score_features(s.score, state, h, logits, s.knn_k)}
 
 
 def cluster_report(name, pred, data, K):
@@ -630,11 +704,11 @@ def recompute_bn(model, x, view, batch_size):
 
 def adapt_stage(labels, x, K, args, data):
     """Sec. 3.2: DN2 on the un-adapted ImageNet backbone, then Eq. 2 fine-tuning on the pseudo-labels with the
-    end-of-epoch weights averaged -> {"dn2", "pretrained" (and "pretrained_bn" with --recompute-bn): metrics}."""
+    end-of-epoch weights averaged -> (the final model, {"dn2" (and "pretrained_bn" with --recompute-bn): metrics})."""
     view, train_view = adapt_views(args)
     clf = ClusterNet(f"imagenet_{args.backbone}", K, 1, weights=backbone_weights(args.backbone, args.weights))
     clf = clf.to(x.device)
-    metrics = {"dn2": score_net(clf, data, x, "knn", args.knn_k, x.device, transform=view)}
+    metrics = {"dn2": score_net(clf, data, x, "knn", args.knn_k, view=view)}
     if args.adapt_freeze == "layer2":   # MSCL's and PANDA's code: the stem, layer1 and layer2 keep ImageNet's weights
         for part in (clf.backbone.conv1, clf.backbone.bn1, clf.backbone.layer1, clf.backbone.layer2):
             part.requires_grad_(False)
@@ -647,11 +721,11 @@ def adapt_stage(labels, x, K, args, data):
     if not args.no_average:
         print(f"scoring the average of {step.n_averaged} end-of-epoch weights", flush=True)
         clf.load_state_dict(step.average)
-    metrics["pretrained"] = score_net(clf, data, x, args.score, args.knn_k, x.device, labels, view)
-    if args.recompute_bn:
-        recompute_bn(clf, x, view, args.adapt_batch_size)
-        metrics["pretrained_bn"] = score_net(clf, data, x, args.score, args.knn_k, x.device, labels, view)
-    return metrics
+    if args.recompute_bn:                  # on a copy: the final model keeps the averaged statistics
+        recomputed = copy.deepcopy(clf)
+        recompute_bn(recomputed, x, view, args.adapt_batch_size)
+        metrics["pretrained_bn"] = score_net(recomputed, data, x, args.score, args.knn_k, labels, view)
+    return clf, metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,7 +927,7 @@ def n_clusters(args, data, n):
 
 
 # ----------------------------------------------------------------------------------------------
-# Main: pretext -> SCAN -> self-labelling (or K-means labels) -> scores -> pre-trained variant.
+# Main: pretext -> SCAN -> self-labelling (or K-means labels) -> pre-trained variant -> the final model's scores.
 
 @common.entry_point
 def main(argv=None):
@@ -864,21 +938,25 @@ def main(argv=None):
     data = common.load_data(args)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
-    K = n_clusters(args, data, len(x))
+    K = args.clusters = n_clusters(args, data, len(x))                   # recorded resolved: build_model reads it
     pretext = pretext_stage(x, args, device)
-    metrics = {"simclr_knn": score_net(pretext, data, x, "knn", args.knn_k, device)}
+    metrics = {"simclr_knn": score_net(pretext, data, x, "knn", args.knn_k)}
     if args.labels == "scan":
         net, fit, info = scan_stage(pretext, x, K, args, data)
         net, info["confident_after_scan"] = self_label_stage(net, x[fit], args)
-        labels = common.embed(net, x)[1][:, 0].argmax(1)                 # the pseudo-labels of every training image
+        labels = features(net, x)[1].argmax(1)                           # the pseudo-labels of every training image
         info["cluster_accuracy"].update(cluster_report("selflabel", labels, data, K))
     else:
         net, labels, info = kmeans_stage(pretext, x, K, args, data)
-    metrics[f"{args.labels}_features"] = score_net(net, data, x, args.score, args.knn_k, device, labels)
-    if args.backbone:
-        metrics.update(adapt_stage(labels, x, K, args, data))
-    main_variant = "pretrained" if args.backbone else f"{args.labels}_features"
-    return common.finish(args, "scan_ood", metrics, data, device, t_start, main_variant=main_variant, **info)
+    if args.backbone:                      # the pre-trained classifier becomes the final model (Sec. 3.2)
+        metrics[f"{args.labels}_features"] = score_net(net, data, x, args.score, args.knn_k, labels)
+        net, adapt_metrics = adapt_stage(labels, x, K, args, data)
+        metrics.update(adapt_metrics)
+    # The final model's scores through score_state and score, as a later scorer of the run folder computes them;
+    # the intermediate variants above (simclr_knn, and with --backbone the SCAN features, dn2) are reported beside.
+    state = score_state(net, x, labels, args)
+    metrics.update(common.evaluate(lambda imgs: score(net, state, imgs.to(device), args), data.test_x, data.ood))
+    return common.finish(args, "scan_ood", metrics, data, device, t_start, main_variant=main_variant(args), **info)
 
 
 if __name__ == "__main__":
