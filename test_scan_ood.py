@@ -1,7 +1,9 @@
 """Tests of scan_ood.py: each loss against a literal per-sample loop (and the SCAN loss's gradient where <p, q> <
 1e-12 against SCAN's BCE), SCAN's model selection, neighbour mining against brute force, self-labelling's mask and
 weights, weight averaging, scoring, the strong augmentation against PIL (SCAN's ops), its shift and Cutout-area
-distributions and its kernel count, 0 host syncs in every training step, presets, bad flags, and short digits runs."""
+distributions and its kernel count, 0 host syncs in every training step, presets, bad flags and the stage flags checked
+only when their stage runs, short digits runs whose scores the scorer contract (build_model, score_state, score)
+reproduces, and the module docstring's "Use it in your code" example."""
 import copy
 import io
 import json
