@@ -24,6 +24,10 @@ the backbone's pooled feature h, PH = the projection head's z, Table 6) from one
 that grid (saved as "grid" in results.json) and reports the configured reading (--feature-layer, --sei, --sei-agg)
 beside the sanity baselines (raw-pixel and untrained-encoder nearest neighbour).
 
+Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4
+rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
+AMD EPYC; --labels kmeans adds a warm-up of the same length.
+
 Deviations (paper / official code / ours, with the reason after the colon):
 
     what                  paper                    official code             ours: why
@@ -63,10 +67,6 @@ Deviations (paper / official code / ours, with the reason after the colon):
     digits                not in the paper         -                         common's digit-safe augmentation, LF
                                                                              and 4 views (DIGITS_INFERENCE): a
                                                                              mirrored digit is not a digit
-
-Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4
-rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
-AMD EPYC; --labels kmeans adds a warm-up of the same length.
 """
 import argparse
 import math
@@ -80,119 +80,12 @@ import torch.nn.functional as F
 import common
 
 # ----------------------------------------------------------------------------------------------
-# Presets: --preset NAME sets these values beneath the command line (explicit flags win).
-
-PAPER = {
-    "dataset": "cifar10",           # paper: Sec. 4.1
-    "size": 32,                     # paper: CIFAR-10's own size
-    "ood": ["svhn", "cifar100"],    # paper: Table 1 (its LSUN(F) and ImageNet(F) are CSI's sets: add --ood folder:PATH)
-    "augment": "paper",             # paper: Sec. 4, colour jitter, grayscale, flip, inception crop
-    "arch": "resnet34",             # paper: Table 1 (ResNet-18 in Table 2)
-    "width": 64,                    # paper: the standard ResNet
-    "init": "torchvision",          # public code: torchvision's ResNet-34 (ambiguity: the paper names no init)
-    "proj_hidden": 2048,            # public code: head 512 -> 2048 -> 128
-    "proj_dim": 128,                # public code: 128-d z
-    "epochs": 400,                  # public code: its config (ambiguity: its README's result is epoch_800.pt)
-    "batch_size": 256,              # paper: Sec. 4, batch 1024 = 256 images x 4 rotations (public code's sampler)
-    "optimizer": "sgd",             # paper: Sec. 4
-    "lr": 1.2,                      # paper: Sec. 4, 0.3 x 1024 / 256
-    "momentum": 0.9,                # paper: Sec. 4
-    "weight_decay": 1e-6,           # paper: Sec. 4
-    "nesterov": True,               # public code: SGD with Nesterov momentum
-    "warmup_epochs": 0,             # paper: Sec. 4, cosine schedule without warm-up
-    "final_lr": 6e-4,               # public code: cosine down to lr x 5e-4
-    "tau": 0.2,                     # paper: Sec. 4
-    "alpha": 0.05,                  # paper: Sec. 4, App. A.3
-    "beta": 2.5,                    # paper: App. A.3, 1 / (2 tau) (ambiguity: the public code uses 2)
-    "spa_weight": 1.0,              # paper: Sec. 4, lambda
-    "jitter": 0.4,                  # paper: Sec. 4, colour strength 0.5 = SimCLR's 0.8 x 0.5 (hue = jitter / 4)
-    "min_crop": 0.08,               # paper: Sec. 4, inception crop
-    "labels": "true",               # paper: Sec. 3.1 (public code: ground-truth CIFAR-10 labels)
-    "sei": 8,                       # paper: Table 4, 8-way SEI
-    "sei_agg": "w-avg",             # paper: Table 4, best AUROC
-    "feature_layer": "ph",          # paper: Table 6, projection head
-    # ambiguity: the paper does not say which training images the Gaussians see; the public code fits them on the
-    # first len(loader) // 5 batches of a loader that holds every image and its mirror image; we draw upright ones.
-    "fit_fraction": 0.404,          # public code: len(loader) // 5 = 79 batches x 1,024 / 4 rotations = 20,224 images
-    "ridge": 1e-7,                  # public code: 1e-9 I on unit 128-d features, i.e. ~1e-7 x the mean variance
-}
-QUICK = {  # real CIFAR-10 reduced to a CPU path check: torchvision's files under --data-root
-    "dataset": "cifar10",           # ours: the paper's data
-    "id_classes": "0-5",            # ours: six classes in, four held out as OOD
-    "size": 32,                     # paper: CIFAR-10's own size
-    "subset": 6000,                 # ours: a CPU budget
-    "width": 16,                    # ours: a CPU budget
-    "epochs": 5,                    # ours: a CPU budget
-    "batch_size": 64,               # ours: x 4 rotations x 2 views = 512 views per step
-    "lr": 0.3,                      # paper: Sec. 4's 0.3 x batch / 256, at 256 rotated images
-    "init": "pytorch",              # ours: PyTorch's default convolution initialisation, as on digits
-}
-PRESETS = {"paper": PAPER, "quick": QUICK}
+# Sizes: MCL's rotations, SEI's view counts, aggregations and feature layers.
 
 N_ROT = 4                       # paper: Sec. 4, the auxiliary task is 4-way rotation
 SEI_SIZES = (1, 4, 8)           # paper: Fig. 3, plain inference, 4 rotations, 4 rotations x {upright, mirrored}
 AGGREGATIONS = ("avg", "max", "w-avg")
 LAYERS = ("ph", "lf")
-PAPER_INFERENCE = {"feature_layer": "ph", "sei": 8}      # paper: Tables 4 and 6 (PH, 8-way, with --sei-agg w-avg)
-# ours: the default reading on digits, chosen on 5 seeds x 3 class splits (see the README): the embedding layer,
-# 4 rotations (mirrored digits are not digits). Natural images and --preset paper keep PAPER_INFERENCE.
-DIGITS_INFERENCE = {"feature_layer": "lf", "sei": 4}
-
-# ----------------------------------------------------------------------------------------------
-# Command line: MCL's flags on top of common's, and their checks before any work.
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
-    g = parser.add_argument_group("MCL")
-    g.add_argument("--tau", type=float, default=0.2, help="temperature: CCM's value for other classes (Eq. 3)")
-    g.add_argument("--alpha", type=float, default=0.05, help="CCM for same class and rotation (Eq. 11)")
-    g.add_argument("--beta", type=float, default=2.5, help="CCM for same class, other rotation (Eq. 11)")
-    g.add_argument("--spa-weight", type=float, default=1.0, help="lambda of Eq. 10")
-    g.add_argument("--no-ccm", action="store_true", help="ablation: CCM = 1/tau everywhere (NT-Xent)")
-    g.add_argument("--no-spa", action="store_true", help="ablation: no stochastic positive attraction")
-    g.add_argument("--no-aux", action="store_true", help="ablation: no rotations in training")
-    g.add_argument("--labels", default="true", choices=["true", "kmeans"],
-                   help="class labels: the data set's (paper) or K-means clusters of a SimCLR warm-up")
-    g.add_argument("--clusters", type=int, default=0, help="K for --labels kmeans (default: the number of ID classes)")
-    g.add_argument("--simclr-epochs", type=int, default=10, help="SimCLR warm-up before K-means (--labels kmeans)")
-    g.add_argument("--jitter", type=float, default=0.4, help="colour jitter of the paper's augmentation (hue: / 4)")
-    g.add_argument("--min-crop", type=float, default=0.08, help="smallest crop area of the paper's augmentation")
-    g.add_argument("--proj-hidden", type=int, default=None, help="hidden width of the head (default: backbone's)")
-    g.add_argument("--proj-dim", type=int, default=128)
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (a field of common.TrainConfig)")
-    g = parser.add_argument_group("inference")
-    g.add_argument("--sei", type=int, default=None, choices=SEI_SIZES,
-                   help="test views: 1, 4 rotations, x 2 mirrors (default: 4 on digits, 8 otherwise)")
-    g.add_argument("--sei-agg", default="w-avg", choices=AGGREGATIONS, help="Eq. 17 (avg), 18 (max), 19-20 (w-avg)")
-    g.add_argument("--feature-layer", default=None, choices=LAYERS,
-                   help="the reported reading's layer: projection head z or backbone h (default: lf on digits, "
-                        "ph otherwise)")
-    g.add_argument("--fit-fraction", type=float, default=1.0, help="fraction of the training images the Gaussians see")
-    g.add_argument("--ridge", type=float, default=0.01, help="covariance ridge, times the class's mean variance")
-    # ours: a digits run of about 35 s on one CPU thread (the 8 x 8 digits lose nothing at 16 x 16)
-    parser.set_defaults(size=16, width=8, epochs=10, batch_size=32, lr=0.3, weight_decay=1e-6)
-    return parser
-
-
-def check_args(args):
-    """Every flag of the script, before setup() loads anything; fills the preset-dependent inference defaults."""
-    for flag, v in (("--tau", args.tau), ("--alpha", args.alpha), ("--beta", args.beta)):
-        common.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
-    common.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
-    common.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
-    common.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
-    common.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
-    common.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
-    common.check(args.proj_hidden is None or args.proj_hidden >= 1, "--proj-hidden", args.proj_hidden,
-                 "an integer >= 1")
-    common.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
-    common.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
-    common.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
-    digits = args.dataset == "digits" and args.preset != "paper"      # as common.simclr_augment decides
-    for k, v in (DIGITS_INFERENCE if digits else PAPER_INFERENCE).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,6 +341,117 @@ def print_grid(grid, ood_names):
     for key, r in grid.items():
         acc = f"{r['accuracy']:5.1f}" if r["accuracy"] is not None else "    -"
         print(f"{key:<16} {acc}  " + "  ".join(f"{r['metrics'][ood]['auroc']:18.2f}" for ood in ood_names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets and command line: --preset NAME sets values beneath the command line (explicit flags win);
+# MCL's flags on top of common's, and their checks before any work.
+
+PAPER = {
+    "dataset": "cifar10",           # paper: Sec. 4.1
+    "size": 32,                     # paper: CIFAR-10's own size
+    "ood": ["svhn", "cifar100"],    # paper: Table 1 (its LSUN(F) and ImageNet(F) are CSI's sets: add --ood folder:PATH)
+    "augment": "paper",             # paper: Sec. 4, colour jitter, grayscale, flip, inception crop
+    "arch": "resnet34",             # paper: Table 1 (ResNet-18 in Table 2)
+    "width": 64,                    # paper: the standard ResNet
+    "init": "torchvision",          # public code: torchvision's ResNet-34 (ambiguity: the paper names no init)
+    "proj_hidden": 2048,            # public code: head 512 -> 2048 -> 128
+    "proj_dim": 128,                # public code: 128-d z
+    "epochs": 400,                  # public code: its config (ambiguity: its README's result is epoch_800.pt)
+    "batch_size": 256,              # paper: Sec. 4, batch 1024 = 256 images x 4 rotations (public code's sampler)
+    "optimizer": "sgd",             # paper: Sec. 4
+    "lr": 1.2,                      # paper: Sec. 4, 0.3 x 1024 / 256
+    "momentum": 0.9,                # paper: Sec. 4
+    "weight_decay": 1e-6,           # paper: Sec. 4
+    "nesterov": True,               # public code: SGD with Nesterov momentum
+    "warmup_epochs": 0,             # paper: Sec. 4, cosine schedule without warm-up
+    "final_lr": 6e-4,               # public code: cosine down to lr x 5e-4
+    "tau": 0.2,                     # paper: Sec. 4
+    "alpha": 0.05,                  # paper: Sec. 4, App. A.3
+    "beta": 2.5,                    # paper: App. A.3, 1 / (2 tau) (ambiguity: the public code uses 2)
+    "spa_weight": 1.0,              # paper: Sec. 4, lambda
+    "jitter": 0.4,                  # paper: Sec. 4, colour strength 0.5 = SimCLR's 0.8 x 0.5 (hue = jitter / 4)
+    "min_crop": 0.08,               # paper: Sec. 4, inception crop
+    "labels": "true",               # paper: Sec. 3.1 (public code: ground-truth CIFAR-10 labels)
+    "sei": 8,                       # paper: Table 4, 8-way SEI
+    "sei_agg": "w-avg",             # paper: Table 4, best AUROC
+    "feature_layer": "ph",          # paper: Table 6, projection head
+    # ambiguity: the paper does not say which training images the Gaussians see; the public code fits them on the
+    # first len(loader) // 5 batches of a loader that holds every image and its mirror image; we draw upright ones.
+    "fit_fraction": 0.404,          # public code: len(loader) // 5 = 79 batches x 1,024 / 4 rotations = 20,224 images
+    "ridge": 1e-7,                  # public code: 1e-9 I on unit 128-d features, i.e. ~1e-7 x the mean variance
+}
+QUICK = {  # real CIFAR-10 reduced to a CPU path check: torchvision's files under --data-root
+    "dataset": "cifar10",           # ours: the paper's data
+    "id_classes": "0-5",            # ours: six classes in, four held out as OOD
+    "size": 32,                     # paper: CIFAR-10's own size
+    "subset": 6000,                 # ours: a CPU budget
+    "width": 16,                    # ours: a CPU budget
+    "epochs": 5,                    # ours: a CPU budget
+    "batch_size": 64,               # ours: x 4 rotations x 2 views = 512 views per step
+    "lr": 0.3,                      # paper: Sec. 4's 0.3 x batch / 256, at 256 rotated images
+    "init": "pytorch",              # ours: PyTorch's default convolution initialisation, as on digits
+}
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+PAPER_INFERENCE = {"feature_layer": "ph", "sei": 8}      # paper: Tables 4 and 6 (PH, 8-way, with --sei-agg w-avg)
+# ours: the default reading on digits, chosen on 5 seeds x 3 class splits (see the README): the embedding layer,
+# 4 rotations (mirrored digits are not digits). Natural images and --preset paper keep PAPER_INFERENCE.
+DIGITS_INFERENCE = {"feature_layer": "lf", "sei": 4}
+
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = parser.add_argument_group("MCL")
+    g.add_argument("--tau", type=float, default=0.2, help="temperature: CCM's value for other classes (Eq. 3)")
+    g.add_argument("--alpha", type=float, default=0.05, help="CCM for same class and rotation (Eq. 11)")
+    g.add_argument("--beta", type=float, default=2.5, help="CCM for same class, other rotation (Eq. 11)")
+    g.add_argument("--spa-weight", type=float, default=1.0, help="lambda of Eq. 10")
+    g.add_argument("--no-ccm", action="store_true", help="ablation: CCM = 1/tau everywhere (NT-Xent)")
+    g.add_argument("--no-spa", action="store_true", help="ablation: no stochastic positive attraction")
+    g.add_argument("--no-aux", action="store_true", help="ablation: no rotations in training")
+    g.add_argument("--labels", default="true", choices=["true", "kmeans"],
+                   help="class labels: the data set's (paper) or K-means clusters of a SimCLR warm-up")
+    g.add_argument("--clusters", type=int, default=0, help="K for --labels kmeans (default: the number of ID classes)")
+    g.add_argument("--simclr-epochs", type=int, default=10, help="SimCLR warm-up before K-means (--labels kmeans)")
+    g.add_argument("--jitter", type=float, default=0.4, help="colour jitter of the paper's augmentation (hue: / 4)")
+    g.add_argument("--min-crop", type=float, default=0.08, help="smallest crop area of the paper's augmentation")
+    g.add_argument("--proj-hidden", type=int, default=None, help="hidden width of the head (default: backbone's)")
+    g.add_argument("--proj-dim", type=int, default=128)
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (a field of common.TrainConfig)")
+    g = parser.add_argument_group("inference")
+    g.add_argument("--sei", type=int, default=None, choices=SEI_SIZES,
+                   help="test views: 1, 4 rotations, x 2 mirrors (default: 4 on digits, 8 otherwise)")
+    g.add_argument("--sei-agg", default="w-avg", choices=AGGREGATIONS, help="Eq. 17 (avg), 18 (max), 19-20 (w-avg)")
+    g.add_argument("--feature-layer", default=None, choices=LAYERS,
+                   help="the reported reading's layer: projection head z or backbone h (default: lf on digits, "
+                        "ph otherwise)")
+    g.add_argument("--fit-fraction", type=float, default=1.0, help="fraction of the training images the Gaussians see")
+    g.add_argument("--ridge", type=float, default=0.01, help="covariance ridge, times the class's mean variance")
+    # ours: a digits run of about 35 s on one CPU thread (the 8 x 8 digits lose nothing at 16 x 16)
+    parser.set_defaults(size=16, width=8, epochs=10, batch_size=32, lr=0.3, weight_decay=1e-6)
+    return parser
+
+
+def check_args(args):
+    """Every flag of the script, before setup() loads anything; fills the preset-dependent inference defaults."""
+    for flag, v in (("--tau", args.tau), ("--alpha", args.alpha), ("--beta", args.beta)):
+        common.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
+    common.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
+    common.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
+    common.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
+    common.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
+    common.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
+    common.check(args.proj_hidden is None or args.proj_hidden >= 1, "--proj-hidden", args.proj_hidden,
+                 "an integer >= 1")
+    common.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
+    common.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
+    common.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
+    digits = args.dataset == "digits" and args.preset != "paper"      # as common.simclr_augment decides
+    for k, v in (DIGITS_INFERENCE if digits else PAPER_INFERENCE).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------------------------
