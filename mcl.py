@@ -203,12 +203,12 @@ def alpha_conditions(alpha, tau, spa_weight, n_views, n_joint_classes):
 
 def rotated_views(xb, aug, n_rot=N_ROT):
     """B uint8 images -> (2 x n_rot x B views, rotation of each view). Rows [r B, (r + 1) B) of each half hold
-    rotation r, so row i and row i + n_rot B are two views of one rotated image. Augmenting before rotating keeps
-    the flip horizontal in the upright frame, as the public code's rotation-dependent flip does. Each block of
-    rows is rotated by a plain int: no per-sample indexing."""
-    x = xb.repeat(n_rot, 1, 1, 1)
-    rotate = lambda v: torch.cat([common.rotate90(block, r) for r, block in enumerate(v.chunk(n_rot))])
-    views = torch.cat([rotate(aug(x)), rotate(aug(x))])
+    rotation r, so row i and row i + n_rot B are two views of one rotated image. All views come from one call of
+    the augmentation (each sample draws its own parameters), as common.simclr_step's. Augmenting before rotating
+    keeps the flip horizontal in the upright frame, as the public code's rotation-dependent flip does. Each block
+    of rows is rotated by a plain int: no per-sample indexing."""
+    views = aug(xb.repeat(2 * n_rot, 1, 1, 1))
+    views = torch.cat([common.rotate90(block, k % n_rot) for k, block in enumerate(views.chunk(2 * n_rot))])
     y_aux = torch.arange(2 * n_rot * len(xb), device=xb.device) // len(xb) % n_rot
     return views, y_aux
 
@@ -396,7 +396,9 @@ PRESETS = {"paper": PAPER, "quick": QUICK}
 
 PAPER_INFERENCE = {"feature_layer": "ph", "sei": 8}      # paper: Tables 4 and 6 (PH, 8-way, with --sei-agg w-avg)
 # ours: the default reading on digits, chosen on 5 seeds x 3 class splits (see the README): the embedding layer,
-# 4 rotations (mirrored digits are not digits). Natural images and --preset paper keep PAPER_INFERENCE.
+# 4 rotations (mirrored digits are not digits). It goes with common's digit augmentation, which has no flip, so
+# mirrored test views were never trained on; the paper's augmentation (natural images, --preset paper) keeps
+# PAPER_INFERENCE.
 DIGITS_INFERENCE = {"feature_layer": "lf", "sei": 4}
 
 
@@ -434,6 +436,12 @@ def build_parser():
     return parser
 
 
+def training_augment(args):
+    """The run's training augmentation: the paper's (Sec. 4: inception crop from --min-crop, colour jitter, grayscale,
+    flip) where common.simclr_augment picks the paper's, its digit augmentation on digits."""
+    return common.simclr_augment(args, scale=(args.min_crop, 1.0), jitter=args.jitter)
+
+
 def check_args(args):
     """Every flag of the script, before setup() loads anything; fills the preset-dependent inference defaults."""
     for flag, v in (("--tau", args.tau), ("--alpha", args.alpha), ("--beta", args.beta)):
@@ -448,8 +456,7 @@ def check_args(args):
     common.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
     common.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
     common.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
-    digits = args.dataset == "digits" and args.preset != "paper"      # as common.simclr_augment decides
-    for k, v in (DIGITS_INFERENCE if digits else PAPER_INFERENCE).items():
+    for k, v in (PAPER_INFERENCE if training_augment(args).flip else DIGITS_INFERENCE).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
 
@@ -473,7 +480,7 @@ def main(argv=None):
     alpha, beta = (1 / args.tau, 1 / args.tau) if args.no_ccm else (args.alpha, args.beta)
     spa_weight = 0.0 if args.no_spa else args.spa_weight
     model = common.Encoder(args.arch, args.proj_dim, args.proj_hidden, width=args.width, init=args.init).to(device)
-    aug = common.simclr_augment(args, scale=(args.min_crop, 1.0), jitter=args.jitter)
+    aug = training_augment(args)
 
     if args.labels == "true":
         common.check(has_labels, "--labels", "true", f"a data set with class labels ({args.dataset} has none): "

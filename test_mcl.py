@@ -165,6 +165,13 @@ def test_rotated_views_keep_all_four_rotations_of_an_image_in_the_batch():
                 torch.testing.assert_close(views[row], torch.rot90(xf[b], r, dims=(1, 2)))
 
 
+def test_rotated_views_draw_both_views_in_one_augmentation_call():
+    calls = []
+    aug = lambda x: calls.append(len(x)) or common.to_float(x)
+    mcl.rotated_views(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), aug)
+    assert calls == [2 * 4 * 3]
+
+
 def test_sei_views_are_rotations_then_mirrors():
     xb = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8)
     views = mcl.sei_views(xb, 8).view(2, 8, 3, 6, 6)
@@ -241,6 +248,7 @@ def test_inference_defaults_digits_and_paper():
     assert resolved("--preset", "paper") == ("ph", 8, "w-avg")                      # the paper's SEI
     assert resolved("--dataset", "cifar10") == ("ph", 8, "w-avg")
     assert resolved("--sei", "1", "--feature-layer", "ph") == ("ph", 1, "w-avg")
+    assert resolved("--augment", "paper") == ("ph", 8, "w-avg")                     # trained on mirrored digits
 
 
 @pytest.mark.parametrize("flag, value", [("--tau", "0.0"), ("--alpha", "-1.0"), ("--spa-weight", "-0.5"),
