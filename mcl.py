@@ -29,6 +29,26 @@ Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-
 rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
 AMD EPYC; --labels kmeans adds a warm-up of the same length.
 
+Use it in your code:
+
+    import types
+    import torch
+    import common
+    import mcl
+
+    s = types.SimpleNamespace(arch="resnet18", width=4, init="pytorch", proj_dim=8, proj_hidden=None, sei=4)
+    model = mcl.build_model(s)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)          # 8 images of classes 0 and 1
+    y = torch.tensor([0, 1] * 4)
+    loss, logs = mcl.mcl_step(model, x, y, common.SimCLRAugment(16))       # 4 rotations x 2 views, Eq. 10
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    state = mcl.score_state(model, x, y, n_classes=2)                     # Gaussians per (class, rotation)
+    scores = mcl.score(model, state, x, s)                                # {reading: 8 scores}, higher = ID
+    print(loss.item(), scores["lf sei4 w-avg"])
+
 Deviations (paper / official code / ours, with the reason after the colon):
 
     what                  paper                    official code             ours: why

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import textwrap
 import types
 
 import pytest
@@ -448,3 +449,35 @@ def test_score_returns_every_reading_in_float32_whatever_the_autocast():
         assert v.dtype == torch.float32 and v.shape == (12,) and torch.isfinite(v).all()
         torch.testing.assert_close(under[k], v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mcl.score(model, state, x, s)["lf sei4 w-avg"], plain["lf sei4 w-avg"], rtol=0, atol=0)
+
+
+def test_a_rebuilt_model_reproduces_the_runs_scores(tmp_path):
+    """The scorer contract: build_model(settings) + the trained weights + score_state + score() give the run's
+    metrics for every reading of its grid."""
+    out = mcl.main(tiny_run(tmp_path, "--sei", "4", "--no-baselines"))
+    s = types.SimpleNamespace(**out["config"])
+    model = mcl.build_model(s)
+    model.load_state_dict(torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=False)["model"])
+    model.eval()
+    data = common.load_data(s)
+    labels = torch.searchsorted(torch.as_tensor(data.id_classes), data.train_y)
+    state = mcl.score_state(model, data.train_x, labels, len(data.id_classes), 4, s.fit_fraction, s.ridge, s.seed)
+    full = common.evaluate(lambda imgs: mcl.score(model, state, imgs, s), data.test_x, data.ood)
+    assert set(full) == set(out["grid"])
+    for key, m in full.items():
+        for ood, values in m.items():
+            for name, v in values.items():
+                assert v == pytest.approx(out["grid"][key]["metrics"][ood][name], abs=1e-5), (key, ood, name)
+
+
+def test_the_use_it_in_your_code_block_runs():
+    lines = mcl.__doc__.split("\n")
+    start = lines.index("Use it in your code:") + 1
+    block = []
+    for line in lines[start:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line)
+    code = textwrap.dedent("\n".join(block))
+    assert "mcl.score(" in code and "mcl.mcl_step(" in code
+    exec(compile(code, "mcl-docstring", "exec"), {})
