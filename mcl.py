@@ -58,8 +58,13 @@ Deviations (paper / official code / ours, with the reason after the colon):
                                                    the distances             negative scores
     SEI avg, max          Eq. 17-18 on Eq. 12's    'mean': the sum over      as the official code, on distances: avg
                           squared distances        views of the distances    their mean (the sum's ranking), max the
-                                                   (not squared); 'min':     smallest; its numbers are the published
-                                                   the smallest distance     ones
+                                                   (not squared); 'min':     smallest
+                                                   the smallest distance
+                                                   (as published, both then
+                                                   stop with an
+                                                   UnboundLocalError at a
+                                                   line that reads w-avg's
+                                                   list)
     Gaussian fit          not stated               the first 79 batches      paper preset: a random 40.4% of the
                                                    (len // 5 + 1) of an      upright training images; elsewhere all
                                                    unshuffled loader of      (small data sets need every image)
