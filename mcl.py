@@ -420,7 +420,7 @@ PAPER = {
     "augment": "paper",             # paper: Sec. 4, colour jitter, grayscale, flip, inception crop
     "arch": "resnet34",             # paper: Table 1 (ResNet-18 in Table 2)
     "width": 64,                    # paper: the standard ResNet
-    "init": "torchvision",          # public code: torchvision's ResNet-34 (ambiguity: the paper names no init)
+    "init": "torchvision",          # public code: torchvision's, the stem's default (ambiguity: the paper names none)
     "proj_hidden": 2048,            # public code: head 512 -> 2048 -> 128
     "proj_dim": 128,                # public code: 128-d z
     "epochs": 400,                  # public code: its config (ambiguity: its README's result is epoch_800.pt)
