@@ -141,24 +141,33 @@ def test_spa_loss_matches_eq7_to_9_loop_with_a_fixed_generator():
     torch.testing.assert_close(g_got, g_exp, rtol=1e-4, atol=1e-6)
 
 
-def official_spa(z, y, drawn, beta, alpha, t):
-    """The official code's SPA loss (utils/loss.py, nt_xent_SPA), step by step, on its layout: views 2k and 2k + 1
-    of image k, y the joint label class + 10 x rotation per image, drawn[k] the image that k attracts. Its cosine
-    clamp is kept (the inputs below have positive cosines, where it does nothing)."""
-    x = torch.nn.functional.normalize(z, dim=1)
-    n = len(y)
-    mask = torch.stack([y] * n)
-    for i in range(n):
-        mask[i] = mask[i] - mask[i][i]
-    result = torch.tensor([2 * drawn[k] + v for k in range(n) for v in range(2)])
-    mask_sum = ((mask > 0).float() / t + (mask < 0).float() / t + (mask % 10 == 0).float() * (beta - 1 / t)
-                + (mask == 0).float() * (1 / t - beta + alpha) + torch.eye(n) * -alpha)
-    mask_final = torch.nn.functional.interpolate(mask_sum.view(1, 1, n, n), scale_factor=2, mode="nearest")
-    mask_final = mask_final.squeeze().clone()
-    for i in range(len(mask_final)):
-        mask_final[i][result[i]] = 1 / t
-    x_scale = (x @ x.t()).clamp(min=1e-7) * mask_final - torch.eye(2 * n) * 1e5
-    return torch.nn.functional.cross_entropy(x_scale, result)
+def official_spa(z, cls, rot, drawn, beta, alpha, t):
+    """The official code's SPA loss, re-derived view pair by view pair from what its nt_xent_SPA computes, on its
+    layout: views 2k and 2k + 1 of rotated image k (class cls[k], rotation rot[k]); drawn[k] the image that k
+    attracts, view v of k its view v. Mask of a pair of images: 1/t for another class, beta for the same class at
+    another rotation, alpha for the same class and rotation, 0 within an image; the positive's entry 1/t. Logits:
+    the cosine clamped at 1e-7 times the mask, the own view out; the mean cross-entropy over the 2N views."""
+    n2 = len(z)
+    total = 0
+    for a in range(n2):
+        k, target = a // 2, 2 * drawn[a // 2] + a % 2
+        logits = []
+        for b in range(n2):
+            if b == a:
+                continue
+            m = b // 2
+            if b == target:
+                mask = 1 / t
+            elif m == k:
+                mask = 0.0
+            elif cls[m] != cls[k]:
+                mask = 1 / t
+            else:
+                mask = beta if rot[m] != rot[k] else alpha
+            logits.append((b, cos(z, a, b).clamp(min=1e-7) * mask))
+        denom = sum(torch.exp(v) for _, v in logits)
+        total = total - torch.log(torch.exp(dict(logits)[target]) / denom)
+    return total / n2
 
 
 def test_spa_loss_matches_the_official_code_on_identical_inputs():
@@ -170,7 +179,7 @@ def test_spa_loss_matches_the_official_code_on_identical_inputs():
     ours = mcl.spa_loss(z, y_main, y_aux, ALPHA, BETA, TAU, torch.Generator().manual_seed(9))
     drawn = literal_draw(y_main, y_aux, n, torch.Generator().manual_seed(9))
     interleaved = torch.stack([z[:n], z[n:]], 1).flatten(0, 1)                     # row 2k + v = view v of k
-    theirs = official_spa(interleaved, y_main[:n] + 10 * y_aux[:n], drawn, BETA, ALPHA, TAU)
+    theirs = official_spa(interleaved, y_main[:n].tolist(), y_aux[:n].tolist(), drawn, BETA, ALPHA, TAU)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     g_ours, = torch.autograd.grad(ours, z)
     g_theirs, = torch.autograd.grad(theirs, z)
@@ -259,20 +268,18 @@ def test_sei_aggregations_match_loops(how):
         assert score[n].item() == pytest.approx(agg[best])
 
 
-def official_sei(pred, method):
-    """The official code's SEI_single (evaluate/mcl_validate.py) for one test image: pred[view][class] are
-    Mahalanobis distances (its mahalanobis() takes the square root) -> (predicted class, score)."""
-    ways, num_class = len(pred), len(pred[0])
+def official_sei(dist, method):
+    """What the official SEI_single computes for one test image, re-derived: dist[view][class] are Mahalanobis
+    distances (its distance takes the square root) -> (predicted class, score). 'min': the class of the smallest
+    distance over all views and classes (a tie goes to the later view and class), the score minus the smallest
+    distance of that class; 'mean': the class with the smallest sum over views, the score minus that sum."""
+    classes = range(len(dist[0]))
     if method == "min":
-        min_mahaldist, final_cls_pred = 999999, -1
-        for pred_idx in range(ways):
-            for j in range(num_class):
-                if pred[pred_idx][j] <= min_mahaldist:
-                    min_mahaldist, final_cls_pred = pred[pred_idx][j], j
-        return final_cls_pred, -1 * min(pred[i][final_cls_pred] for i in range(ways))
-    final_cal = [sum(x) for x in zip(*pred)]                                        # 'mean'
-    final_cls_pred = final_cal.index(min(final_cal))
-    return final_cls_pred, -1 * sum(pred[i][final_cls_pred] for i in range(ways))
+        _, _, cls = min((d, -v, -c) for v, row in enumerate(dist) for c, d in enumerate(row))
+        return -cls, -min(row[-cls] for row in dist)
+    sums = [sum(row[c] for row in dist) for c in classes]
+    cls = sums.index(min(sums))
+    return cls, -sums[cls]
 
 
 @pytest.mark.parametrize("how, method", [("avg", "mean"), ("max", "min")])
