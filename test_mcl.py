@@ -413,6 +413,8 @@ def test_kmeans_labels_run_and_bad_cluster_count(tmp_path):
 def test_digits_run_is_far_above_chance(tmp_path):
     """Digits 0-5 vs 6-9: a short MCL run (without rotations, to stay fast) separates them and classifies the
     six classes with class-wise Gaussians; the rotation path runs in the tests above."""
+    # Measured with --seed 0-4 at OMP_NUM_THREADS=1 and 2 (within 0.9 of each other): AUROC 81.6-95.1, accuracy
+    # 86.7-94.3; the thresholds sit more than 11 and 26 points below the lowest.
     out = mcl.main(["--no-aux", "--sei", "1", "--feature-layer", "lf", "--epochs", "3", "--out", str(tmp_path)])
     assert out["metrics"]["lf sei1 -"]["classes 6-9"]["auroc"] > 70                # chance: 50
     assert out["accuracy"] > 60                                                     # chance: 1/6
