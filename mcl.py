@@ -4,8 +4,9 @@ Cho, Seol, Lee, "Masked Contrastive Learning for Anomaly Detection", IJCAI 2021.
 Training (Sec. 2) is SimCLR whose temperature is a mask over pairs of views (the class-conditional mask, CCM, Eq. 3
 and 11): a view repels views of other classes at 1/tau, views of its own class and rotation only at alpha << 1/tau,
 and its own class at another rotation at beta in between. Stochastic positive attraction (SPA, Eq. 7-9) also pulls
-each view towards one view of another image of its class, drawn at random. Every image enters the batch rotated
-0/90/180/270 degrees, its rotation being the auxiliary label (Sec. 2.4), so the joint label is (class, rotation).
+each view towards the same view of another image of its class and rotation, drawn at random. Every image enters the
+batch rotated 0/90/180/270 degrees, its rotation being the auxiliary label (Sec. 2.4), so the joint label is
+(class, rotation).
 Inference (Sec. 3): one Gaussian per (class, rotation) on L2-normalised features; a test image is seen in its 4
 rotations (and their mirror images: 8 views), each view scored by the Mahalanobis distance to its rotation's
 Gaussians (Eq. 12, 15), the views aggregated (Eq. 17-20); prediction = the nearest class, OOD score = its score
@@ -20,9 +21,33 @@ clusters of a SimCLR warm-up (our unsupervised extension).
     python mcl.py --preset paper              # the paper's CIFAR-10 run (ResNet-34, 400 epochs, batch 256 x 4)
 
 Every run evaluates each SEI size up to --sei (1, 4, 8 views), the three aggregations and both feature layers (LF =
-the backbone's pooled feature h, PH = the projection head's z, Table 6) from one pass over the test views, prints
-that grid (saved as "grid" in results.json) and reports the configured reading (--feature-layer, --sei, --sei-agg)
-beside the sanity baselines (raw-pixel and untrained-encoder nearest neighbour).
+the backbone's pooled feature h, PH = the projection head's z, Table 6) with score() from one pass over each set's
+views, prints that grid (saved as "grid" in results.json) and reports the configured reading (--feature-layer,
+--sei, --sei-agg) beside the sanity baselines (raw-pixel and untrained-encoder nearest neighbour).
+
+Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4
+rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
+AMD EPYC; --labels kmeans adds a warm-up of the same length.
+
+Use it in your code:
+
+    import types
+    import torch
+    import common
+    import mcl
+
+    s = types.SimpleNamespace(arch="resnet18", width=4, init="pytorch", proj_dim=8, proj_hidden=None, sei=4)
+    model = mcl.build_model(s)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)          # 8 images of classes 0 and 1
+    y = torch.tensor([0, 1] * 4)
+    loss, logs = mcl.mcl_step(model, x, y, common.SimCLRAugment(16))       # 4 rotations x 2 views, Eq. 10
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    state = mcl.score_state(model, x, y, n_classes=2)                     # Gaussians per (class, rotation)
+    scores = mcl.score(model, state, x, s)                                # {reading: 8 scores}, higher = ID
+    print(loss.item(), scores["lf sei4 w-avg"])
 
 Deviations (paper / official code / ours, with the reason after the colon):
 
@@ -31,16 +56,29 @@ Deviations (paper / official code / ours, with the reason after the colon):
                           per view, 1 / sum over   weight 1 / distance:      mean of the distances (not squared);
                           classes of 1 / score     the harmonic mean of      Eq. 19 is undefined for Eq. 12's
                                                    the distances             negative scores
-    SEI avg, max          Eq. 17-18 on Eq. 12's    not compared              Eq. 17-18 on squared distances (max
-                          squared distances                                  ranks the same on distances)
-    Gaussian fit          not stated               first len(loader) // 5    paper preset: a random 40.4% of the
-                                                   batches of a loader that  upright training images; elsewhere all
-                                                   holds every image and     (small data sets need every image)
-                                                   its mirror: 20,224 of
-                                                   50,000 = 40.4%
+    SEI avg, max          Eq. 17-18 on Eq. 12's    'mean': the sum over      as the official code, on distances: avg
+                          squared distances        views of the distances    their mean (the sum's ranking), max the
+                                                   (not squared); 'min':     smallest
+                                                   the smallest distance
+                                                   (as published, both then
+                                                   stop with an
+                                                   UnboundLocalError at a
+                                                   line that reads w-avg's
+                                                   list)
+    Gaussian fit          not stated               the first 79 batches      paper preset: a random 40.4% of the
+                                                   (len // 5 + 1) of an      upright training images; elsewhere all
+                                                   unshuffled loader of      (small data sets need every image)
+                                                   every rotated image, the
+                                                   mirrors after them: the
+                                                   first 20,224 of 50,000
+                                                   images (40.4%), unflipped
     convolution init      not stated               torchvision's (kaiming    paper preset: torchvision's; digits and
                                                    normal, fan_out)          quick: PyTorch's default: the digits
                                                                              evidence was measured with it
+    stem init             not stated               PyTorch's default: the    as the official code under --init
+                                                   3x3 stem convolution      torchvision (build_model resets the
+                                                   replaces the 7x7 one      stem's parameters)
+                                                   after torchvision's init
     training length       not stated               config: 400 epochs; the   paper preset: 400 (the config);
                                                    README's AUROC ~94 is     --epochs 800 for the README's checkpoint
                                                    its epoch_800.pt
@@ -52,9 +90,18 @@ Deviations (paper / official code / ours, with the reason after the colon):
     the CCM denominator   denominator                                        its denominator (p is a probability)
     SPA positive in its   CCM (alpha), Eq. 8       1/tau                     1/tau, for the same reason
     denominator
-    SPA draws             Eq. 9: one positive;     one random positive per   one uniform draw per view from Eq. 7's
-                          App. A: the mean over    view, per step            set, per step; under torchrun each rank
-                          Eq. 7's set                                        draws for the global batch
+    partner view in       left out (Eq. 8)         kept with logit 0 (a      as the official code: a constant 1 in the
+    the SPA denominator                            zero mask entry)          denominator, without gradient
+    SPA draws             Eq. 9: one positive per  one other image of the    as the official code; under torchrun
+                          view from Eq. 7's set    joint label per rotated   each rank draws for the global batch
+                          (both views of every     image and step, shared
+                          other image); App. A:    by its two views: view v
+                          the mean over the set    attracts its view v
+    precision             not stated               fp32 (no autocast)        training under bf16 autocast on CUDA
+                                                                             (common's --amp auto; --amp off: fp32)
+                                                                             for tensor-core speed; the losses run in
+                                                                             fp32 (common.float32), the scores on
+                                                                             fp32 features and fp64 distances
     features              z (Eq. 12)               z, L2-normalised          z and h, both L2-normalised: h is the
                                                                              better layer on digits
     covariance            not stated               + 1e-9 I                  + ridge x mean variance (paper preset
@@ -63,10 +110,6 @@ Deviations (paper / official code / ours, with the reason after the colon):
     digits                not in the paper         -                         common's digit-safe augmentation, LF
                                                                              and 4 views (DIGITS_INFERENCE): a
                                                                              mirrored digit is not a digit
-
-Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4
-rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
-AMD EPYC; --labels kmeans adds a warm-up of the same length.
 """
 import argparse
 import math
@@ -80,119 +123,12 @@ import torch.nn.functional as F
 import common
 
 # ----------------------------------------------------------------------------------------------
-# Presets: --preset NAME sets these values beneath the command line (explicit flags win).
-
-PAPER = {
-    "dataset": "cifar10",           # paper: Sec. 4.1
-    "size": 32,                     # paper: CIFAR-10's own size
-    "ood": ["svhn", "cifar100"],    # paper: Table 1 (its LSUN(F) and ImageNet(F) are CSI's sets: add --ood folder:PATH)
-    "augment": "paper",             # paper: Sec. 4, colour jitter, grayscale, flip, inception crop
-    "arch": "resnet34",             # paper: Table 1 (ResNet-18 in Table 2)
-    "width": 64,                    # paper: the standard ResNet
-    "init": "torchvision",          # public code: torchvision's ResNet-34 (ambiguity: the paper names no init)
-    "proj_hidden": 2048,            # public code: head 512 -> 2048 -> 128
-    "proj_dim": 128,                # public code: 128-d z
-    "epochs": 400,                  # public code: its config (ambiguity: its README's result is epoch_800.pt)
-    "batch_size": 256,              # paper: Sec. 4, batch 1024 = 256 images x 4 rotations (public code's sampler)
-    "optimizer": "sgd",             # paper: Sec. 4
-    "lr": 1.2,                      # paper: Sec. 4, 0.3 x 1024 / 256
-    "momentum": 0.9,                # paper: Sec. 4
-    "weight_decay": 1e-6,           # paper: Sec. 4
-    "nesterov": True,               # public code: SGD with Nesterov momentum
-    "warmup_epochs": 0,             # paper: Sec. 4, cosine schedule without warm-up
-    "final_lr": 6e-4,               # public code: cosine down to lr x 5e-4
-    "tau": 0.2,                     # paper: Sec. 4
-    "alpha": 0.05,                  # paper: Sec. 4, App. A.3
-    "beta": 2.5,                    # paper: App. A.3, 1 / (2 tau) (ambiguity: the public code uses 2)
-    "spa_weight": 1.0,              # paper: Sec. 4, lambda
-    "jitter": 0.4,                  # paper: Sec. 4, colour strength 0.5 = SimCLR's 0.8 x 0.5 (hue = jitter / 4)
-    "min_crop": 0.08,               # paper: Sec. 4, inception crop
-    "labels": "true",               # paper: Sec. 3.1 (public code: ground-truth CIFAR-10 labels)
-    "sei": 8,                       # paper: Table 4, 8-way SEI
-    "sei_agg": "w-avg",             # paper: Table 4, best AUROC
-    "feature_layer": "ph",          # paper: Table 6, projection head
-    # ambiguity: the paper does not say which training images the Gaussians see; the public code fits them on the
-    # first len(loader) // 5 batches of a loader that holds every image and its mirror image; we draw upright ones.
-    "fit_fraction": 0.404,          # public code: len(loader) // 5 = 79 batches x 1,024 / 4 rotations = 20,224 images
-    "ridge": 1e-7,                  # public code: 1e-9 I on unit 128-d features, i.e. ~1e-7 x the mean variance
-}
-QUICK = {  # real CIFAR-10 reduced to a CPU path check: torchvision's files under --data-root
-    "dataset": "cifar10",           # ours: the paper's data
-    "id_classes": "0-5",            # ours: six classes in, four held out as OOD
-    "size": 32,                     # paper: CIFAR-10's own size
-    "subset": 6000,                 # ours: a CPU budget
-    "width": 16,                    # ours: a CPU budget
-    "epochs": 5,                    # ours: a CPU budget
-    "batch_size": 64,               # ours: x 4 rotations x 2 views = 512 views per step
-    "lr": 0.3,                      # paper: Sec. 4's 0.3 x batch / 256, at 256 rotated images
-    "init": "pytorch",              # ours: PyTorch's default convolution initialisation, as on digits
-}
-PRESETS = {"paper": PAPER, "quick": QUICK}
+# Sizes: MCL's rotations, SEI's view counts, aggregations and feature layers.
 
 N_ROT = 4                       # paper: Sec. 4, the auxiliary task is 4-way rotation
 SEI_SIZES = (1, 4, 8)           # paper: Fig. 3, plain inference, 4 rotations, 4 rotations x {upright, mirrored}
 AGGREGATIONS = ("avg", "max", "w-avg")
 LAYERS = ("ph", "lf")
-PAPER_INFERENCE = {"feature_layer": "ph", "sei": 8}      # paper: Tables 4 and 6 (PH, 8-way, with --sei-agg w-avg)
-# ours: the default reading on digits, chosen on 5 seeds x 3 class splits (see the README): the embedding layer,
-# 4 rotations (mirrored digits are not digits). Natural images and --preset paper keep PAPER_INFERENCE.
-DIGITS_INFERENCE = {"feature_layer": "lf", "sei": 4}
-
-# ----------------------------------------------------------------------------------------------
-# Command line: MCL's flags on top of common's, and their checks before any work.
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
-    g = parser.add_argument_group("MCL")
-    g.add_argument("--tau", type=float, default=0.2, help="temperature: CCM's value for other classes (Eq. 3)")
-    g.add_argument("--alpha", type=float, default=0.05, help="CCM for same class and rotation (Eq. 11)")
-    g.add_argument("--beta", type=float, default=2.5, help="CCM for same class, other rotation (Eq. 11)")
-    g.add_argument("--spa-weight", type=float, default=1.0, help="lambda of Eq. 10")
-    g.add_argument("--no-ccm", action="store_true", help="ablation: CCM = 1/tau everywhere (NT-Xent)")
-    g.add_argument("--no-spa", action="store_true", help="ablation: no stochastic positive attraction")
-    g.add_argument("--no-aux", action="store_true", help="ablation: no rotations in training")
-    g.add_argument("--labels", default="true", choices=["true", "kmeans"],
-                   help="class labels: the data set's (paper) or K-means clusters of a SimCLR warm-up")
-    g.add_argument("--clusters", type=int, default=0, help="K for --labels kmeans (default: the number of ID classes)")
-    g.add_argument("--simclr-epochs", type=int, default=10, help="SimCLR warm-up before K-means (--labels kmeans)")
-    g.add_argument("--jitter", type=float, default=0.4, help="colour jitter of the paper's augmentation (hue: / 4)")
-    g.add_argument("--min-crop", type=float, default=0.08, help="smallest crop area of the paper's augmentation")
-    g.add_argument("--proj-hidden", type=int, default=None, help="hidden width of the head (default: backbone's)")
-    g.add_argument("--proj-dim", type=int, default=128)
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (a field of common.TrainConfig)")
-    g = parser.add_argument_group("inference")
-    g.add_argument("--sei", type=int, default=None, choices=SEI_SIZES,
-                   help="test views: 1, 4 rotations, x 2 mirrors (default: 4 on digits, 8 otherwise)")
-    g.add_argument("--sei-agg", default="w-avg", choices=AGGREGATIONS, help="Eq. 17 (avg), 18 (max), 19-20 (w-avg)")
-    g.add_argument("--feature-layer", default=None, choices=LAYERS,
-                   help="the reported reading's layer: projection head z or backbone h (default: lf on digits, "
-                        "ph otherwise)")
-    g.add_argument("--fit-fraction", type=float, default=1.0, help="fraction of the training images the Gaussians see")
-    g.add_argument("--ridge", type=float, default=0.01, help="covariance ridge, times the class's mean variance")
-    # ours: a digits run of about 35 s on one CPU thread (the 8 x 8 digits lose nothing at 16 x 16)
-    parser.set_defaults(size=16, width=8, epochs=10, batch_size=32, lr=0.3, weight_decay=1e-6)
-    return parser
-
-
-def check_args(args):
-    """Every flag of the script, before setup() loads anything; fills the preset-dependent inference defaults."""
-    for flag, v in (("--tau", args.tau), ("--alpha", args.alpha), ("--beta", args.beta)):
-        common.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
-    common.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
-    common.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
-    common.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
-    common.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
-    common.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
-    common.check(args.proj_hidden is None or args.proj_hidden >= 1, "--proj-hidden", args.proj_hidden,
-                 "an integer >= 1")
-    common.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
-    common.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
-    common.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
-    digits = args.dataset == "digits" and args.preset != "paper"      # as common.simclr_augment decides
-    for k, v in (DIGITS_INFERENCE if digits else PAPER_INFERENCE).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,28 +167,32 @@ def ccm_term(logits):
 
 
 def spa_positives(same, generator=None):
-    """One uniform draw per row among the True entries of the 2N x 2N mask `same` (-1 where a row has none): the
+    """One uniform draw per row among the True entries of the square mask `same` (-1 where a row has none): the
     argmax of i.i.d. uniform scores over the allowed entries is uniform over them, with no loop over rows."""
     scores = torch.rand(same.shape, device=same.device, generator=generator).masked_fill_(~same, -1.0)
     return torch.where(same.any(1), scores.argmax(1), -1)
 
 
 def spa_term(logits, sim, y_main, y_aux, tau, generator=None):
-    """(1 / 2N) sum_i l_spa(i) (Eq. 7-10): each view's positive is drawn uniformly from B_i^+, the views of other
-    images with its joint label (Eq. 7); the denominator holds every view of another image, at CCM (Eq. 8).
-    ambiguity: (Eq. 9, App. A) one draw per view and step (as the public code), whose expectation is the mean
-    over B_i^+ that App. A writes."""
-    n2 = len(logits)
-    other_image = ~(partner_views(n2, sim.device) | torch.eye(n2, dtype=torch.bool, device=sim.device))
-    joint_same = (y_main[:, None] == y_main[None]) & (y_aux[:, None] == y_aux[None])
-    pos = spa_positives(joint_same & other_image, generator)
-    logits = logits.masked_fill(~other_image, float("-inf"))
-    # ambiguity: (Eq. 8) the drawn positive enters its denominator at 1/tau, like its numerator (public code);
-    # Eq. 8 as printed gives it alpha there. Same reasoning as for the partner view in ccm_mask.
-    is_pos = torch.zeros_like(other_image).scatter_(1, pos.clamp_min(0)[:, None], (pos >= 0)[:, None])
-    logits = torch.where(is_pos, sim / tau, logits)
+    """(1 / 2N) sum_i l_spa(i) (Eq. 7-10) from the logits sim x CCM. Each rotated image draws one other image with
+    its joint label (Eq. 7's set, image by image), shared by its two views: view 1 attracts that image's view 1,
+    view 2 its view 2. The denominator holds every view of another image at CCM (Eq. 8), the positive at 1/tau,
+    and the partner view with logit 0.
+    ambiguity: (Eq. 9, App. A) one draw per rotated image and step, shared by its views, as the official code;
+    Eq. 9 draws per view from both views of every other image, and App. A writes the mean over that set.
+    ambiguity: (Eq. 8) the drawn positive enters its denominator at 1/tau, like its numerator (official code);
+    Eq. 8 as printed gives it alpha there. Same reasoning as for the partner view in ccm_mask.
+    ambiguity: (Eq. 8) the partner view, which Eq. 8 leaves out, stays in the denominator with logit 0 (a
+    constant 1, no gradient), as the official code's zero mask entry there."""
+    n2, n = len(logits), len(logits) // 2
+    own = torch.eye(n2, dtype=torch.bool, device=sim.device)
+    joint_same = (y_main[:n, None] == y_main[None, :n]) & (y_aux[:n, None] == y_aux[None, :n])
+    image = spa_positives(joint_same & ~own[:n, :n], generator)                   # N: the drawn image or -1
+    pos = torch.cat([image, torch.where(image >= 0, image + n, -1)])             # view v of i -> view v of it
+    is_pos = torch.zeros_like(own).scatter_(1, pos.clamp_min(0)[:, None], (pos >= 0)[:, None])
+    logits = torch.where(is_pos, sim / tau, logits).masked_fill(partner_views(n2, sim.device), 0.0)
     # Eq. 10 divides by 2N: a view without a positive (target -1, ignored) adds 0 to the sum.
-    return F.cross_entropy(logits, pos, ignore_index=-1, reduction="sum") / n2
+    return F.cross_entropy(logits.masked_fill(own, float("-inf")), pos, ignore_index=-1, reduction="sum") / n2
 
 
 @common.float32
@@ -310,12 +250,12 @@ def alpha_conditions(alpha, tau, spa_weight, n_views, n_joint_classes):
 
 def rotated_views(xb, aug, n_rot=N_ROT):
     """B uint8 images -> (2 x n_rot x B views, rotation of each view). Rows [r B, (r + 1) B) of each half hold
-    rotation r, so row i and row i + n_rot B are two views of one rotated image. Augmenting before rotating keeps
-    the flip horizontal in the upright frame, as the public code's rotation-dependent flip does. Each block of
-    rows is rotated by a plain int: no per-sample indexing."""
-    x = xb.repeat(n_rot, 1, 1, 1)
-    rotate = lambda v: torch.cat([common.rotate90(block, r) for r, block in enumerate(v.chunk(n_rot))])
-    views = torch.cat([rotate(aug(x)), rotate(aug(x))])
+    rotation r, so row i and row i + n_rot B are two views of one rotated image. All views come from one call of
+    the augmentation (each sample draws its own parameters), as common.simclr_step's. Augmenting before rotating
+    keeps the flip horizontal in the upright frame, as the public code's rotation-dependent flip does. Each block
+    of rows is rotated by a plain int: no per-sample indexing."""
+    views = aug(xb.repeat(2 * n_rot, 1, 1, 1))
+    views = torch.cat([common.rotate90(block, k % n_rot) for k, block in enumerate(views.chunk(2 * n_rot))])
     y_aux = torch.arange(2 * n_rot * len(xb), device=xb.device) // len(xb) % n_rot
     return views, y_aux
 
@@ -342,37 +282,40 @@ def sei_views(xb, n_views):
 
 
 @torch.no_grad()
-def view_features(model, x, n_views, device, batch_size=512):
-    """-> {"ph": z, "lf": h}, each N x n_views x d and L2-normalised (the public code normalises z; we do h as
-    well). All views of an image go through the network in one batch."""
-    h, z = common.embed(model, x, max(1, batch_size // n_views), lambda xb: sei_views(xb.to(device), n_views))
+def view_features(model, x, n_views, batch_size=512):
+    """-> {"ph": z, "lf": h} of the uint8 images x (on the model's device), each N x n_views x d, float32 and
+    L2-normalised (the official code normalises z; we do h as well). All views of an image go through the network
+    in one batch."""
+    h, z = common.embed(model, x, max(1, batch_size // n_views), lambda xb: sei_views(xb, n_views))
     per_image = lambda f: F.normalize(f, dim=1).view(len(x), n_views, -1)
     return {"ph": per_image(z), "lf": per_image(h)}
 
 
 def sei_distances(feats, gaussians):
-    """feats N x V x d, gaussians[r] = (means, chol) of rotation r -> N x V x C squared Mahalanobis distances:
-    each view against the Gaussians of its own rotation (Eq. 15-16)."""
+    """feats N x V x d, gaussians[r] = (means, chol) of rotation r -> N x V x C Mahalanobis distances (not
+    squared, float64): each view against the Gaussians of its own rotation (Eq. 15-16)."""
     return torch.stack([common.mahalanobis(feats[:, v], *gaussians[v % len(gaussians)])
-                        for v in range(feats.shape[1])], 1)
+                        for v in range(feats.shape[1])], 1).sqrt()
 
 
-def sei_aggregate(d2, how):
-    """d2: N x V x C squared Mahalanobis distances of V views -> (predicted class, its score), Eq. 13-14; the
-    score is minus an aggregate distance (higher = in-distribution).
+def sei_aggregate(dist, how):
+    """dist: N x V x C Mahalanobis distances of V views -> (predicted class, its score), Eq. 13-14; the score is
+    minus an aggregate distance (higher = in-distribution).
     ambiguity: Eq. 12 as printed drops the minus sign that its text and Eq. 15 state: score = minus the distance.
-    avg (Eq. 17): minus the mean over views of the squared distances (ambiguity: squared, as Eq. 12 prints it).
-    max (Eq. 18): minus the smallest squared distance (on distances it would rank the same).
-    w-avg (Eq. 19-20): minus the harmonic mean over views of the distances (not squared), per class.
+    ambiguity: Eq. 12 prints the squared distance; every aggregation here works on distances, as the official
+    code's (its Mahalanobis distance takes the square root).
+    avg (Eq. 17): minus the mean over views of the distances (the official 'mean' sums them: the same ranking).
+    max (Eq. 18): minus the smallest distance over views (the official 'min').
+    w-avg (Eq. 19-20): minus the harmonic mean over views of the distances, per class.
     ambiguity: (Eq. 19) one weight per view, the inverse of a sum over classes of 1 / score, is undefined for
-    Eq. 12's negative scores; the public code weights each view and class by 1 / distance, so that the weighted
-    mean of the distances is their harmonic mean; squaring would lean it towards the closest view, like max."""
+    Eq. 12's negative scores; the official code weights each view and class by 1 / distance, so that the weighted
+    mean of the distances is their harmonic mean."""
     if how == "avg":
-        agg = -d2.mean(1)
+        agg = -dist.mean(1)
     elif how == "max":
-        agg = -d2.amin(1)
+        agg = -dist.amin(1)
     elif how == "w-avg":
-        agg = -1 / (1 / d2.sqrt().clamp_min(1e-12)).mean(1)
+        agg = -1 / (1 / dist.clamp_min(1e-12)).mean(1)
     else:
         raise ValueError(f"unknown SEI aggregation '{how}' (known: {', '.join(AGGREGATIONS)})")
     score, pred = agg.max(1)
@@ -389,8 +332,51 @@ def reading_name(layer, n, how):
     return f"{layer} sei{n} {how if n > 1 else '-'}"
 
 
+def sei_readings(model, gaussians, x, max_views):
+    """Every SEI reading up to max_views views of the uint8 images x (on the model's device), from one pass over
+    their views -> {reading name: (predicted class, score)}."""
+    dist = torch.stack([sei_distances(f, gaussians[layer])
+                        for layer, f in view_features(model, x, max_views).items()], 1)     # N x layer x V x C
+    return {reading_name(layer, n, how): sei_aggregate(dist[:, LAYERS.index(layer), :n], how)
+            for layer, n, how in readings(max_views)}
+
+
+@torch.no_grad()
+def score_state(model, x, labels, n_classes, n_rot=N_ROT, fraction=1.0, ridge=0.01, seed=0):
+    """What score() needs beside the weights: one Gaussian per (class, rotation) and layer, fitted on a random
+    `fraction` of the training images x (uint8, on the model's device) with class labels (N,) in each of their
+    n_rot rotations (n_rot: the rotations the test views need) -> {"gaussians": {layer: [[means, chol] of
+    rotation r]}}. Features in float32, Gaussians in float64, whatever the autocast."""
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max(1, round(fraction * len(x)))]
+    keep = keep.to(x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        feats = view_features(model, x[keep], n_rot)
+    return {"gaussians": {layer: [list(common.fit_gaussians(f[:, r], labels[keep], n_classes, ridge))
+                                  for r in range(n_rot)] for layer, f in feats.items()}}
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """Every SEI reading the run reports, up to s.sei views of the uint8 images x (on the model's device) ->
+    {reading name: N float32 scores}, higher = in-distribution; reading_name(s.feature_layer, s.sei, s.sei_agg)
+    is the configured one. Features in float32 and distances in float64 whatever the autocast; deterministic (the
+    test views are fixed rotations and mirrors)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return {k: sc.float() for k, (_, sc) in sei_readings(model, state["gaussians"], x, s.sei).items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Stages: each returns what the next one needs.
+
+
+def build_model(s):
+    """The encoder MCL trains, untrained, from the run's settings s (arch, width, init, proj_dim, proj_hidden).
+    init 'torchvision': torchvision's kaiming init on every convolution but the stem, which keeps PyTorch's default,
+    as the official code (its models.py replaces the stem convolution after torchvision's init)."""
+    model = common.Encoder(s.arch, s.proj_dim, s.proj_hidden, width=s.width, init=s.init)
+    if s.init == "torchvision" and s.arch in common.CIFAR_ARCHS:
+        model.backbone.conv1.reset_parameters()
+    return model
 
 
 def kmeans_labels(model, x, aug, cfg, n_classes, n_rot, tau, seed):
@@ -409,33 +395,6 @@ def train_mcl(model, x, labels, aug, cfg, n_rot, tau, alpha, beta, spa_weight):
                                                                      beta, spa_weight), x, cfg)
 
 
-def fit_sei_gaussians(model, x, labels, n_classes, n_rot, fraction, ridge, seed, device):
-    """One Gaussian per (class, rotation) and layer, on a random `fraction` of the training images in each of
-    their n_rot rotations -> {layer: [(means, chol) of rotation r]}."""
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max(1, round(fraction * len(x)))]
-    keep = keep.to(device)
-    feats = view_features(model, x[keep], n_rot, device)
-    return {layer: [common.fit_gaussians(f[:, r], labels[keep], n_classes, ridge) for r in range(n_rot)]
-            for layer, f in feats.items()}
-
-
-def sei_evaluate(model, gaussians, data, max_views, device):
-    """Every reading up to max_views views from one pass over each set's views -> ({reading: {ood set: metrics}},
-    {reading: predicted classes of the test images})."""
-    def distances(x):   # N x layers x V x C
-        return torch.stack([sei_distances(f, gaussians[layer])
-                            for layer, f in view_features(model, x, max_views, device).items()], 1)
-
-    def all_readings(d2):   # -> {reading: (predicted class, score)}
-        return {reading_name(layer, n, how): sei_aggregate(d2[:, LAYERS.index(layer), :n], how)
-                for layer, n, how in readings(max_views)}
-
-    d2_test = distances(data.test_x)
-    metrics = common.evaluate(lambda d2: {k: score for k, (_, score) in all_readings(d2).items()}, d2_test,
-                              {name: distances(x) for name, x in data.ood.items()})
-    return metrics, {k: pred for k, (pred, _) in all_readings(d2_test).items()}
-
-
 def accuracy_of(pred, test_y, matched):
     """Accuracy in % of the predicted classes (Hungarian-matched when the classes are K-means clusters)."""
     if test_y is None:
@@ -448,6 +407,125 @@ def print_grid(grid, ood_names):
     for key, r in grid.items():
         acc = f"{r['accuracy']:5.1f}" if r["accuracy"] is not None else "    -"
         print(f"{key:<16} {acc}  " + "  ".join(f"{r['metrics'][ood]['auroc']:18.2f}" for ood in ood_names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets and command line: --preset NAME sets values beneath the command line (explicit flags win);
+# MCL's flags on top of common's, and their checks before any work.
+
+PAPER = {
+    "dataset": "cifar10",           # paper: Sec. 4.1
+    "size": 32,                     # paper: CIFAR-10's own size
+    "ood": ["svhn", "cifar100"],    # paper: Table 1 (its LSUN(F) and ImageNet(F) are CSI's sets: add --ood folder:PATH)
+    "augment": "paper",             # paper: Sec. 4, colour jitter, grayscale, flip, inception crop
+    "arch": "resnet34",             # paper: Table 1 (ResNet-18 in Table 2)
+    "width": 64,                    # paper: the standard ResNet
+    "init": "torchvision",          # public code: torchvision's, the stem's default (ambiguity: the paper names none)
+    "proj_hidden": 2048,            # public code: head 512 -> 2048 -> 128
+    "proj_dim": 128,                # public code: 128-d z
+    "epochs": 400,                  # public code: its config (ambiguity: its README's result is epoch_800.pt)
+    "batch_size": 256,              # paper: Sec. 4, batch 1024 = 256 images x 4 rotations (public code's sampler)
+    "optimizer": "sgd",             # paper: Sec. 4
+    "lr": 1.2,                      # paper: Sec. 4, 0.3 x 1024 / 256
+    "momentum": 0.9,                # paper: Sec. 4
+    "weight_decay": 1e-6,           # paper: Sec. 4
+    "nesterov": True,               # public code: SGD with Nesterov momentum
+    "warmup_epochs": 0,             # paper: Sec. 4, cosine schedule without warm-up
+    "final_lr": 6e-4,               # public code: cosine down to lr x 5e-4
+    "tau": 0.2,                     # paper: Sec. 4
+    "alpha": 0.05,                  # paper: Sec. 4, App. A.3
+    "beta": 2.5,                    # paper: App. A.3, 1 / (2 tau) (ambiguity: the public code uses 2)
+    "spa_weight": 1.0,              # paper: Sec. 4, lambda
+    "jitter": 0.4,                  # paper: Sec. 4, colour strength 0.5 = SimCLR's 0.8 x 0.5 (hue = jitter / 4)
+    "min_crop": 0.08,               # paper: Sec. 4, inception crop
+    "labels": "true",               # paper: Sec. 3.1 (public code: ground-truth CIFAR-10 labels)
+    "sei": 8,                       # paper: Table 4, 8-way SEI
+    "sei_agg": "w-avg",             # paper: Table 4, best AUROC
+    "feature_layer": "ph",          # paper: Table 6, projection head
+    # ambiguity: the paper does not say which training images the Gaussians see; the public code fits them on the
+    # first 79 batches of an unshuffled loader of every rotated image (their mirrors after them): the first 20,224
+    # images, none mirrored; we draw that fraction of the upright images at random.
+    "fit_fraction": 0.404,          # public code: len(loader) // 5 + 1 = 79 batches x 1,024 / 4 rotations = 20,224
+    "ridge": 1e-7,                  # public code: 1e-9 I on unit 128-d features, i.e. ~1e-7 x the mean variance
+}
+QUICK = {  # real CIFAR-10 reduced to a CPU path check: torchvision's files under --data-root
+    "dataset": "cifar10",           # ours: the paper's data
+    "id_classes": "0-5",            # ours: six classes in, four held out as OOD
+    "size": 32,                     # paper: CIFAR-10's own size
+    "subset": 6000,                 # ours: a CPU budget
+    "width": 16,                    # ours: a CPU budget
+    "epochs": 5,                    # ours: a CPU budget
+    "batch_size": 64,               # ours: x 4 rotations x 2 views = 512 views per step
+    "lr": 0.3,                      # paper: Sec. 4's 0.3 x batch / 256, at 256 rotated images
+    "init": "pytorch",              # ours: PyTorch's default convolution initialisation, as on digits
+}
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+PAPER_INFERENCE = {"feature_layer": "ph", "sei": 8}      # paper: Tables 4 and 6 (PH, 8-way, with --sei-agg w-avg)
+# ours: the default reading on digits, chosen on 5 seeds x 3 class splits (see the README): the embedding layer,
+# 4 rotations (mirrored digits are not digits). It goes with common's digit augmentation, which has no flip, so
+# mirrored test views were never trained on; the paper's augmentation (natural images, --preset paper) keeps
+# PAPER_INFERENCE.
+DIGITS_INFERENCE = {"feature_layer": "lf", "sei": 4}
+
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = parser.add_argument_group("MCL")
+    g.add_argument("--tau", type=float, default=0.2, help="temperature: CCM's value for other classes (Eq. 3)")
+    g.add_argument("--alpha", type=float, default=0.05, help="CCM for same class and rotation (Eq. 11)")
+    g.add_argument("--beta", type=float, default=2.5, help="CCM for same class, other rotation (Eq. 11)")
+    g.add_argument("--spa-weight", type=float, default=1.0, help="lambda of Eq. 10")
+    g.add_argument("--no-ccm", action="store_true", help="ablation: CCM = 1/tau everywhere (NT-Xent)")
+    g.add_argument("--no-spa", action="store_true", help="ablation: no stochastic positive attraction")
+    g.add_argument("--no-aux", action="store_true", help="ablation: no rotations in training")
+    g.add_argument("--labels", default="true", choices=["true", "kmeans"],
+                   help="class labels: the data set's (paper) or K-means clusters of a SimCLR warm-up")
+    g.add_argument("--clusters", type=int, default=0, help="K for --labels kmeans (default: the number of ID classes)")
+    g.add_argument("--simclr-epochs", type=int, default=10, help="SimCLR warm-up before K-means (--labels kmeans)")
+    g.add_argument("--jitter", type=float, default=0.4, help="colour jitter of the paper's augmentation (hue: / 4)")
+    g.add_argument("--min-crop", type=float, default=0.08, help="smallest crop area of the paper's augmentation")
+    g.add_argument("--proj-hidden", type=int, default=None, help="hidden width of the head (default: backbone's)")
+    g.add_argument("--proj-dim", type=int, default=128)
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (a field of common.TrainConfig)")
+    g = parser.add_argument_group("inference")
+    g.add_argument("--sei", type=int, default=None, choices=SEI_SIZES,
+                   help="test views: 1, 4 rotations, x 2 mirrors (default: 4 on digits, 8 otherwise)")
+    g.add_argument("--sei-agg", default="w-avg", choices=AGGREGATIONS, help="Eq. 17 (avg), 18 (max), 19-20 (w-avg)")
+    g.add_argument("--feature-layer", default=None, choices=LAYERS,
+                   help="the reported reading's layer: projection head z or backbone h (default: lf on digits, "
+                        "ph otherwise)")
+    g.add_argument("--fit-fraction", type=float, default=1.0, help="fraction of the training images the Gaussians see")
+    g.add_argument("--ridge", type=float, default=0.01, help="covariance ridge, times the class's mean variance")
+    # ours: a digits run of about 35 s on one CPU thread (the 8 x 8 digits lose nothing at 16 x 16)
+    parser.set_defaults(size=16, width=8, epochs=10, batch_size=32, lr=0.3, weight_decay=1e-6)
+    return parser
+
+
+def training_augment(args):
+    """The run's training augmentation: the paper's (Sec. 4: inception crop from --min-crop, colour jitter, grayscale,
+    flip) where common.simclr_augment picks the paper's, its digit augmentation on digits."""
+    return common.simclr_augment(args, scale=(args.min_crop, 1.0), jitter=args.jitter)
+
+
+def check_args(args):
+    """Every flag of the script, before setup() loads anything; fills the preset-dependent inference defaults."""
+    for flag, v in (("--tau", args.tau), ("--alpha", args.alpha), ("--beta", args.beta)):
+        common.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
+    common.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
+    common.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
+    common.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
+    common.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
+    common.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
+    common.check(args.proj_hidden is None or args.proj_hidden >= 1, "--proj-hidden", args.proj_hidden,
+                 "an integer >= 1")
+    common.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
+    common.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
+    common.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
+    for k, v in (PAPER_INFERENCE if training_augment(args).flip else DIGITS_INFERENCE).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,8 +546,8 @@ def main(argv=None):
     n_rot = 1 if args.no_aux else N_ROT
     alpha, beta = (1 / args.tau, 1 / args.tau) if args.no_ccm else (args.alpha, args.beta)
     spa_weight = 0.0 if args.no_spa else args.spa_weight
-    model = common.Encoder(args.arch, args.proj_dim, args.proj_hidden, width=args.width, init=args.init).to(device)
-    aug = common.simclr_augment(args, scale=(args.min_crop, 1.0), jitter=args.jitter)
+    model = build_model(args).to(device)
+    aug = training_augment(args)
 
     if args.labels == "true":
         common.check(has_labels, "--labels", "true", f"a data set with class labels ({args.dataset} has none): "
@@ -485,10 +563,10 @@ def main(argv=None):
     cfg = common.TrainConfig.from_args(args, os.path.join(args.out, "checkpoint.pt"))   # nesterov: from --nesterov
     train_mcl(model, x, labels, aug, cfg, n_rot, args.tau, alpha, beta, spa_weight)
 
-    fit_rot = min(args.sei, N_ROT)                                  # rotations the test views need Gaussians for
-    gaussians = fit_sei_gaussians(model, x, labels, n_classes, fit_rot, args.fit_fraction, args.ridge, args.seed,
-                                  device)
-    metrics, preds = sei_evaluate(model, gaussians, data, args.sei, device)
+    state = score_state(model, x, labels, n_classes, min(args.sei, N_ROT), args.fit_fraction, args.ridge, args.seed)
+    metrics = common.evaluate(lambda imgs: score(model, state, imgs.to(device), args), data.test_x, data.ood)
+    preds = {k: pred for k, (pred, _) in sei_readings(model, state["gaussians"], data.test_x.to(device),
+                                                       args.sei).items()}
     test_y = to_index(data.test_y) if has_labels else None
     grid = {key: {"accuracy": accuracy_of(preds[key], test_y, args.labels == "kmeans"), "metrics": m}
             for key, m in metrics.items()}
