@@ -367,7 +367,7 @@ def training_steps(width, device, n_images, size=32):
         model=encoder(), views=8, optimizer="sgd", label="self-OECL (oecl.self_oecl_step, rotations)",
         step=lambda net, xb, idx, epoch: oecl.self_oecl_step(net, xb, no_flip))
 
-    strong = common.StrongAugment()
+    strong = scan_ood.StrongAugment()
     x, neighbors = images(3), torch.randint(n_images, (n_images, 21), device=device, generator=gen)
     steps["scan"] = SimpleNamespace(
         model=scan_ood.ClusterNet("resnet18", 10, 1, width=width).to(device), views=2, optimizer="adam",
@@ -763,7 +763,7 @@ def bench_counts(cfg, device):
                         method=name))
     xf = common.to_float(x)
     simclr_aug = count(lambda: common.SimCLRAugment(32, blur=True)(xf))
-    strong = count(lambda: common.StrongAugment()(xf))
+    strong = count(lambda: scan_ood.StrongAugment()(xf))
     ok = strong.syncs == 0 and strong.launches <= 2 * simclr_aug.launches
     rows.append(row(9, "per call: StrongAugment vs SimCLRAugment (blur on)",
                     f"{strong.syncs} syncs, {strong.launches} vs {simclr_aug.launches} launches", "0 syncs, <= 2x", ok,

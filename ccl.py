@@ -442,7 +442,8 @@ def build_parser():
     g.add_argument("--simclr-weights", default=None,
                    help="start the joint stage from this SimCLR model (a checkpoint of these scripts or a state "
                         "dict of the same encoder) instead of training the warm-up stage; needs --schedule restart")
-    g.add_argument("--clusters", type=int, default=6, help="K-means centres R (paper: 10 on CIFAR-10)")
+    g.add_argument("--clusters", type=int, default=0,
+                   help="K-means centres R (paper: 10 on CIFAR-10; 0: one per in-distribution class)")
     g.add_argument("--cluster-layer", default="embedding", choices=["embedding", "projection"],
                    help="where K-means runs and the cluster losses apply (Table 3)")
     g.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 8 (not stated in the paper); 0 = SimCLR")
@@ -470,7 +471,14 @@ def check_args(args):
     common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
     common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
     common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
-    common.check(args.clusters >= 2, "--clusters", args.clusters, "an integer >= 2 (Eq. 4 needs other centres)")
+    if args.clusters == 0 and not args.score:         # ours: one centre per in-distribution class, where known
+        n = common.count_classes(args.dataset)
+        common.check(n > 0, "--clusters", 0, f"K >= 2: {args.dataset} has no class folders to count the clusters from")
+        args.clusters = len(common.parse_classes(args.id_classes or common.default_id_classes(args.dataset, n)))
+        common.check(args.clusters >= 2, "--clusters", 0, f"K >= 2: the {args.clusters} in-distribution class gives "
+                     "one cluster, and Eq. 4 needs other centres")
+    common.check(args.clusters >= 2 or args.score, "--clusters", args.clusters,
+                 "an integer >= 2 (Eq. 4 needs other centres)")
     common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
     common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
     common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")

@@ -22,8 +22,9 @@ clusters of a SimCLR warm-up (our unsupervised extension).
 
 Every run evaluates each SEI size up to --sei (1, 4, 8 views), the three aggregations and both feature layers (LF =
 the backbone's pooled feature h, PH = the projection head's z, Table 6) with score() from one pass over each set's
-views, prints that grid (saved as "grid" in results.json) and reports the configured reading (--feature-layer,
---sei, --sei-agg) beside the sanity baselines (raw-pixel and untrained-encoder nearest neighbour).
+views, prints that grid (every reading's metrics in results.json, each reading a column of the CSVs) and reports the
+configured reading (--feature-layer, --sei, --sei-agg) beside the sanity baselines (raw-pixel and untrained-encoder
+nearest neighbour).
 
 Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4
 rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
@@ -402,11 +403,12 @@ def accuracy_of(pred, test_y, matched):
     return common.cluster_accuracy(pred, test_y) if matched else 100 * (pred == test_y).float().mean().item()
 
 
-def print_grid(grid, ood_names):
+def print_grid(metrics, accuracy, ood_names):
+    """Every reading's accuracy and AUROC per OOD set, one line each."""
     print("layer SEI agg      acc  " + "  ".join(f"{ood[:18]:>18}" for ood in ood_names) + "   (AUROC)")
-    for key, r in grid.items():
-        acc = f"{r['accuracy']:5.1f}" if r["accuracy"] is not None else "    -"
-        print(f"{key:<16} {acc}  " + "  ".join(f"{r['metrics'][ood]['auroc']:18.2f}" for ood in ood_names))
+    for key, m in metrics.items():
+        acc = f"{accuracy[key]:5.1f}" if accuracy.get(key) is not None else "    -"
+        print(f"{key:<16} {acc}  " + "  ".join(f"{m[ood]['auroc']:18.2f}" for ood in ood_names))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,6 +517,11 @@ def check_args(args):
         common.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
     common.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
     common.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
+    labelled = args.score or common.count_classes(args.dataset) > 0
+    common.check(labelled or args.labels == "kmeans", "--labels", args.labels, f"kmeans: MCL needs class labels and "
+                 f"{args.dataset} has no class folders; --labels kmeans --clusters K gives it K-means pseudo-labels")
+    common.check(labelled or args.clusters, "--clusters", args.clusters,
+                 f"K >= 1 with --labels kmeans: {args.dataset} has no class folders to count the clusters from")
     common.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
     common.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
     common.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
@@ -536,9 +543,12 @@ def check_args(args):
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)
+    if args.score:                                   # a finished run scores new images
+        return common.score_later(args, "mcl")
     device = common.setup(args, "mcl", may_change=("sei", "sei_agg", "feature_layer", "fit_fraction", "ridge"))
     t_start = time.time()
     data = common.load_data(args)
+    common.check_data(args, data)
     x = data.train_x.to(device)
     ids = torch.as_tensor(data.id_classes)
     to_index = lambda y: torch.searchsorted(ids, y).to(device)                  # class ids -> 0 .. C - 1
@@ -564,16 +574,15 @@ def main(argv=None):
     train_mcl(model, x, labels, aug, cfg, n_rot, args.tau, alpha, beta, spa_weight)
 
     state = score_state(model, x, labels, n_classes, min(args.sei, N_ROT), args.fit_fraction, args.ridge, args.seed)
-    metrics = common.evaluate(lambda imgs: score(model, state, imgs.to(device), args), data.test_x, data.ood)
-    preds = {k: pred for k, (pred, _) in sei_readings(model, state["gaussians"], data.test_x.to(device),
-                                                       args.sei).items()}
+    scorer = common.Scorer.from_args("mcl", args, model, state)
     test_y = to_index(data.test_y) if has_labels else None
-    grid = {key: {"accuracy": accuracy_of(preds[key], test_y, args.labels == "kmeans"), "metrics": m}
-            for key, m in metrics.items()}
-    print_grid(grid, list(data.ood))
+    accuracy = {k: accuracy_of(pred, test_y, args.labels == "kmeans")
+                for k, (pred, _) in sei_readings(model, state["gaussians"], data.test_x.to(device), args.sei).items()}
     main_key = reading_name(args.feature_layer, args.sei, args.sei_agg)
-    return common.finish(args, "mcl", {main_key: metrics[main_key]}, data, device, t_start,
-                         accuracy=grid[main_key]["accuracy"], grid=grid)
+    results = common.finish(args, "mcl", scorer, data, device, t_start, report=[main_key], reading=main_key,
+                            accuracy=accuracy[main_key], accuracy_by_reading=accuracy)
+    print_grid(results["metrics"], accuracy, list(data.ood))
+    return results
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Use it in your code:
     import scan_ood
     x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)      # unlabelled training images
     s = SimpleNamespace(arch="resnet18", width=4, init="torchvision", clusters=3, backbone=None, labels="scan",
-                        score="knn", knn_k=1)                            # the settings score() reads
+                        ood_score="knn", knn_k=1)                        # the settings score() reads
     net = scan_ood.build_model(s)                                        # a CIFAR ResNet-18 and one head of K = 3
     neighbors = scan_ood.mine_neighbors(x.flatten(1).float(), 5)         # in practice: of the SimCLR projections
     strong = scan_ood.StrongAugment(n_ops=4, cutout=8)
@@ -502,7 +502,7 @@ def score_reference(kind, train_h, labels=None):
         return {"means": means, "chol": chol}
     if kind == "msp":
         return {}
-    raise ValueError(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
+    raise ValueError(f"unknown --ood-score '{kind}' (knn, mahalanobis, msp)")
 
 
 def score_features(kind, reference, h, logits, k=1):
@@ -515,7 +515,7 @@ def score_features(kind, reference, h, logits, k=1):
         return -common.mahalanobis(h, reference["means"], reference["chol"]).min(1).values.float()
     if kind == "msp":
         return F.softmax(logits.float(), -1).amax(-1)
-    raise ValueError(f"unknown --score '{kind}' (knn, mahalanobis, msp)")
+    raise ValueError(f"unknown --ood-score '{kind}' (knn, mahalanobis, msp)")
 
 
 def score_net(net, data, x, kind, k, labels=None, view=None):
@@ -549,16 +549,16 @@ def final_view(s):
 
 def score_state(model, x, labels, s):
     """What score() needs beside the weights, from the training images x (uint8, on the model's device) and their
-    pseudo-labels: the reference of --score (score_reference) on the final model's features."""
-    return score_reference(s.score, features(model, x, final_view(s))[0], labels)
+    pseudo-labels: the reference of --ood-score (score_reference) on the final model's features."""
+    return score_reference(s.ood_score, features(model, x, final_view(s))[0], labels)
 
 
 @torch.no_grad()
 def score(model, state, x, s):
-    """{main_variant(s): float32 scores of the uint8 images x}, higher = in-distribution: the final model's --score,
+    """{main_variant(s): float32 scores of the uint8 images x}, higher = in-distribution: the final model's --ood-score,
     the one score the run reports for it; deterministic (no test-time augmentation)."""
     h, logits = features(model, x, final_view(s))
-    return {main_variant(s): score_features(s.score, state, h, logits, s.knn_k)}
+    return {main_variant(s): score_features(s.ood_score, state, h, logits, s.knn_k)}
 
 
 def cluster_report(name, pred, data, K):
@@ -724,7 +724,7 @@ def adapt_stage(labels, x, K, args, data):
     if args.recompute_bn:                  # on a copy: the final model keeps the averaged statistics
         recomputed = copy.deepcopy(clf)
         recompute_bn(recomputed, x, view, args.adapt_batch_size)
-        metrics["pretrained_bn"] = score_net(recomputed, data, x, args.score, args.knn_k, labels, view)
+        metrics["pretrained_bn"] = score_net(recomputed, data, x, args.ood_score, args.knn_k, labels, view)
     return clf, metrics
 
 
@@ -771,7 +771,7 @@ PAPER = dict(
     adapt_final_lr=1e-6,                # paper: Sec. 4.3 ... to 1e-6
     adapt_size=224,                     # public code: MSCL's 224 x 224 input
     adapt_batch_size=64,                # ours (ambiguity: the paper gives no batch size)
-    score="knn",                        # paper: Sec. 3.2
+    ood_score="knn",                    # paper: Sec. 3.2
     knn_k=1,                            # paper: Sec. 4.3, k = 1 for every kNN evaluation
 )
 
@@ -844,7 +844,9 @@ def build_parser():
     g.add_argument("--no-average", action="store_true", help="score the last epoch's weights, not their average")
     g.add_argument("--recompute-bn", action="store_true",
                    help="also score the averaged weights with BatchNorm statistics recomputed on the training images")
-    g.add_argument("--score", default="knn", choices=["knn", "mahalanobis", "msp"])
+    g.add_argument("--ood-score", default="knn", choices=["knn", "mahalanobis", "msp"],
+                   help="the final model's OOD score: kNN on its features, Mahalanobis to the pseudo-label "
+                        "Gaussians, or the softmax maximum")
     g.add_argument("--knn-k", type=int, default=1, help="kNN score: similarity to the k-th nearest training image")
     # Defaults: digits 0-5 at 16 x 16 (the digits are 8 x 8: nothing is lost), a width-8 ResNet-18, every stage short.
     # The SCAN stage is ~100x shorter than SCAN's, so it runs at 10x SCAN's lr; self-labelling at 10x collapsed into
@@ -862,6 +864,8 @@ def check_args(args):
     of a stage that does not run is not checked: its default may not fit the run (--adapt-batch-size 64 on 60
     images)."""
     check = common.check
+    check(args.clusters or args.score or common.count_classes(args.dataset), "--clusters", args.clusters,
+          f"K >= 2: {args.dataset} has no class folders to count the clusters from")
     check(args.tau > 0, "--tau", args.tau, "a number > 0")
     check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
     check(args.clusters == 0 or args.clusters >= 2, "--clusters", args.clusters, "0 (the class count) or >= 2")
@@ -933,9 +937,12 @@ def n_clusters(args, data, n):
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
     check_args(args)
+    if args.score:                                   # a finished run scores new images
+        return common.score_later(args, "scan_ood")
     t_start = time.time()
-    device = common.setup(args, "scan_ood", may_change=("score", "knn_k", "no_average", "recompute_bn"))
+    device = common.setup(args, "scan_ood", may_change=("ood_score", "knn_k", "no_average", "recompute_bn"))
     data = common.load_data(args)
+    common.check_data(args, data)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
     K = args.clusters = n_clusters(args, data, len(x))                   # recorded resolved: build_model reads it
@@ -949,14 +956,14 @@ def main(argv=None):
     else:
         net, labels, info = kmeans_stage(pretext, x, K, args, data)
     if args.backbone:                      # the pre-trained classifier becomes the final model (Sec. 3.2)
-        metrics[f"{args.labels}_features"] = score_net(net, data, x, args.score, args.knn_k, labels)
+        metrics[f"{args.labels}_features"] = score_net(net, data, x, args.ood_score, args.knn_k, labels)
         net, adapt_metrics = adapt_stage(labels, x, K, args, data)
         metrics.update(adapt_metrics)
     # The final model's scores through score_state and score, as a later scorer of the run folder computes them;
     # the intermediate variants above (simclr_knn, and with --backbone the SCAN features, dn2) are reported beside.
-    state = score_state(net, x, labels, args)
-    metrics.update(common.evaluate(lambda imgs: score(net, state, imgs.to(device), args), data.test_x, data.ood))
-    return common.finish(args, "scan_ood", metrics, data, device, t_start, main_variant=main_variant(args), **info)
+    scorer = common.Scorer.from_args("scan_ood", args, net, score_state(net, x, labels, args))
+    return common.finish(args, "scan_ood", scorer, data, device, t_start, more_metrics=metrics,
+                         main_variant=main_variant(args), **info)
 
 
 if __name__ == "__main__":

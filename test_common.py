@@ -450,8 +450,18 @@ def test_cluster_accuracy_hungarian():
     assert common.cluster_accuracy(np.array([1, 1, 1, 0, 2, 2, 0]), labels) == pytest.approx(100 * 5 / 7)
 
 
-# ---------------------------------------------------------------------------------------------- weight averaging
+def test_threshold_accepts_the_asked_share_of_id_scores_as_fpr95_does():
+    torch.manual_seed(0)
+    s_id, s_ood = torch.randn(200), torch.randn(300) - 1
+    for tpr in (0.95, 0.9, 0.5, 1.0):
+        t = common.threshold_at(s_id, tpr)
+        assert (s_id >= t).float().mean() >= tpr and (s_id > t).float().mean() < tpr    # the highest such t
+    t = common.threshold_at(s_id, 0.95)
+    assert 100 * (s_ood >= t).float().mean().item() == pytest.approx(common.ood_metrics(s_id, s_ood)["fpr95"])
+    assert common.threshold_at(torch.arange(100.0), 0.95) == 5.0                  # 95 of 100 accepted, not 96
 
+
+# ---------------------------------------------------------------------------------------------- reporting
 
 def test_print_and_save_results(tmp_path, capsys):
     res = {"a": common.ood_metrics([3, 4], [1, 2]), "b": common.ood_metrics([3, 4], [1, 5])}

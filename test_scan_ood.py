@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
+import bench
 import common
 import scan_ood
 
@@ -364,7 +365,7 @@ def test_strong_augment_is_batched_without_syncs_within_twice_simclr_kernels():
     counts = []
     for aug in (simclr, strong):
         aug(x)
-        with common.DispatchCounter() as c:
+        with bench.DispatchCounter() as c:
             aug(x)
         counts.append(c)
     assert counts[1].syncs == 0, counts[1].sync_ops
@@ -382,7 +383,7 @@ def count_syncs(step, net):
     x = torch.randint(256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
     idx = torch.arange(8)
     out = step(net, x[idx], idx, 0)                                         # warm-up (lazy inits)
-    with common.DispatchCounter() as c:
+    with bench.DispatchCounter() as c:
         out = step(net, x[idx], idx, 0)
         loss = out[0] if isinstance(out, tuple) else out
         loss.backward()
@@ -487,7 +488,7 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path, monkeypatch):
                          "--labels", "kmeans", "--selflabel-epochs", "1", "--selflabel-batch-size", "32",
                          "--backbone", "resnet18", "--weights", "random", "--adapt-size", "16", "--adapt-epochs", "2",
                          "--adapt-batch-size", "32", "--adapt-crop", "center", "--adapt-freeze", "layer2",
-                         "--recompute-bn", "--score", "mahalanobis", "--out", str(tmp_path / "run"),
+                         "--recompute-bn", "--ood-score", "mahalanobis", "--out", str(tmp_path / "run"),
                          "--data-root", str(tmp_path), "--no-baselines"])
     assert set(res["metrics"]) == {"simclr_knn", "kmeans_features", "dn2", "pretrained", "pretrained_bn"}
     assert res["main_variant"] == "pretrained"
