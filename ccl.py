@@ -513,6 +513,7 @@ def main(argv=None):
     t_start = time.time()
     device = common.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
     data = common.load_data(args)
+    common.check_data(args, data)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
     model = build_model(args).to(device)
