@@ -66,124 +66,6 @@ import torch
 import common
 
 # ----------------------------------------------------------------------------------------------
-# Presets: --preset NAME; explicit flags win.
-
-PAPER = dict(
-    dataset="cifar10",              # paper: Sec. IV-B
-    protocol="one-vs-rest",         # paper: Sec. IV-C, one class is ID, the other nine are OOD ...
-    all_classes=True,               # paper: Sec. IV-C, ... for every class in turn
-    oe="npy:data/300K_random_images.npy",  # ours: 80MTI's usual substitute (paper: Sec. IV-B, 80MTI, withdrawn)
-    arch="resnet18", width=64,      # paper: Sec. IV-A, ResNet-18 (public code: its CIFAR variant)
-    size=32,                        # paper: CIFAR-10's own size
-    epochs=500,                     # paper: App. I
-    oe_warmup=50,                   # paper: App. G, App. I, alpha = 0 for the first 50 epochs
-    batch_size=256,                 # paper: App. I, 256 ID + 256 outlier images (public code: 64 x 4 GPUs)
-    optimizer="sgd",                # public code: its LARS wrapper never rescales (paper: App. I, LARS)
-    lr=0.1, momentum=0.9,           # paper: App. I
-    weight_decay=5e-4,              # public code: 5e-4 (the value is lost in our copy of App. I)
-    warmup_epochs=0, final_lr=0.0,  # paper: App. I, cosine decay without restart (public code: no lr warm-up)
-    tau=0.5,                        # paper: App. I
-    alpha=1.0,                      # paper: App. I, 1 for CIFAR-10 and ImageNet-30
-    crop_scale=0.08,                # paper: App. J
-    n_aug=32,                       # paper: App. I, ensemble score (15) with 32 augmentations
-)
-
-PAPER_SELF_OECL = dict(             # PAPER's values that differ for self-OECL (--preset paper --self-oe)
-    oe=None,                        # paper: Eq. 13, the outliers are rotations
-    epochs=1000,                    # paper: App. I, "except self-OECL with 1000 epochs"
-    # ambiguity (App. I, "256 for both normal and OE samples"): a sample is an (image, rotation) instance, so 128
-    # images give 256 ID and 256 outlier instances; the public code agrees (32 images per GPU x 4 GPUs)
-    batch_size=128,                 # paper: App. I; public code: oecl_self config, 32 x 4 GPUs
-)
-
-QUICK = dict(                       # a CPU path check on real data, not a quality signal
-    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root
-    size=32, batch_size=128,        # ours: CIFAR's size, a CPU batch
-    crop_scale=0.08,                # paper: App. J
-    oe="digits",                    # ours: far outliers that need no download (no CIFAR class leaks in)
-    epochs=12, oe_warmup=2,         # ours: ~10 min on 2 CPU cores
-    n_aug=8,                        # ours: the ensemble costs (1 + n_aug) forwards per test image
-)
-
-PRESETS = {"paper": PAPER, "quick": QUICK}
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: build_parser() and check_args(), every flag checked before any work.
-
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
-    g = parser.add_argument_group("oecl")
-    g.add_argument("--oe", default=None, help=f"outlier set for OECL ({common.DATASET_SPECS}); any size, "
-                   "drawn with replacement, training split")
-    g.add_argument("--oe-classes", default=None,
-                   help="keep only these classes of --oe (e.g. 6-7); classes of the ID data set leave the OOD test set")
-    g.add_argument("--self-oe", action=argparse.BooleanOptionalAction, default=None,
-                   help="self-OECL (Eq. 13): outliers are the training images rotated by --oe-rotations "
-                        "(default: on when no --oe is given)")
-    g.add_argument("--id-rotations", default="0,90", help="self-OECL: rotations (degrees) that are ID instances")
-    g.add_argument("--oe-rotations", default="180,270", help="self-OECL: rotations (degrees) that are outliers")
-    g.add_argument("--alpha", type=float, default=1.0, help="weight of the outlier norm term (Eq. 12); 0 = SimCLR")
-    g.add_argument("--oe-warmup", type=int, default=2, help="epochs of plain SimCLR (alpha = 0) first (App. G)")
-    g.add_argument("--tau", type=float, default=0.5, help="NT-Xent temperature")
-    g.add_argument("--crop-scale", type=float, default=0.08,
-                   help="smallest random-resized-crop area of the paper's augmentation (App. J: 0.08; the public "
-                        "code: 0.5 for Raabin-WBC); digits get common's digits augmentation unless --augment paper")
-    g.add_argument("--n-aug", type=int, default=32, help="augmentations in the ensemble score, besides the clean view")
-    g.add_argument("--protocol", choices=["one-vs-rest", "leave-one-out"], default=None,
-                   help="with --all-classes: each class alone is ID (one-vs-rest) or alone OOD (leave-one-out)")
-    g.add_argument("--all-classes", action=argparse.BooleanOptionalAction, default=False,
-                   help="run --protocol for every class; per-class and mean AUROC")
-    # Defaults: digits at 16 x 16 (the digits are 8 x 8: nothing is lost), a small ResNet-18.
-    parser.set_defaults(size=16, width=8, epochs=10, batch_size=64)
-    return parser
-
-
-CLASSES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
-
-
-def check_args(args):
-    """Every oecl flag, before any work; resolves OECL vs self-OECL (exactly one) and PAPER_SELF_OECL."""
-    if args.self_oe and args.sources.get("oe") != "command line":
-        args.oe = None                                   # a typed --self-oe replaces a preset's outlier set
-    if args.self_oe is None:
-        args.self_oe = args.oe is None
-    if args.self_oe and args.preset == "paper":
-        for k, v in PAPER_SELF_OECL.items():
-            if args.sources[k] in ("default", "preset paper"):
-                setattr(args, k, v)
-                args.sources[k] = "preset paper (self-OECL)"
-    common.check(args.self_oe != (args.oe is not None), "--self-oe", args.self_oe,
-                 "exactly one of --oe SPEC (OECL) and --self-oe (self-OECL)")
-    if args.oe is not None:
-        common.check_spec(args.oe, "--oe")
-    if args.oe_classes is not None:
-        common.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
-        common.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
-        common.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
-        if args.oe == args.dataset and not args.all_classes:
-            ids = args.id_classes or ("0-5" if args.dataset == "digits" else None)
-            shared = set(common.parse_classes(args.oe_classes)) & set(common.parse_classes(ids)) if ids else True
-            common.check(not shared, "--oe-classes", args.oe_classes,
-                         f"classes outside the in-distribution classes {ids or '(all)'}")
-    for flag, text in (("--id-rotations", args.id_rotations), ("--oe-rotations", args.oe_rotations)):
-        common.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
-                     "rotations out of 0, 90, 180, 270, comma-separated")
-    common.check(not set(args.id_rotations.split(",")) & set(args.oe_rotations.split(",")), "--oe-rotations",
-                 args.oe_rotations, f"rotations that are not ID rotations ({args.id_rotations})")
-    common.check(args.alpha >= 0 and np.isfinite(args.alpha), "--alpha", args.alpha, "a finite number >= 0")
-    common.check(args.oe_warmup >= 0, "--oe-warmup", args.oe_warmup, "an integer >= 0")
-    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
-    common.check(0 < args.crop_scale <= 1, "--crop-scale", args.crop_scale, "a number in (0, 1]")
-    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean view only)")
-    common.check(args.all_classes == (args.protocol is not None), "--protocol", args.protocol,
-                 "--protocol and --all-classes together (one class: --id-classes 3, or --id-classes 0-2,4-9)")
-    common.check(not (args.all_classes and args.id_classes), "--id-classes", args.id_classes,
-                 "none with --all-classes, which chooses the in-distribution classes itself")
-    return args
-
-
-# ----------------------------------------------------------------------------------------------
 # Losses: Eq. 12's OECL loss (Eq. 13 is the same loss on rotations).
 
 @common.float32
@@ -373,6 +255,124 @@ def run_protocol(args):
                "mean_auroc": mean}
     common.save_results(os.path.join(root, "results.json"), results)
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: --preset NAME; explicit flags win.
+
+PAPER = dict(
+    dataset="cifar10",              # paper: Sec. IV-B
+    protocol="one-vs-rest",         # paper: Sec. IV-C, one class is ID, the other nine are OOD ...
+    all_classes=True,               # paper: Sec. IV-C, ... for every class in turn
+    oe="npy:data/300K_random_images.npy",  # ours: 80MTI's usual substitute (paper: Sec. IV-B, 80MTI, withdrawn)
+    arch="resnet18", width=64,      # paper: Sec. IV-A, ResNet-18 (public code: its CIFAR variant)
+    size=32,                        # paper: CIFAR-10's own size
+    epochs=500,                     # paper: App. I
+    oe_warmup=50,                   # paper: App. G, App. I, alpha = 0 for the first 50 epochs
+    batch_size=256,                 # paper: App. I, 256 ID + 256 outlier images (public code: 64 x 4 GPUs)
+    optimizer="sgd",                # public code: its LARS wrapper never rescales (paper: App. I, LARS)
+    lr=0.1, momentum=0.9,           # paper: App. I
+    weight_decay=5e-4,              # public code: 5e-4 (the value is lost in our copy of App. I)
+    warmup_epochs=0, final_lr=0.0,  # paper: App. I, cosine decay without restart (public code: no lr warm-up)
+    tau=0.5,                        # paper: App. I
+    alpha=1.0,                      # paper: App. I, 1 for CIFAR-10 and ImageNet-30
+    crop_scale=0.08,                # paper: App. J
+    n_aug=32,                       # paper: App. I, ensemble score (15) with 32 augmentations
+)
+
+PAPER_SELF_OECL = dict(             # PAPER's values that differ for self-OECL (--preset paper --self-oe)
+    oe=None,                        # paper: Eq. 13, the outliers are rotations
+    epochs=1000,                    # paper: App. I, "except self-OECL with 1000 epochs"
+    # ambiguity (App. I, "256 for both normal and OE samples"): a sample is an (image, rotation) instance, so 128
+    # images give 256 ID and 256 outlier instances; the public code agrees (32 images per GPU x 4 GPUs)
+    batch_size=128,                 # paper: App. I; public code: oecl_self config, 32 x 4 GPUs
+)
+
+QUICK = dict(                       # a CPU path check on real data, not a quality signal
+    dataset="cifar10", id_classes="0-5", subset=6000, width=16,  # ours: CIFAR-10 under --data-root
+    size=32, batch_size=128,        # ours: CIFAR's size, a CPU batch
+    crop_scale=0.08,                # paper: App. J
+    oe="digits",                    # ours: far outliers that need no download (no CIFAR class leaks in)
+    epochs=12, oe_warmup=2,         # ours: ~10 min on 2 CPU cores
+    n_aug=8,                        # ours: the ensemble costs (1 + n_aug) forwards per test image
+)
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: build_parser() and check_args(), every flag checked before any work.
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    g = parser.add_argument_group("oecl")
+    g.add_argument("--oe", default=None, help=f"outlier set for OECL ({common.DATASET_SPECS}); any size, "
+                   "drawn with replacement, training split")
+    g.add_argument("--oe-classes", default=None,
+                   help="keep only these classes of --oe (e.g. 6-7); classes of the ID data set leave the OOD test set")
+    g.add_argument("--self-oe", action=argparse.BooleanOptionalAction, default=None,
+                   help="self-OECL (Eq. 13): outliers are the training images rotated by --oe-rotations "
+                        "(default: on when no --oe is given)")
+    g.add_argument("--id-rotations", default="0,90", help="self-OECL: rotations (degrees) that are ID instances")
+    g.add_argument("--oe-rotations", default="180,270", help="self-OECL: rotations (degrees) that are outliers")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the outlier norm term (Eq. 12); 0 = SimCLR")
+    g.add_argument("--oe-warmup", type=int, default=2, help="epochs of plain SimCLR (alpha = 0) first (App. G)")
+    g.add_argument("--tau", type=float, default=0.5, help="NT-Xent temperature")
+    g.add_argument("--crop-scale", type=float, default=0.08,
+                   help="smallest random-resized-crop area of the paper's augmentation (App. J: 0.08; the public "
+                        "code: 0.5 for Raabin-WBC); digits get common's digits augmentation unless --augment paper")
+    g.add_argument("--n-aug", type=int, default=32, help="augmentations in the ensemble score, besides the clean view")
+    g.add_argument("--protocol", choices=["one-vs-rest", "leave-one-out"], default=None,
+                   help="with --all-classes: each class alone is ID (one-vs-rest) or alone OOD (leave-one-out)")
+    g.add_argument("--all-classes", action=argparse.BooleanOptionalAction, default=False,
+                   help="run --protocol for every class; per-class and mean AUROC")
+    # Defaults: digits at 16 x 16 (the digits are 8 x 8: nothing is lost), a small ResNet-18.
+    parser.set_defaults(size=16, width=8, epochs=10, batch_size=64)
+    return parser
+
+
+CLASSES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def check_args(args):
+    """Every oecl flag, before any work; resolves OECL vs self-OECL (exactly one) and PAPER_SELF_OECL."""
+    if args.self_oe and args.sources.get("oe") != "command line":
+        args.oe = None                                   # a typed --self-oe replaces a preset's outlier set
+    if args.self_oe is None:
+        args.self_oe = args.oe is None
+    if args.self_oe and args.preset == "paper":
+        for k, v in PAPER_SELF_OECL.items():
+            if args.sources[k] in ("default", "preset paper"):
+                setattr(args, k, v)
+                args.sources[k] = "preset paper (self-OECL)"
+    common.check(args.self_oe != (args.oe is not None), "--self-oe", args.self_oe,
+                 "exactly one of --oe SPEC (OECL) and --self-oe (self-OECL)")
+    if args.oe is not None:
+        common.check_spec(args.oe, "--oe")
+    if args.oe_classes is not None:
+        common.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
+        common.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
+        common.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
+        if args.oe == args.dataset and not args.all_classes:
+            ids = args.id_classes or ("0-5" if args.dataset == "digits" else None)
+            shared = set(common.parse_classes(args.oe_classes)) & set(common.parse_classes(ids)) if ids else True
+            common.check(not shared, "--oe-classes", args.oe_classes,
+                         f"classes outside the in-distribution classes {ids or '(all)'}")
+    for flag, text in (("--id-rotations", args.id_rotations), ("--oe-rotations", args.oe_rotations)):
+        common.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
+                     "rotations out of 0, 90, 180, 270, comma-separated")
+    common.check(not set(args.id_rotations.split(",")) & set(args.oe_rotations.split(",")), "--oe-rotations",
+                 args.oe_rotations, f"rotations that are not ID rotations ({args.id_rotations})")
+    common.check(args.alpha >= 0 and np.isfinite(args.alpha), "--alpha", args.alpha, "a finite number >= 0")
+    common.check(args.oe_warmup >= 0, "--oe-warmup", args.oe_warmup, "an integer >= 0")
+    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
+    common.check(0 < args.crop_scale <= 1, "--crop-scale", args.crop_scale, "a number in (0, 1]")
+    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean view only)")
+    common.check(args.all_classes == (args.protocol is not None), "--protocol", args.protocol,
+                 "--protocol and --all-classes together (one class: --id-classes 3, or --id-classes 0-2,4-9)")
+    common.check(not (args.all_classes and args.id_classes), "--id-classes", args.id_classes,
+                 "none with --all-classes, which chooses the in-distribution classes itself")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
