@@ -169,8 +169,9 @@ def load_outliers(args, data, device):
         ids = common.parse_classes(args.oe_classes)
         x, _ = common.select_classes(x, y, ids)
         if args.oe == args.dataset:
-            if set(ids) & set(data.id_classes):      # possible under --all-classes only (check_args refuses it else)
-                raise ValueError(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {data.id_classes}")
+            if set(ids) & set(data.id_classes):
+                raise ValueError(f"--oe-classes {args.oe_classes}: expected classes outside the in-distribution "
+                                 f"classes {common.format_classes(data.id_classes)}")
             data = without_classes(data, ids)
     if len(x) == 0:
         raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
@@ -237,7 +238,8 @@ def run_protocol(args):
     if y.min() < 0:
         raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
     n = len(classes) or int(y.max()) + 1
-    root = args.out or os.path.join("runs", f"oecl-{args.protocol}-{args.dataset.replace(':', '_').replace('/', '_')}")
+    common.setup(args, f"oecl-{args.protocol}")     # the root folder: guarded and recorded as a run's
+    root = args.out
     per_class = {}
     for c in range(n):
         a = copy.deepcopy(args)
@@ -353,11 +355,6 @@ def check_args(args):
         common.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
         common.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
         common.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
-        if args.oe == args.dataset and not args.all_classes:
-            ids = args.id_classes or ("0-5" if args.dataset == "digits" else None)
-            shared = set(common.parse_classes(args.oe_classes)) & set(common.parse_classes(ids)) if ids else True
-            common.check(not shared, "--oe-classes", args.oe_classes,
-                         f"classes outside the in-distribution classes {ids or '(all)'}")
     for flag, text in (("--id-rotations", args.id_rotations), ("--oe-rotations", args.oe_rotations)):
         common.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
                      "rotations out of 0, 90, 180, 270, comma-separated")
