@@ -40,13 +40,23 @@ Deviations from the paper and the public code (why in the last column):
                                                 the ID images one fixed order, and  gaps to the official numbers
                                                 self-OECL's ID and outlier loaders
                                                 the same order
-  self-OECL batch  256 normal and 256 OE        32 images per GPU x 4 GPUs = 128    --batch-size counts images;
-                   samples (App. I)             images: 256 ID + 256 outlier        the paper preset with
-                                                (image, rotation) instances         --self-oe: 128 (both agree)
+  self-OECL batch  256 for both normal and OE   32 images on one GPU (run_self.sh   --batch-size counts images; the
+                   samples (App. I)             starts one process): 64 ID + 64     paper preset with --self-oe: 128
+                                                outlier (image, rotation)           images, 256 ID + 256 outlier
+                                                instances a step                    instances: the paper's count
   outlier views    E over T_OE (Eq. 12)         two views per outlier, one forward  the same (BatchNorm statistics
                                                 pass with the ID views              as the official batch)
-  self-OECL flip   CSI's augmentation           each view flipped on its own, then  the same: the two views of a
-                                                rotated                             pair differ by a flip half the time
+  self-OECL views  not stated (Eq. 13: CSI's    each view augmented (crop, flip,    the same: four augmented views
+                   loss, rotations as shifts)   jitter, grey) by the data loader,   of each image, each then rotated
+                                                then rotated: the 0/90 instances    (CSI's order, rotation first and
+                                                of a view share its crop and        each (image, rotation) augmented
+                                                colour; the 180/270 outliers are    on its own, is not the public
+                                                rotations of two more views of the  code's)
+                                                same images (a second loader)
+  precision        not stated                   float32 throughout                  training in bf16 autocast on CUDA
+                                                                                    (--amp auto; speed: --amp off
+                                                                                    trains in float32); the loss and
+                                                                                    every score in float32
   crop scale       0.08, another value for      0.08 (DIOR), 0.5 (Raabin-WBC)       --crop-scale 0.08
                    Raabin-WBC, HAM10000 (App. J)
   digits           not in the paper             not in the code                     common's digits augmentation: the
@@ -88,22 +98,17 @@ def alpha_at(epoch, alpha, warmup):
     return 0.0 if epoch < warmup else alpha
 
 
-def random_hflip(x):
-    """Flip each image horizontally with probability 1/2."""
-    flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-def self_oe_views(xb, flip=True, id_rot=(0, 1), oe_rot=(2, 3)):
-    """Eq. 13's instances, as CSI and the public code build them: two views of each image, each flipped on its own
-    (p 1/2, if `flip`), then each view rotated by k x 90 degrees for k in id_rot (ID instances) and in oe_rot
-    (outliers). The flip comes before the rotation: flipping a 90-degree view afterwards would make it a
-    270-degree rotation of the flipped image, an outlier. -> (x_id, x_oe): x_id = [view 1 | view 2], so that rows i
-    and i + len(x_id) / 2 are the two views of one (image, rotation) instance; x_oe the outlier rotations of both.
+def self_oe_views(xb, aug, id_rot=(0, 1), oe_rot=(2, 3)):
+    """Eq. 13's instances in the public code's order: each image augmented into four views (`aug`: crop, flip,
+    colour), two for the ID instances and two for the outliers, and only then each view rotated by k x 90 degrees,
+    k in id_rot (ID) or oe_rot (outliers), so that the rotations of one view share its crop and colour and differ by
+    the rotation alone -> (x_id, x_oe), each [view 1 rotated by every k | view 2 rotated by every k]: rows i and
+    i + len(x_id) / 2 are the two views of one (image, rotation) instance. As in the public code (a second loader
+    over the same images), the outliers are rotations of their own two views, not of the ID views.
     ambiguity (Eq. 13's L_CL is "CSI"): NT-Xent with each (image, rotation) an instance, no rotation head."""
-    views = [random_hflip(xb) if flip else xb for _ in range(2)]
-    x_id = torch.cat([common.rotate90(v, k) for v in views for k in id_rot])
-    x_oe = torch.cat([common.rotate90(v, k) for v in views for k in oe_rot])
+    id1, id2, oe1, oe2 = aug(torch.cat([xb] * 4)).chunk(4)       # one augmentation call for the four views
+    x_id = torch.cat([common.rotate90(v, k) for v in (id1, id2) for k in id_rot])
+    x_oe = torch.cat([common.rotate90(v, k) for v in (oe1, oe2) for k in oe_rot])
     return x_id, x_oe
 
 
@@ -116,12 +121,11 @@ def oecl_step(net, xb, oe_x, aug, tau=0.5, alpha=1.0):
     return oecl_loss(z[:2 * len(xb)], z[2 * len(xb):], tau, alpha)
 
 
-def self_oecl_step(net, xb, aug, tau=0.5, alpha=1.0, flip=True, id_rot=(0, 1), oe_rot=(2, 3)):
+def self_oecl_step(net, xb, aug, tau=0.5, alpha=1.0, id_rot=(0, 1), oe_rot=(2, 3)):
     """self-OECL (Eq. 13) on a batch of B images: B x len(id_rot) ID instances and B x len(oe_rot) outliers
-    (self_oe_views), two views of each, one forward pass (8B views with the paper's rotations); `aug` must not flip
-    (self_oe_views flips before rotating) -> (loss, logs)."""
-    x_id, x_oe = self_oe_views(xb, flip, id_rot, oe_rot)
-    z = net(aug(torch.cat([x_id, x_oe])))[1]
+    (self_oe_views), two views of each, one forward pass (8B views with the paper's rotations) -> (loss, logs)."""
+    x_id, x_oe = self_oe_views(xb, aug, id_rot, oe_rot)
+    z = net(torch.cat([x_id, x_oe]))[1]
     return oecl_loss(z[:len(x_id)], z[len(x_id):], tau, alpha)
 
 
@@ -201,20 +205,18 @@ def train_stage(args, x, oe_x, device):
     if oe_x is not None:
         step = lambda net, xb, idx, epoch: oecl_step(net, xb, oe_x, aug, args.tau, alpha(epoch))
     else:
-        flip, aug.flip = aug.flip, False                  # self-OECL flips each view before rotating it
         rot = lambda text: tuple(int(r) // 90 for r in text.split(","))
-        step = lambda net, xb, idx, epoch: self_oecl_step(net, xb, aug, args.tau, alpha(epoch), flip,
+        step = lambda net, xb, idx, epoch: self_oecl_step(net, xb, aug, args.tau, alpha(epoch),
                                                           rot(args.id_rotations), rot(args.oe_rotations))
     return common.train(model, step, x, cfg)
 
 
 def score_stage(args, model, data, device):
     """The three scores on the ID test images and every OOD set -> {score: {ood set: metrics}}. Eq. 15's
-    augmentations are the training ones, with their flip."""
+    augmentations are the training ones."""
     aug = common.simclr_augment(args, scale=(args.crop_scale, 1.0))
     score = lambda t: ensemble_scores(model, t.to(device), aug, args.n_aug, seed=args.seed)
-    with common.autocast(args.amp, device):
-        return common.evaluate(score, data.test_x, data.ood)
+    return common.evaluate(score, data.test_x, data.ood)             # float32: no autocast, whatever --amp is
 
 
 def run(args):
@@ -286,8 +288,8 @@ PAPER_SELF_OECL = dict(             # PAPER's values that differ for self-OECL (
     oe=None,                        # paper: Eq. 13, the outliers are rotations
     epochs=1000,                    # paper: App. I, "except self-OECL with 1000 epochs"
     # ambiguity (App. I, "256 for both normal and OE samples"): a sample is an (image, rotation) instance, so 128
-    # images give 256 ID and 256 outlier instances; the public code agrees (32 images per GPU x 4 GPUs)
-    batch_size=128,                 # paper: App. I; public code: oecl_self config, 32 x 4 GPUs
+    # images give 256 ID and 256 outlier instances (the public code runs self-OECL with 32 images on one GPU)
+    batch_size=128,                 # paper: App. I (public code: 32, one process in run_self.sh)
 )
 
 QUICK = dict(                       # a CPU path check on real data, not a quality signal

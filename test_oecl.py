@@ -1,6 +1,6 @@
-"""Tests of oecl.py: the loss against a literal loop of Eq. 12, the warm-up, the scores, self-OECL's views (flips
-drawn per view, rotations), the batch composition of both steps and of the paper preset, host syncs, and short
-end-to-end runs on the embedded digits."""
+"""Tests of oecl.py: the loss against a literal loop of Eq. 12, the warm-up, the scores, self-OECL's views (the
+public code's order: augment, then rotate), the batch composition of both steps and of the paper preset, host
+syncs, and short end-to-end runs on the embedded digits."""
 import math
 
 import numpy as np
@@ -107,36 +107,30 @@ def rot(t, k):
     return torch.rot90(t, k, dims=(2, 3))                                # counter-clockwise, k x 90 degrees
 
 
-def test_self_oe_views_rotate_each_flipped_view():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    x_id, x_oe = oecl.self_oe_views(x)
-    assert x_id.shape == x_oe.shape == (24, 3, 8, 8)
-    for v, first in ((0, 0), (1, 12)):                                   # view 1: rows 0-5 (+6), view 2: rows 12-17 (+6)
-        base = x_id[first:first + 6]                                     # each image, flipped or not, before rotating
-        assert all(torch.equal(base[i], x[i]) or torch.equal(base[i], x[i].flip(2)) for i in range(6))
-        assert torch.equal(x_id[first + 6:first + 12], rot(base, 1))     # ID: 0 and 90 degrees
-        assert torch.equal(x_oe[first:first + 6], rot(base, 2)) and torch.equal(x_oe[first + 6:first + 12], rot(base, 3))
-    x_id, x_oe = oecl.self_oe_views(x, flip=False)
-    assert torch.equal(x_id[:6], x) and torch.equal(x_id[12:18], x)
+def public_code_self_oe_views(views, id_rot=(0, 1), oe_rot=(2, 3)):
+    """The public code's self-OECL batch, literally: an ID loader and an outlier loader over the same images, each
+    yielding two augmented views (v1, v2 and o1, o2); each view rotated (torch.rot90 per rotation, concatenated)."""
+    v1, v2, o1, o2 = views
+    data_id1, data_id2 = (torch.cat([rot(v, k) for k in id_rot]) for v in (v1, v2))
+    data_oe1, data_oe2 = (torch.cat([rot(v, k) for k in oe_rot]) for v in (o1, o2))
+    return torch.cat([data_id1, data_id2]), torch.cat([data_oe1, data_oe2])
 
 
-def test_self_oecl_positive_pairs_differ_by_a_flip():
-    # Augmentation off, so that only the flip varies: about half of the positive pairs (rows i and i + 2B of the ID
-    # views) must be mirror images of each other, i.e. the two views of a pair draw their flips independently.
+@pytest.mark.parametrize("id_rot,oe_rot", [((0, 1), (2, 3)), ((0,), (1, 2, 3))])
+def test_self_oe_views_augment_first_then_rotate_as_the_public_code(id_rot, oe_rot):
     torch.manual_seed(0)
-    b = 200
-    x = torch.randint(0, 256, (b, 3, 8, 8), dtype=torch.uint8)
-    net = Recorder()
-    oecl.self_oecl_step(net, x, identity, flip=True)
-    v1, v2 = net.seen[:4 * b].chunk(2)                                   # 2B instances (0 and 90 degrees), two views
-    same = [torch.equal(v1[i], v2[i]) for i in range(2 * b)]
-    mirrored = [torch.equal(v1[i], v2[i].flip(2)) or torch.equal(v1[i], v2[i].flip(1)) for i in range(2 * b)]
-    assert all(s or m for s, m in zip(same, mirrored))                  # a pair is one image, flipped or not
-    n_flipped = sum(m and not s for s, m in zip(same, mirrored))
-    assert 0.4 * 2 * b < n_flipped < 0.6 * 2 * b, n_flipped             # binomial(400, 1/2): 200 +- 10
-    oecl.self_oecl_step(net, x, identity, flip=False)
-    assert torch.equal(*net.seen[:4 * b].chunk(2))                       # no flip: the two views are identical
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    aug, drawn = common.SimCLRAugment(8), []
+    recording = lambda xb: drawn.append(aug(xb)) or drawn[-1]                # the same draws for both builds
+    x_id, x_oe = oecl.self_oe_views(x, recording, id_rot, oe_rot)
+    ref_id, ref_oe = public_code_self_oe_views(drawn[0].chunk(4), id_rot, oe_rot)
+    assert torch.equal(x_id, ref_id) and torch.equal(x_oe, ref_oe)
+    n = len(x)                                                              # what that means, directly:
+    for views, rots in ((x_id, id_rot), (x_oe, oe_rot)):
+        for v in views.chunk(2):                                            # one view's rotations: one crop,
+            for j, k in enumerate(rots):                                    # one colour, turned
+                assert torch.equal(v[j * n:(j + 1) * n], rot(v[:n], k - rots[0]))
+    assert not torch.equal(x_id[:n], x_id[len(x_id) // 2:][:n])             # the two views of a pair differ
 
 
 def test_batch_composition_of_both_steps_and_the_paper_preset():
@@ -152,13 +146,14 @@ def test_batch_composition_of_both_steps_and_the_paper_preset():
     oecl.self_oecl_step(net, x, identity)                                # self-OECL: 2B instances x 2 views, 2B outliers x 2
     seen = (net.seen * 255).round().to(torch.uint8)
     assert len(seen) == 8 * b
-    assert all(torch.equal(seen[i], x[i]) or torch.equal(seen[i], x[i].flip(2)) for i in range(b))   # view 1, 0 deg.
+    for first, k in ((0, 0), (b, 1), (2 * b, 0), (3 * b, 1), (4 * b, 2), (5 * b, 3), (6 * b, 2), (7 * b, 3)):
+        assert torch.equal(seen[first:first + b], rot(x, k))             # ID views 1, 2 (0, 90), outlier views (180, 270)
     parse = lambda *argv: oecl.check_args(common.parse_args(oecl.build_parser(), oecl.PRESETS, list(argv)))
     args = parse("--preset", "paper", "--oe", "cifar100")                # App. I: 256 ID + 256 outlier images a step
     assert not args.self_oe and args.batch_size == 256 and args.epochs == 500
     args = parse("--preset", "paper", "--self-oe")                       # 128 images: 256 + 256 instances, 1000 epochs
     assert args.self_oe and args.oe is None and args.epochs == 1000 and args.sources["epochs"] == "preset paper (self-OECL)"
-    x_id, x_oe = oecl.self_oe_views(torch.zeros(args.batch_size, 3, 8, 8, dtype=torch.uint8))
+    x_id, x_oe = oecl.self_oe_views(torch.zeros(args.batch_size, 3, 8, 8, dtype=torch.uint8), identity)
     assert len(x_id) // 2 == 256 and len(x_oe) // 2 == 256               # instances (each in two views)
     args = parse("--preset", "paper", "--self-oe", "--batch-size", "32", "--epochs", "7")
     assert args.batch_size == 32 and args.epochs == 7                    # typed flags still win
@@ -170,7 +165,7 @@ def test_steps_make_no_host_sync(self_oe):
     model = common.Encoder("resnet18", bn_in_head=True, width=2)
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     oe_x = torch.randint(0, 256, (9, 3, 8, 8), dtype=torch.uint8)
-    for aug in (common.SimCLRAugment(8, flip=not self_oe), common.SimCLRAugment(8, **common.DIGITS_AUGMENT)):
+    for aug in (common.SimCLRAugment(8), common.SimCLRAugment(8, **common.DIGITS_AUGMENT)):
         with common.DispatchCounter() as c:
             if self_oe:
                 loss, logs = oecl.self_oecl_step(model, x, aug, 0.5, 1.0)
