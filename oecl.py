@@ -25,8 +25,10 @@ in-distribution digits, the failure on rotation-invariant data that Sec. V-A des
 Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
 usual substitutes: the 300K random images of Hendrycks et al.'s Outlier Exposure code (a debiased 80MTI subset,
 `npy:300K_random_images.npy`), CIFAR-100 (`cifar100`), or any folder of images (`folder:PATH`). When the outliers
-are classes of the in-distribution data set (`--oe digits --oe-classes 6-7`), those classes leave the evaluated
-OOD set: a test set whose classes were trained on as outliers would measure exposure, not detection.
+come from the in-distribution data set (`--oe digits`), they are classes outside --id-classes (--oe-classes, by
+default all of them), and those classes leave the evaluated OOD set: a test set whose classes were trained on as
+outliers would measure exposure, not detection. `--oe digits` without --oe-classes or --ood exposes every
+held-out digit and leaves no OOD set to evaluate: it ends with an error.
 
 Deviations from the paper and the public code (why in the last column):
   what             paper                        public code                         ours
@@ -163,27 +165,26 @@ def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
 # ----------------------------------------------------------------------------------------------
 # Stages: outliers, training, scoring, one run, the --all-classes protocol.
 
-def load_outliers(args, data, device):
-    """The --oe images (training split, --oe-classes of them) on the device; classes of the ID data set used as
-    outliers leave the evaluated held-out set -> (outliers, data with that OOD set)."""
-    x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
-    if args.oe_classes:
-        if y.min() < 0:
-            raise ValueError(f"--oe {args.oe} has no labels, so --oe-classes cannot select from it")
-        ids = common.parse_classes(args.oe_classes)
-        x, _ = common.select_classes(x, y, ids)
-        if args.oe == args.dataset:
-            if set(ids) & set(data.id_classes):
-                raise ValueError(f"--oe-classes {args.oe_classes}: expected classes outside the in-distribution "
-                                 f"classes {common.format_classes(data.id_classes)}")
-            data = without_classes(data, ids)
-    if len(x) == 0:
-        raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
-    return x.to(device), data
+def exposed_classes(labels, id_classes, oe_classes=None):
+    """The classes of the in-distribution data set that serve as outliers when --oe is that data set: --oe-classes
+    (text, e.g. '6-7'), by default every class outside the ID classes; never an ID class, which would train the
+    same images as instances and as outliers -> sorted list of class ids."""
+    outside = sorted(set(labels.unique().tolist()) - set(id_classes))
+    if oe_classes is None:
+        if not outside:
+            raise ValueError("--oe is the in-distribution data set and every class of it is in-distribution: "
+                             "no class is left to serve as outliers")
+        return outside
+    chosen = common.parse_classes(oe_classes)
+    if set(chosen) & set(id_classes):
+        raise ValueError(f"--oe-classes {oe_classes}: expected classes outside the in-distribution classes "
+                         f"{common.format_classes(id_classes)}")
+    return chosen
 
 
 def without_classes(data, exposed):
-    """data with the classes `exposed` removed from its held-out OOD set (renamed after the classes left)."""
+    """data with the classes `exposed` removed from its held-out OOD set (renamed after the classes left): a class
+    trained on as outliers would measure exposure, not detection."""
     ood, ood_y = dict(data.ood), dict(data.ood_y)
     for name, labels in data.ood_y.items():
         keep = ~torch.isin(labels, torch.tensor(exposed))
@@ -192,8 +193,29 @@ def without_classes(data, exposed):
             left = f"classes {common.format_classes(labels[keep].unique().tolist())}"
             ood[left], ood_y[left] = data.ood[name][keep], labels[keep]
     if not ood:
-        raise ValueError(f"--oe-classes {common.format_classes(exposed)} leave no OOD class to evaluate")
+        raise ValueError(f"classes {common.format_classes(exposed)} serve as outliers, which leaves no OOD set to "
+                         f"evaluate: expose fewer held-out classes (--oe-classes) or add --ood SPEC")
     return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y})
+
+
+def load_outliers(args, data, device):
+    """The --oe images (training split) on the device -> (outliers, data). --oe-classes selects classes of a
+    labelled set; when --oe is the in-distribution data set, the outliers are exposed_classes (never an ID class)
+    and leave the evaluated OOD set (without_classes)."""
+    x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
+    if (args.oe_classes or args.oe == args.dataset) and y.min() < 0:
+        raise ValueError(f"--oe {args.oe} has no labels, so no class of it can be chosen as outliers"
+                         + (" (it is the in-distribution data set)" if args.oe == args.dataset else ""))
+    if args.oe == args.dataset:
+        ids = exposed_classes(y, data.id_classes, args.oe_classes)
+        data = without_classes(data, ids)
+    else:
+        ids = common.parse_classes(args.oe_classes) if args.oe_classes else None
+    if ids is not None:
+        x, _ = common.select_classes(x, y, ids)
+    if len(x) == 0:
+        raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
+    return x.to(device), data, ids
 
 
 def train_stage(args, x, oe_x, device):
@@ -224,12 +246,13 @@ def run(args):
     t_start = time.time()
     device = common.setup(args, "oecl", may_change=("n_aug",))
     data = common.load_data(args)
-    oe_x, data = load_outliers(args, data, device) if not args.self_oe else (None, data)
+    oe_x, data, oe_ids = load_outliers(args, data, device) if not args.self_oe else (None, data, None)
+    outliers = f"{args.oe}" + (f" classes {common.format_classes(oe_ids)}" if oe_ids else "")
     print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
-          if args.self_oe else f"{len(oe_x)} images of {args.oe}"), flush=True)
+          if args.self_oe else f"{len(oe_x)} images of {outliers}"), flush=True)
     model = train_stage(args, data.train_x.to(device), oe_x, device)
     metrics = score_stage(args, model, data, device)
-    method = "self-OECL" if args.self_oe else f"OECL (outliers: {args.oe} {args.oe_classes or ''}".rstrip() + ")"
+    method = "self-OECL" if args.self_oe else f"OECL (outliers: {outliers})"
     return common.finish(args, method, metrics, data, device, t_start)
 
 
@@ -313,7 +336,9 @@ def build_parser():
     g.add_argument("--oe", default=None, help=f"outlier set for OECL ({common.DATASET_SPECS}); any size, "
                    "drawn with replacement, training split")
     g.add_argument("--oe-classes", default=None,
-                   help="keep only these classes of --oe (e.g. 6-7); classes of the ID data set leave the OOD test set")
+                   help="the classes of --oe that serve as outliers (e.g. 6-7; default: all). When --oe is the "
+                        "in-distribution data set: default every class outside --id-classes, never an ID class, and "
+                        "the exposed classes leave the evaluated OOD set (an error if no OOD set is left)")
     g.add_argument("--self-oe", action=argparse.BooleanOptionalAction, default=None,
                    help="self-OECL (Eq. 13): outliers are the training images rotated by --oe-rotations "
                         "(default: on when no --oe is given)")
@@ -357,6 +382,8 @@ def check_args(args):
         common.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
         common.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
         common.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
+    common.check(not (args.all_classes and args.oe == args.dataset), "--oe", args.oe,
+                 "an outlier set other than --dataset with --all-classes (each class is in-distribution in some run)")
     for flag, text in (("--id-rotations", args.id_rotations), ("--oe-rotations", args.oe_rotations)):
         common.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
                      "rotations out of 0, 90, 180, 270, comma-separated")

@@ -2,6 +2,7 @@
 public code's order: augment, then rotate), the batch composition of both steps and of the paper preset, host
 syncs, and short end-to-end runs on the embedded digits."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -192,12 +193,41 @@ def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings
     # Outliers: training digits 6-7; the OOD test set keeps only the never-seen classes 8-9.
     res = oecl.main(["--oe", "digits", "--oe-classes", "6-7", "--subset", "128", "--epochs", "1", "--n-aug", "2",
                      *TINY, "--out", str(tmp_path)])
-    assert set(res["metrics"]) == {"norm", "ensemble", "mean_sq_norm"}
+    assert set(res["metrics"]) == {"norm", "ensemble", "mean_sq_norm"} and res["method"] == "OECL (outliers: digits classes 6-7)"
     assert set(res["metrics"]["ensemble"]) == {"classes 8-9"} and set(res["baselines"]["pixels_knn"]) == {"classes 8-9"}
     assert 0 <= res["metrics"]["ensemble"]["classes 8-9"]["auroc"] <= 100
     run = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["run"]
     assert run["script"] == "oecl" and run["settings"]["oe"] == "digits" and run["settings"]["self_oe"] is False
     assert "n_aug" not in run["settings"]                               # evaluation only: may change on --resume
+
+
+def test_outliers_from_the_id_data_set_never_include_id_or_evaluated_classes():
+    labels = torch.arange(10).repeat(3)
+    assert oecl.exposed_classes(labels, [0, 1, 2, 3, 4, 5]) == [6, 7, 8, 9]       # default: all held-out classes
+    assert oecl.exposed_classes(labels, [0, 1, 2, 3, 4, 5], "6-7") == [6, 7]
+    with pytest.raises(ValueError, match="outside the in-distribution classes 0-5"):
+        oecl.exposed_classes(labels, [0, 1, 2, 3, 4, 5], "5-6")
+    with pytest.raises(ValueError, match="no class is left"):
+        oecl.exposed_classes(labels, list(range(10)))
+    test_y = torch.arange(6, 10).repeat(2)
+    data = SimpleNamespace(ood={"classes 6-9": test_y.float(), "svhn": torch.zeros(3)},
+                           ood_y={"classes 6-9": test_y})
+    kept = oecl.without_classes(data, [6, 7])
+    assert set(kept.ood) == {"classes 8-9", "svhn"} and torch.equal(kept.ood["classes 8-9"], kept.ood_y["classes 8-9"].float())
+    assert set(kept.ood_y["classes 8-9"].tolist()) == {8, 9}
+    assert set(oecl.without_classes(data, [6, 7, 8, 9]).ood) == {"svhn"}          # another OOD set is left
+    del data.ood["svhn"]
+    with pytest.raises(ValueError, match="leaves no OOD set to evaluate"):
+        oecl.without_classes(data, [6, 7, 8, 9])
+
+
+def test_oe_digits_alone_on_digits_is_refused(tmp_path):
+    # The outliers would be every held-out digit, the evaluated OOD set: nothing would be left to evaluate honestly.
+    with pytest.raises(SystemExit, match="leaves no OOD set to evaluate"):
+        oecl.main(["--oe", "digits", *TINY, "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="--oe digits: expected an outlier set other than --dataset"):
+        oecl.main(["--oe", "digits", "--protocol", "one-vs-rest", "--all-classes", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_self_oecl_above_chance_on_digits(tmp_path):
