@@ -22,6 +22,23 @@ A digits run with the defaults (self-OECL, 10 epochs) takes ~30 s of CPU time on
 into a 9 and leaves 0, 1 and 8 nearly unchanged: with those classes in-distribution, self-OECL's outliers look like
 in-distribution digits, the failure on rotation-invariant data that Sec. V-A describes (the README has the numbers).
 
+Use it in your code:
+    import torch
+    import oecl
+    s = oecl.build_parser().parse_args(["--width", "4", "--size", "16", "--n-aug", "4"])   # every setting
+    model, aug = oecl.build_model(s), oecl.augmentation(s)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)           # ID images, uint8
+    outliers = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)    # any outlier set
+    loss, logs = oecl.oecl_step(model, x, outliers, aug, tau=0.5, alpha=1.0)   # Eq. 12, one batch
+    # or, with no outlier set: loss, logs = oecl.self_oecl_step(model, x, aug)  (Eq. 13)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.eval()
+    scores = oecl.score(model, oecl.score_state(model), x, s)   # higher = more in-distribution
+    print({name: v.shape for name, v in scores.items()})        # ensemble (Eq. 15), norm (14), mean_sq_norm
+
 Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
 usual substitutes: the 300K random images of Hendrycks et al.'s Outlier Exposure code (a debiased 80MTI subset,
 `npy:300K_random_images.npy`), CIFAR-100 (`cifar100`), or any folder of images (`folder:PATH`). When the outliers
@@ -132,11 +149,18 @@ def self_oecl_step(net, xb, aug, tau=0.5, alpha=1.0, id_rot=(0, 1), oe_rot=(2, 3
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores: the norm scores of Eq. 14-15 and App. C; higher = more in-distribution.
+# Scores: the norm scores of Eq. 14-15 and App. C, higher = more in-distribution; the scorer's functions
+# (build_model, score_state, score), with which a saved run scores new images.
 
 def norm_score(z):
     """Eq. 14: the L2 norm of the (un-normalised) projection."""
     return z.float().norm(dim=1)
+
+
+def image_seed(seed, position):
+    """The seed of the test-time augmentations of the image at `position`: one per (seed, position) pair for
+    positions below 1,000,003 and seeds below 4,294, within the 32 bits that the CPU generator keeps."""
+    return (seed * 1_000_003 + position) % 2 ** 32
 
 
 @torch.no_grad()
@@ -144,17 +168,22 @@ def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
     """The three scores of App. C over the clean view and n_aug random training augmentations of each image:
     'norm' ||z(x)|| (Eq. 14), 'ensemble' ||mean_t z(t(x))|| (Eq. 15; the public code counts the clean view among
     the t) and 'mean_sq_norm' mean_t ||z(t(x))||^2 (App. C; ambiguity: over the same views, the clean one
-    included). Chunks of batch_size // (1 + n_aug) images; all the views of a chunk go through the network
-    together. The seeded generator gives every set the same draws."""
+    included). The augmentations of the image at position i draw from a generator seeded with (seed, i), so an
+    image's scores depend on its position alone, not on how the set is cut into chunks. Chunks of
+    batch_size // (1 + n_aug) images; all the views of a chunk go through the network together."""
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gen = torch.Generator(device=x.device)
     chunk = max(1, batch_size // (1 + n_aug))
     out = {"ensemble": [], "norm": [], "mean_sq_norm": []}
     for i in range(0, len(x), chunk):
         xb = x[i:i + chunk]
-        views = [common.to_float(xb)] + ([augment(xb.repeat(n_aug, 1, 1, 1), generator=gen)] if n_aug else [])
-        z = model(torch.cat(views))[1].float().view(1 + n_aug, len(xb), -1)    # row t * len(xb) + i: view t of i
+        views = [common.to_float(xb)]
+        if n_aug:                                                   # n_aug x len(xb): row t * len(xb) + j
+            per_image = [augment(img.expand(n_aug, -1, -1, -1), generator=gen.manual_seed(image_seed(seed, i + j)))
+                         for j, img in enumerate(xb.split(1))]
+            views.append(torch.stack(per_image, 1).flatten(0, 1))
+        z = model(torch.cat(views))[1].float().view(1 + n_aug, len(xb), -1)    # z[t, j]: view t of image j
         out["ensemble"].append(norm_score(z.mean(0)))
         out["norm"].append(norm_score(z[0]))
         out["mean_sq_norm"].append(z.pow(2).sum(2).mean(0))
@@ -162,8 +191,33 @@ def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def build_model(s):
+    """The encoder of settings s (s.arch, s.width, s.init): a ResNet and an MLP head with BatchNorm (App. I)."""
+    return common.Encoder(s.arch, bn_in_head=True, width=s.width, init=s.init)
+
+
+def augmentation(s):
+    """The training augmentation of settings s, also Eq. 15's test-time one: the paper's (App. J, crop scale
+    s.crop_scale) on natural images, common's digits augmentation on digits."""
+    return common.simclr_augment(s, scale=(s.crop_scale, 1.0))
+
+
+def score_state(model):
+    """What score() needs beside the weights and the settings: nothing; the norm scores read no training data."""
+    return {}
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """The scores of uint8 images x (N x 3 x s.size x s.size) -> {'ensemble', 'norm', 'mean_sq_norm': N float32
+    scores}, higher = more in-distribution: ensemble_scores with s.n_aug augmentations seeded by s.seed, in
+    float32 whatever autocast the caller runs under."""
+    with torch.autocast(x.device.type, enabled=False):
+        return ensemble_scores(model, x, augmentation(s), s.n_aug, seed=s.seed)
+
+
 # ----------------------------------------------------------------------------------------------
-# Stages: outliers, training, scoring, one run, the --all-classes protocol.
+# Stages: outliers, training, one run (training, then scoring), the --all-classes protocol.
 
 def exposed_classes(labels, id_classes, oe_classes=None):
     """The classes of the in-distribution data set that serve as outliers when --oe is that data set: --oe-classes
@@ -220,8 +274,7 @@ def load_outliers(args, data, device):
 
 def train_stage(args, x, oe_x, device):
     """The encoder (ResNet + MLP head with BatchNorm, App. I) trained with OECL or self-OECL -> model."""
-    model = common.Encoder(args.arch, bn_in_head=True, width=args.width, init=args.init).to(device)
-    aug = common.simclr_augment(args, scale=(args.crop_scale, 1.0))   # paper: App. J (crop, flip, jitter, grey)
+    model, aug = build_model(args).to(device), augmentation(args)
     cfg = common.TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt"))
     alpha = lambda epoch: alpha_at(epoch, args.alpha, args.oe_warmup)
     if oe_x is not None:
@@ -231,14 +284,6 @@ def train_stage(args, x, oe_x, device):
         step = lambda net, xb, idx, epoch: self_oecl_step(net, xb, aug, args.tau, alpha(epoch),
                                                           rot(args.id_rotations), rot(args.oe_rotations))
     return common.train(model, step, x, cfg)
-
-
-def score_stage(args, model, data, device):
-    """The three scores on the ID test images and every OOD set -> {score: {ood set: metrics}}. Eq. 15's
-    augmentations are the training ones."""
-    aug = common.simclr_augment(args, scale=(args.crop_scale, 1.0))
-    score = lambda t: ensemble_scores(model, t.to(device), aug, args.n_aug, seed=args.seed)
-    return common.evaluate(score, data.test_x, data.ood)             # float32: no autocast, whatever --amp is
 
 
 def run(args):
@@ -251,7 +296,9 @@ def run(args):
     print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
           if args.self_oe else f"{len(oe_x)} images of {outliers}"), flush=True)
     model = train_stage(args, data.train_x.to(device), oe_x, device)
-    metrics = score_stage(args, model, data, device)
+    model.eval()
+    state = score_state(model)                  # the run scores itself as a saved run will be scored later
+    metrics = common.evaluate(lambda t: score(model, state, t.to(device), args), data.test_x, data.ood)
     method = "self-OECL" if args.self_oe else f"OECL (outliers: {outliers})"
     return common.finish(args, method, metrics, data, device, t_start)
 

@@ -2,6 +2,7 @@
 public code's order: augment, then rotate), the batch composition of both steps and of the paper preset, host
 syncs, and short end-to-end runs on the embedded digits."""
 import math
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -82,16 +83,32 @@ def test_ensemble_scores_match_a_loop_over_views():
     recording = lambda xb, generator=None: seen.append(aug(xb, generator=generator)) or seen[-1]
     n_aug, batch = 3, 12                                                 # chunks of 12 // 4 = 3 images: 3 + 3 + 1
     s = oecl.ensemble_scores(model, x, recording, n_aug, batch_size=batch)
-    views = torch.cat([v.view(n_aug, -1, 3, 16, 16) for v in seen], 1)  # n_aug x 7 images, as drawn
+    assert len(seen) == len(x) and all(v.shape == (n_aug, 3, 16, 16) for v in seen)   # n_aug views per image
     with torch.no_grad():
         for i in range(len(x)):                                          # one image, one view at a time
-            zs = [model(common.to_float(x[i:i + 1]))[1][0]] + [model(views[t, i:i + 1])[1][0] for t in range(n_aug)]
+            zs = [model(common.to_float(x[i:i + 1]))[1][0]] + [model(seen[i][t:t + 1])[1][0] for t in range(n_aug)]
             mean_z = sum(zs) / len(zs)
             assert torch.allclose(s["norm"][i], zs[0].norm(), rtol=1e-4)
             assert torch.allclose(s["ensemble"][i], mean_z.norm(), rtol=1e-4)
             assert torch.allclose(s["mean_sq_norm"][i], sum(z.pow(2).sum() for z in zs) / len(zs), rtol=1e-4)
     no_aug = oecl.ensemble_scores(model, x, aug, 0)                    # no augmentation: all three are ||z||
     assert torch.allclose(no_aug["ensemble"], s["norm"]) and torch.allclose(no_aug["mean_sq_norm"], s["norm"] ** 2)
+
+
+def test_ensemble_scores_depend_on_the_image_position_alone():
+    torch.manual_seed(0)
+    model = common.Encoder("resnet18", bn_in_head=True, width=4).eval()
+    x = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8)
+    aug = common.SimCLRAugment(16)
+    whole = oecl.ensemble_scores(model, x, aug, 4, batch_size=1000, seed=3)   # one chunk
+    torch.manual_seed(1)                                                      # the global RNG plays no part
+    for batch in (5, 10, 15):                                                 # chunks of 1, 2, 3 images
+        cut = oecl.ensemble_scores(model, x, aug, 4, batch_size=batch, seed=3)
+        assert all(torch.allclose(cut[k], whole[k], rtol=1e-5) for k in whole)
+    first = oecl.ensemble_scores(model, x[:4], aug, 4, seed=3)                # a prefix: the same positions
+    assert all(torch.allclose(first[k], whole[k][:4], rtol=1e-5) for k in whole)
+    other = oecl.ensemble_scores(model, x, aug, 4, seed=4)
+    assert not torch.equal(other["ensemble"], whole["ensemble"])             # the seed does choose the draws
 
 
 class Recorder(torch.nn.Module):
@@ -236,6 +253,39 @@ def test_self_oecl_above_chance_on_digits(tmp_path):
     assert res["method"] == "self-OECL" and res["config"]["self_oe"] is True
     auroc = res["metrics"]["ensemble"]["classes 6-9"]["auroc"]
     assert auroc > 60, auroc                                             # measured 73.4 and 65.4 (seeds 0, 1); chance 50
+
+
+def test_a_saved_run_scores_as_the_run_did(tmp_path, monkeypatch):
+    # The scorer contract: build_model(settings) + the checkpoint's weights + score() give the run's own scores.
+    seen, score = [], oecl.score
+    monkeypatch.setattr(oecl, "score", lambda *a: seen.append(score(*a)) or seen[-1])   # the run's evaluation
+    res = oecl.main(["--subset", "64", "--epochs", "1", "--n-aug", "3", "--no-baselines", *TINY,
+                     "--out", str(tmp_path)])
+    s = SimpleNamespace(**res["config"])
+    model = oecl.build_model(s)
+    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"])   # strict
+    state = oecl.score_state(model)
+    torch.save(state, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    test_x = common.load_data(s).test_x
+    with torch.autocast("cpu", dtype=torch.bfloat16):                    # score() runs in float32 regardless
+        again = score(model.eval(), state, test_x[:6], s)
+    assert set(again) == set(seen[0]) == {"ensemble", "norm", "mean_sq_norm"}
+    for k, v in again.items():                                           # seen[0]: the ID test set, scored whole
+        assert v.dtype == torch.float32 and v.shape == (6,)
+        assert torch.allclose(v, seen[0][k][:6], rtol=1e-5, atol=1e-6), k
+
+
+def test_use_it_in_your_code_block_runs():
+    lines = oecl.__doc__.split("\n")
+    block = []
+    for line in lines[lines.index("Use it in your code:") + 1:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line)
+    code = textwrap.dedent("\n".join(block))
+    assert 10 <= len(code.strip().splitlines()) <= 20, code
+    exec(compile(code, "oecl.__doc__ (Use it in your code)", "exec"), {})
 
 
 def test_outliers_of_another_size_and_count(tmp_path):
