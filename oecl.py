@@ -310,8 +310,9 @@ def run_protocol(args):
     if y.min() < 0:
         raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
     n = len(classes) or int(y.max()) + 1
-    common.setup(args, f"oecl-{args.protocol}")     # the root folder: guarded and recorded as a run's
-    root = args.out
+    top = copy.deepcopy(args)                       # the root folder, guarded and recorded by common as a run's
+    common.setup(top, f"oecl-{args.protocol}")      # (its --id-classes, resolved there, are chosen per class here)
+    root = args.out = top.out
     per_class = {}
     for c in range(n):
         a = copy.deepcopy(args)
