@@ -17,7 +17,7 @@ projection of a test image, alone (Eq. 14) or of its mean over augmentations (Eq
     python oecl.py --preset paper --self-oe             # self-OECL's row of Table I: 1000 epochs, 128 images a step
     python oecl.py --protocol leave-one-out --all-classes   # every class held out in turn, per-class AUROC
 
-A digits run with the defaults (self-OECL, 10 epochs) takes ~30 s of CPU time on one thread of a 2-core AMD EPYC;
+A digits run with the defaults (self-OECL, 10 epochs) takes ~40 s of CPU time on one thread of a 2-core Intel Xeon;
 --preset paper is a multi-GPU job (500 or 1000 epochs per class). On digits, a rotation by 180 degrees turns a 6
 into a 9 and leaves 0, 1 and 8 nearly unchanged: with those classes in-distribution, self-OECL's outliers look like
 in-distribution digits, the failure on rotation-invariant data that Sec. V-A describes (the README has the numbers).

@@ -252,7 +252,9 @@ def test_self_oecl_above_chance_on_digits(tmp_path):
                      "--out", str(tmp_path)])                            # 81 steps, ~15 s of one CPU core
     assert res["method"] == "self-OECL" and res["config"]["self_oe"] is True
     auroc = res["metrics"]["ensemble"]["classes 6-9"]["auroc"]
-    assert auroc > 60, auroc                                             # measured 73.4 and 65.4 (seeds 0, 1); chance 50
+    # Measured with --seed 0-4: 65.1, 66.4, 73.0, 69.0, 66.9 (OMP_NUM_THREADS=1) and 68.8, 61.7 (seeds 0-1,
+    # OMP_NUM_THREADS=2). Chance is 50: a score of the wrong sign or an untrained encoder falls to it or below.
+    assert auroc > 50, auroc
 
 
 def test_a_saved_run_scores_as_the_run_did(tmp_path, monkeypatch):
