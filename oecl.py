@@ -17,16 +17,35 @@ projection of a test image, alone (Eq. 14) or of its mean over augmentations (Eq
     python oecl.py --preset paper --self-oe             # self-OECL's row of Table I: 1000 epochs, 128 images a step
     python oecl.py --protocol leave-one-out --all-classes   # every class held out in turn, per-class AUROC
 
-A digits run with the defaults (self-OECL, 10 epochs) takes ~30 s of CPU time on one thread of a 2-core AMD EPYC;
+A digits run with the defaults (self-OECL, 10 epochs) takes ~40 s of CPU time on one thread of a 2-core Intel Xeon;
 --preset paper is a multi-GPU job (500 or 1000 epochs per class). On digits, a rotation by 180 degrees turns a 6
 into a 9 and leaves 0, 1 and 8 nearly unchanged: with those classes in-distribution, self-OECL's outliers look like
 in-distribution digits, the failure on rotation-invariant data that Sec. V-A describes (the README has the numbers).
 
+Use it in your code:
+    import torch
+    import oecl
+    s = oecl.build_parser().parse_args(["--width", "4", "--size", "16", "--n-aug", "4"])   # every setting
+    model, aug = oecl.build_model(s), oecl.augmentation(s)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)           # ID images, uint8
+    outliers = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)    # any outlier set
+    loss, logs = oecl.oecl_step(model, x, outliers, aug, tau=0.5, alpha=1.0)   # Eq. 12, one batch
+    # or, with no outlier set: loss, logs = oecl.self_oecl_step(model, x, aug)  (Eq. 13)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.eval()
+    scores = oecl.score(model, oecl.score_state(model), x, s)   # higher = more in-distribution
+    print({name: v.shape for name, v in scores.items()})        # ensemble (Eq. 15), norm (14), mean_sq_norm
+
 Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
 usual substitutes: the 300K random images of Hendrycks et al.'s Outlier Exposure code (a debiased 80MTI subset,
 `npy:300K_random_images.npy`), CIFAR-100 (`cifar100`), or any folder of images (`folder:PATH`). When the outliers
-are classes of the in-distribution data set (`--oe digits --oe-classes 6-7`), those classes leave the evaluated
-OOD set: a test set whose classes were trained on as outliers would measure exposure, not detection.
+come from the in-distribution data set (`--oe digits`), they are classes outside --id-classes (--oe-classes, by
+default all of them), and those classes leave the evaluated OOD set: a test set whose classes were trained on as
+outliers would measure exposure, not detection. `--oe digits` without --oe-classes or --ood exposes every
+held-out digit and leaves no OOD set to evaluate: it ends with an error.
 
 Deviations from the paper and the public code (why in the last column):
   what             paper                        public code                         ours
@@ -40,13 +59,23 @@ Deviations from the paper and the public code (why in the last column):
                                                 the ID images one fixed order, and  gaps to the official numbers
                                                 self-OECL's ID and outlier loaders
                                                 the same order
-  self-OECL batch  256 normal and 256 OE        32 images per GPU x 4 GPUs = 128    --batch-size counts images;
-                   samples (App. I)             images: 256 ID + 256 outlier        the paper preset with
-                                                (image, rotation) instances         --self-oe: 128 (both agree)
+  self-OECL batch  256 for both normal and OE   32 images on one GPU (run_self.sh   --batch-size counts images; the
+                   samples (App. I)             starts one process): 64 ID + 64     paper preset with --self-oe: 128
+                                                outlier (image, rotation)           images, 256 ID + 256 outlier
+                                                instances a step                    instances: the paper's count
   outlier views    E over T_OE (Eq. 12)         two views per outlier, one forward  the same (BatchNorm statistics
                                                 pass with the ID views              as the official batch)
-  self-OECL flip   CSI's augmentation           each view flipped on its own, then  the same: the two views of a
-                                                rotated                             pair differ by a flip half the time
+  self-OECL views  not stated (Eq. 13: CSI's    each view augmented (crop, flip,    the same: four augmented views
+                   loss, rotations as shifts)   jitter, grey) by the data loader,   of each image, each then rotated
+                                                then rotated: the 0/90 instances    (CSI's order, rotation first and
+                                                of a view share its crop and        each (image, rotation) augmented
+                                                colour; the 180/270 outliers are    on its own, is not the public
+                                                rotations of two more views of the  code's)
+                                                same images (a second loader)
+  precision        not stated                   float32 throughout                  training in bf16 autocast on CUDA
+                                                                                    (--amp auto; speed: --amp off
+                                                                                    trains in float32); the loss and
+                                                                                    every score in float32
   crop scale       0.08, another value for      0.08 (DIOR), 0.5 (Raabin-WBC)       --crop-scale 0.08
                    Raabin-WBC, HAM10000 (App. J)
   digits           not in the paper             not in the code                     common's digits augmentation: the
@@ -64,6 +93,244 @@ import numpy as np
 import torch
 
 import common
+
+# ----------------------------------------------------------------------------------------------
+# Losses: Eq. 12's OECL loss (Eq. 13 is the same loss on rotations).
+
+@common.float32
+def oecl_loss(z_id, z_oe, tau=0.5, alpha=1.0):
+    """Eq. 12: NT-Xent over the L2-normalised ID projections z_id = cat([view1, view2]) (2N x d) plus
+    alpha * mean ||z_oe||_2 over the UN-normalised outlier projections z_oe (M x d). Outliers never enter the
+    contrastive denominator. Returns (loss, {"norm_in": mean ||z_id||, "norm_out": mean ||z_oe||})."""
+    norm_in, norm_out = z_id.norm(dim=1).mean(), z_oe.norm(dim=1).mean()
+    loss = common.nt_xent(z_id, tau) + alpha * norm_out
+    return loss, {"norm_in": norm_in.detach(), "norm_out": norm_out.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training step: OECL and self-OECL, one forward pass each (ID and outlier views share the BatchNorm statistics,
+# as in the public code). During App. G's warm-up (alpha = 0) the outliers still go through the network: they
+# shape the BatchNorm statistics, and their norm is logged from the first epoch (Fig. 1's curve).
+
+def alpha_at(epoch, alpha, warmup):
+    """App. G: plain SimCLR (alpha = 0) for the first `warmup` epochs, then alpha."""
+    return 0.0 if epoch < warmup else alpha
+
+
+def self_oe_views(xb, aug, id_rot=(0, 1), oe_rot=(2, 3)):
+    """Eq. 13's instances in the public code's order: each image augmented into four views (`aug`: crop, flip,
+    colour), two for the ID instances and two for the outliers, and only then each view rotated by k x 90 degrees,
+    k in id_rot (ID) or oe_rot (outliers), so that the rotations of one view share its crop and colour and differ by
+    the rotation alone -> (x_id, x_oe), each [view 1 rotated by every k | view 2 rotated by every k]: rows i and
+    i + len(x_id) / 2 are the two views of one (image, rotation) instance. As in the public code (a second loader
+    over the same images), the outliers are rotations of their own two views, not of the ID views.
+    ambiguity (Eq. 13's L_CL is "CSI"): NT-Xent with each (image, rotation) an instance, no rotation head."""
+    id1, id2, oe1, oe2 = aug(torch.cat([xb] * 4)).chunk(4)       # one augmentation call for the four views
+    x_id = torch.cat([common.rotate90(v, k) for v in (id1, id2) for k in id_rot])
+    x_oe = torch.cat([common.rotate90(v, k) for v in (oe1, oe2) for k in oe_rot])
+    return x_id, x_oe
+
+
+def oecl_step(net, xb, oe_x, aug, tau=0.5, alpha=1.0):
+    """OECL (Eq. 12) on a batch of B ID images xb: B outliers from oe_x (App. I: as many outliers as ID images),
+    two augmented views of every image, one forward pass of 4B views -> (loss, logs). ambiguity (the paper does not
+    say how outliers are drawn): uniformly with replacement, afresh at every step, so any set size works."""
+    xo = oe_x[torch.randint(len(oe_x), (len(xb),), device=oe_x.device)]
+    z = net(aug(torch.cat([xb, xb, xo, xo])))[1]           # rows: ID view 1 | ID view 2 | outlier views
+    return oecl_loss(z[:2 * len(xb)], z[2 * len(xb):], tau, alpha)
+
+
+def self_oecl_step(net, xb, aug, tau=0.5, alpha=1.0, id_rot=(0, 1), oe_rot=(2, 3)):
+    """self-OECL (Eq. 13) on a batch of B images: B x len(id_rot) ID instances and B x len(oe_rot) outliers
+    (self_oe_views), two views of each, one forward pass (8B views with the paper's rotations) -> (loss, logs)."""
+    x_id, x_oe = self_oe_views(xb, aug, id_rot, oe_rot)
+    z = net(torch.cat([x_id, x_oe]))[1]
+    return oecl_loss(z[:len(x_id)], z[len(x_id):], tau, alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores: the norm scores of Eq. 14-15 and App. C, higher = more in-distribution; the scorer's functions
+# (build_model, score_state, score), with which a saved run scores new images.
+
+def norm_score(z):
+    """Eq. 14: the L2 norm of the (un-normalised) projection."""
+    return z.float().norm(dim=1)
+
+
+def image_seed(seed, position):
+    """The seed of the test-time augmentations of the image at `position`: one per (seed, position) pair for
+    positions below 1,000,003 and seeds below 4,294, within the 32 bits that the CPU generator keeps."""
+    return (seed * 1_000_003 + position) % 2 ** 32
+
+
+@torch.no_grad()
+def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
+    """The three scores of App. C over the clean view and n_aug random training augmentations of each image:
+    'norm' ||z(x)|| (Eq. 14), 'ensemble' ||mean_t z(t(x))|| (Eq. 15; the public code counts the clean view among
+    the t) and 'mean_sq_norm' mean_t ||z(t(x))||^2 (App. C; ambiguity: over the same views, the clean one
+    included). The augmentations of the image at position i draw from a generator seeded with (seed, i), so an
+    image's scores depend on its position alone, not on how the set is cut into chunks. Chunks of
+    batch_size // (1 + n_aug) images; all the views of a chunk go through the network together."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=x.device)
+    chunk = max(1, batch_size // (1 + n_aug))
+    out = {"ensemble": [], "norm": [], "mean_sq_norm": []}
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk]
+        views = [common.to_float(xb)]
+        if n_aug:                                                   # n_aug x len(xb): row t * len(xb) + j
+            per_image = [augment(img.expand(n_aug, -1, -1, -1), generator=gen.manual_seed(image_seed(seed, i + j)))
+                         for j, img in enumerate(xb.split(1))]
+            views.append(torch.stack(per_image, 1).flatten(0, 1))
+        z = model(torch.cat(views))[1].float().view(1 + n_aug, len(xb), -1)    # z[t, j]: view t of image j
+        out["ensemble"].append(norm_score(z.mean(0)))
+        out["norm"].append(norm_score(z[0]))
+        out["mean_sq_norm"].append(z.pow(2).sum(2).mean(0))
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def build_model(s):
+    """The encoder of settings s (s.arch, s.width, s.init): a ResNet and an MLP head with BatchNorm (App. I)."""
+    return common.Encoder(s.arch, bn_in_head=True, width=s.width, init=s.init)
+
+
+def augmentation(s):
+    """The training augmentation of settings s, also Eq. 15's test-time one: the paper's (App. J, crop scale
+    s.crop_scale) on natural images, common's digits augmentation on digits."""
+    return common.simclr_augment(s, scale=(s.crop_scale, 1.0))
+
+
+def score_state(model):
+    """What score() needs beside the weights and the settings: nothing; the norm scores read no training data."""
+    return {}
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """The scores of uint8 images x (N x 3 x s.size x s.size) -> {'ensemble', 'norm', 'mean_sq_norm': N float32
+    scores}, higher = more in-distribution: ensemble_scores with s.n_aug augmentations seeded by s.seed, in
+    float32 whatever autocast the caller runs under."""
+    with torch.autocast(x.device.type, enabled=False):
+        return ensemble_scores(model, x, augmentation(s), s.n_aug, seed=s.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: outliers, training, one run (training, then scoring), the --all-classes protocol.
+
+def exposed_classes(labels, id_classes, oe_classes=None):
+    """The classes of the in-distribution data set that serve as outliers when --oe is that data set: --oe-classes
+    (text, e.g. '6-7'), by default every class outside the ID classes; never an ID class, which would train the
+    same images as instances and as outliers -> sorted list of class ids."""
+    outside = sorted(set(labels.unique().tolist()) - set(id_classes))
+    if oe_classes is None:
+        if not outside:
+            raise ValueError("--oe is the in-distribution data set and every class of it is in-distribution: "
+                             "no class is left to serve as outliers")
+        return outside
+    chosen = common.parse_classes(oe_classes)
+    if set(chosen) & set(id_classes):
+        raise ValueError(f"--oe-classes {oe_classes}: expected classes outside the in-distribution classes "
+                         f"{common.format_classes(id_classes)}")
+    return chosen
+
+
+def without_classes(data, exposed):
+    """data with the classes `exposed` removed from its held-out OOD set (renamed after the classes left): a class
+    trained on as outliers would measure exposure, not detection."""
+    ood, ood_y = dict(data.ood), dict(data.ood_y)
+    for name, labels in data.ood_y.items():
+        keep = ~torch.isin(labels, torch.tensor(exposed))
+        del ood[name], ood_y[name]
+        if keep.any():
+            left = f"classes {common.format_classes(labels[keep].unique().tolist())}"
+            ood[left], ood_y[left] = data.ood[name][keep], labels[keep]
+    if not ood:
+        raise ValueError(f"classes {common.format_classes(exposed)} serve as outliers, which leaves no OOD set to "
+                         f"evaluate: expose fewer held-out classes (--oe-classes) or add --ood SPEC")
+    return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y})
+
+
+def load_outliers(args, data, device):
+    """The --oe images (training split) on the device -> (outliers, data). --oe-classes selects classes of a
+    labelled set; when --oe is the in-distribution data set, the outliers are exposed_classes (never an ID class)
+    and leave the evaluated OOD set (without_classes)."""
+    x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
+    if (args.oe_classes or args.oe == args.dataset) and y.min() < 0:
+        raise ValueError(f"--oe {args.oe} has no labels, so no class of it can be chosen as outliers"
+                         + (" (it is the in-distribution data set)" if args.oe == args.dataset else ""))
+    if args.oe == args.dataset:
+        ids = exposed_classes(y, data.id_classes, args.oe_classes)
+        data = without_classes(data, ids)
+    else:
+        ids = common.parse_classes(args.oe_classes) if args.oe_classes else None
+    if ids is not None:
+        x, _ = common.select_classes(x, y, ids)
+    if len(x) == 0:
+        raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
+    return x.to(device), data, ids
+
+
+def train_stage(args, x, oe_x, device):
+    """The encoder (ResNet + MLP head with BatchNorm, App. I) trained with OECL or self-OECL -> model."""
+    model, aug = build_model(args).to(device), augmentation(args)
+    cfg = common.TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt"))
+    alpha = lambda epoch: alpha_at(epoch, args.alpha, args.oe_warmup)
+    if oe_x is not None:
+        step = lambda net, xb, idx, epoch: oecl_step(net, xb, oe_x, aug, args.tau, alpha(epoch))
+    else:
+        rot = lambda text: tuple(int(r) // 90 for r in text.split(","))
+        step = lambda net, xb, idx, epoch: self_oecl_step(net, xb, aug, args.tau, alpha(epoch),
+                                                          rot(args.id_rotations), rot(args.oe_rotations))
+    return common.train(model, step, x, cfg)
+
+
+def run(args):
+    """One configuration: train, score, report -> the results dict (also <out>/results.json)."""
+    t_start = time.time()
+    device = common.setup(args, "oecl", may_change=("n_aug",))
+    data = common.load_data(args)
+    oe_x, data, oe_ids = load_outliers(args, data, device) if not args.self_oe else (None, data, None)
+    outliers = f"{args.oe}" + (f" classes {common.format_classes(oe_ids)}" if oe_ids else "")
+    print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
+          if args.self_oe else f"{len(oe_x)} images of {outliers}"), flush=True)
+    model = train_stage(args, data.train_x.to(device), oe_x, device)
+    model.eval()
+    state = score_state(model)                  # the run scores itself as a saved run will be scored later
+    metrics = common.evaluate(lambda t: score(model, state, t.to(device), args), data.test_x, data.ood)
+    method = "self-OECL" if args.self_oe else f"OECL (outliers: {outliers})"
+    return common.finish(args, method, metrics, data, device, t_start)
+
+
+def run_protocol(args):
+    """--all-classes: one run per class (one-vs-rest: it alone is ID; leave-one-out: it alone is OOD) -> results
+    with the ensemble AUROC of each class and their mean (<root>/results.json)."""
+    _, y, classes = common.load_dataset(args.dataset, True, args.data_root, True, args.size)
+    if y.min() < 0:
+        raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
+    n = len(classes) or int(y.max()) + 1
+    top = copy.deepcopy(args)                       # the root folder, guarded and recorded by common as a run's
+    common.setup(top, f"oecl-{args.protocol}")      # (its --id-classes, resolved there, are chosen per class here)
+    root = args.out = top.out
+    per_class = {}
+    for c in range(n):
+        a = copy.deepcopy(args)
+        a.id_classes = str(c) if args.protocol == "one-vs-rest" else ",".join(str(k) for k in range(n) if k != c)
+        a.out = os.path.join(root, f"class-{c}")
+        metrics = run(a)["metrics"]["ensemble"]     # the held-out set is named by its classes, which change with c
+        per_class[c] = {("held-out classes" if k.startswith("classes ") else k): v for k, v in metrics.items()}
+    sets = list(per_class[0])
+    print(f"\n{args.protocol}, AUROC of the ensemble score per {'ID' if args.protocol == 'one-vs-rest' else 'OOD'} class")
+    for c, m in per_class.items():
+        print(f"  {c:>3} {(classes[c] if classes else ''):<12} " + " ".join(f"{m[s]['auroc']:7.2f}" for s in sets))
+    mean = {s: float(np.mean([m[s]["auroc"] for m in per_class.values()])) for s in sets}
+    print("  mean             " + " ".join(f"{v:7.2f}" for v in mean.values()) + f"   ({', '.join(sets)})")
+    results = {"method": "oecl", "protocol": args.protocol, "config": vars(args), "per_class": per_class,
+               "mean_auroc": mean}
+    common.save_results(os.path.join(root, "results.json"), results)
+    return results
+
 
 # ----------------------------------------------------------------------------------------------
 # Presets: --preset NAME; explicit flags win.
@@ -92,8 +359,8 @@ PAPER_SELF_OECL = dict(             # PAPER's values that differ for self-OECL (
     oe=None,                        # paper: Eq. 13, the outliers are rotations
     epochs=1000,                    # paper: App. I, "except self-OECL with 1000 epochs"
     # ambiguity (App. I, "256 for both normal and OE samples"): a sample is an (image, rotation) instance, so 128
-    # images give 256 ID and 256 outlier instances; the public code agrees (32 images per GPU x 4 GPUs)
-    batch_size=128,                 # paper: App. I; public code: oecl_self config, 32 x 4 GPUs
+    # images give 256 ID and 256 outlier instances (the public code runs self-OECL with 32 images on one GPU)
+    batch_size=128,                 # paper: App. I (public code: 32, one process in run_self.sh)
 )
 
 QUICK = dict(                       # a CPU path check on real data, not a quality signal
@@ -117,7 +384,9 @@ def build_parser():
     g.add_argument("--oe", default=None, help=f"outlier set for OECL ({common.DATASET_SPECS}); any size, "
                    "drawn with replacement, training split")
     g.add_argument("--oe-classes", default=None,
-                   help="keep only these classes of --oe (e.g. 6-7); classes of the ID data set leave the OOD test set")
+                   help="the classes of --oe that serve as outliers (e.g. 6-7; default: all). When --oe is the "
+                        "in-distribution data set: default every class outside --id-classes, never an ID class, and "
+                        "the exposed classes leave the evaluated OOD set (an error if no OOD set is left)")
     g.add_argument("--self-oe", action=argparse.BooleanOptionalAction, default=None,
                    help="self-OECL (Eq. 13): outliers are the training images rotated by --oe-rotations "
                         "(default: on when no --oe is given)")
@@ -161,11 +430,8 @@ def check_args(args):
         common.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
         common.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
         common.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
-        if args.oe == args.dataset and not args.all_classes:
-            ids = args.id_classes or ("0-5" if args.dataset == "digits" else None)
-            shared = set(common.parse_classes(args.oe_classes)) & set(common.parse_classes(ids)) if ids else True
-            common.check(not shared, "--oe-classes", args.oe_classes,
-                         f"classes outside the in-distribution classes {ids or '(all)'}")
+    common.check(not (args.all_classes and args.oe == args.dataset), "--oe", args.oe,
+                 "an outlier set other than --dataset with --all-classes (each class is in-distribution in some run)")
     for flag, text in (("--id-rotations", args.id_rotations), ("--oe-rotations", args.oe_rotations)):
         common.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
                      "rotations out of 0, 90, 180, 270, comma-separated")
@@ -181,198 +447,6 @@ def check_args(args):
     common.check(not (args.all_classes and args.id_classes), "--id-classes", args.id_classes,
                  "none with --all-classes, which chooses the in-distribution classes itself")
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses: Eq. 12's OECL loss (Eq. 13 is the same loss on rotations).
-
-@common.float32
-def oecl_loss(z_id, z_oe, tau=0.5, alpha=1.0):
-    """Eq. 12: NT-Xent over the L2-normalised ID projections z_id = cat([view1, view2]) (2N x d) plus
-    alpha * mean ||z_oe||_2 over the UN-normalised outlier projections z_oe (M x d). Outliers never enter the
-    contrastive denominator. Returns (loss, {"norm_in": mean ||z_id||, "norm_out": mean ||z_oe||})."""
-    norm_in, norm_out = z_id.norm(dim=1).mean(), z_oe.norm(dim=1).mean()
-    loss = common.nt_xent(z_id, tau) + alpha * norm_out
-    return loss, {"norm_in": norm_in.detach(), "norm_out": norm_out.detach()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Training step: OECL and self-OECL, one forward pass each (ID and outlier views share the BatchNorm statistics,
-# as in the public code). During App. G's warm-up (alpha = 0) the outliers still go through the network: they
-# shape the BatchNorm statistics, and their norm is logged from the first epoch (Fig. 1's curve).
-
-def alpha_at(epoch, alpha, warmup):
-    """App. G: plain SimCLR (alpha = 0) for the first `warmup` epochs, then alpha."""
-    return 0.0 if epoch < warmup else alpha
-
-
-def random_hflip(x):
-    """Flip each image horizontally with probability 1/2."""
-    flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-def self_oe_views(xb, flip=True, id_rot=(0, 1), oe_rot=(2, 3)):
-    """Eq. 13's instances, as CSI and the public code build them: two views of each image, each flipped on its own
-    (p 1/2, if `flip`), then each view rotated by k x 90 degrees for k in id_rot (ID instances) and in oe_rot
-    (outliers). The flip comes before the rotation: flipping a 90-degree view afterwards would make it a
-    270-degree rotation of the flipped image, an outlier. -> (x_id, x_oe): x_id = [view 1 | view 2], so that rows i
-    and i + len(x_id) / 2 are the two views of one (image, rotation) instance; x_oe the outlier rotations of both.
-    ambiguity (Eq. 13's L_CL is "CSI"): NT-Xent with each (image, rotation) an instance, no rotation head."""
-    views = [random_hflip(xb) if flip else xb for _ in range(2)]
-    x_id = torch.cat([common.rotate90(v, k) for v in views for k in id_rot])
-    x_oe = torch.cat([common.rotate90(v, k) for v in views for k in oe_rot])
-    return x_id, x_oe
-
-
-def oecl_step(net, xb, oe_x, aug, tau=0.5, alpha=1.0):
-    """OECL (Eq. 12) on a batch of B ID images xb: B outliers from oe_x (App. I: as many outliers as ID images),
-    two augmented views of every image, one forward pass of 4B views -> (loss, logs). ambiguity (the paper does not
-    say how outliers are drawn): uniformly with replacement, afresh at every step, so any set size works."""
-    xo = oe_x[torch.randint(len(oe_x), (len(xb),), device=oe_x.device)]
-    z = net(aug(torch.cat([xb, xb, xo, xo])))[1]           # rows: ID view 1 | ID view 2 | outlier views
-    return oecl_loss(z[:2 * len(xb)], z[2 * len(xb):], tau, alpha)
-
-
-def self_oecl_step(net, xb, aug, tau=0.5, alpha=1.0, flip=True, id_rot=(0, 1), oe_rot=(2, 3)):
-    """self-OECL (Eq. 13) on a batch of B images: B x len(id_rot) ID instances and B x len(oe_rot) outliers
-    (self_oe_views), two views of each, one forward pass (8B views with the paper's rotations); `aug` must not flip
-    (self_oe_views flips before rotating) -> (loss, logs)."""
-    x_id, x_oe = self_oe_views(xb, flip, id_rot, oe_rot)
-    z = net(aug(torch.cat([x_id, x_oe])))[1]
-    return oecl_loss(z[:len(x_id)], z[len(x_id):], tau, alpha)
-
-
-# ----------------------------------------------------------------------------------------------
-# Scores: the norm scores of Eq. 14-15 and App. C; higher = more in-distribution.
-
-def norm_score(z):
-    """Eq. 14: the L2 norm of the (un-normalised) projection."""
-    return z.float().norm(dim=1)
-
-
-@torch.no_grad()
-def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
-    """The three scores of App. C over the clean view and n_aug random training augmentations of each image:
-    'norm' ||z(x)|| (Eq. 14), 'ensemble' ||mean_t z(t(x))|| (Eq. 15; the public code counts the clean view among
-    the t) and 'mean_sq_norm' mean_t ||z(t(x))||^2 (App. C; ambiguity: over the same views, the clean one
-    included). Chunks of batch_size // (1 + n_aug) images; all the views of a chunk go through the network
-    together. The seeded generator gives every set the same draws."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    chunk = max(1, batch_size // (1 + n_aug))
-    out = {"ensemble": [], "norm": [], "mean_sq_norm": []}
-    for i in range(0, len(x), chunk):
-        xb = x[i:i + chunk]
-        views = [common.to_float(xb)] + ([augment(xb.repeat(n_aug, 1, 1, 1), generator=gen)] if n_aug else [])
-        z = model(torch.cat(views))[1].float().view(1 + n_aug, len(xb), -1)    # row t * len(xb) + i: view t of i
-        out["ensemble"].append(norm_score(z.mean(0)))
-        out["norm"].append(norm_score(z[0]))
-        out["mean_sq_norm"].append(z.pow(2).sum(2).mean(0))
-    model.train(was_training)
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Stages: outliers, training, scoring, one run, the --all-classes protocol.
-
-def load_outliers(args, data, device):
-    """The --oe images (training split, --oe-classes of them) on the device; classes of the ID data set used as
-    outliers leave the evaluated held-out set -> (outliers, data with that OOD set)."""
-    x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
-    if args.oe_classes:
-        if y.min() < 0:
-            raise ValueError(f"--oe {args.oe} has no labels, so --oe-classes cannot select from it")
-        ids = common.parse_classes(args.oe_classes)
-        x, _ = common.select_classes(x, y, ids)
-        if args.oe == args.dataset:
-            if set(ids) & set(data.id_classes):      # possible under --all-classes only (check_args refuses it else)
-                raise ValueError(f"--oe-classes {args.oe_classes} overlap the in-distribution classes {data.id_classes}")
-            data = without_classes(data, ids)
-    if len(x) == 0:
-        raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
-    return x.to(device), data
-
-
-def without_classes(data, exposed):
-    """data with the classes `exposed` removed from its held-out OOD set (renamed after the classes left)."""
-    ood, ood_y = dict(data.ood), dict(data.ood_y)
-    for name, labels in data.ood_y.items():
-        keep = ~torch.isin(labels, torch.tensor(exposed))
-        del ood[name], ood_y[name]
-        if keep.any():
-            left = f"classes {common.format_classes(labels[keep].unique().tolist())}"
-            ood[left], ood_y[left] = data.ood[name][keep], labels[keep]
-    if not ood:
-        raise ValueError(f"--oe-classes {common.format_classes(exposed)} leave no OOD class to evaluate")
-    return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y})
-
-
-def train_stage(args, x, oe_x, device):
-    """The encoder (ResNet + MLP head with BatchNorm, App. I) trained with OECL or self-OECL -> model."""
-    model = common.Encoder(args.arch, bn_in_head=True, width=args.width, init=args.init).to(device)
-    aug = common.simclr_augment(args, scale=(args.crop_scale, 1.0))   # paper: App. J (crop, flip, jitter, grey)
-    cfg = common.TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt"))
-    alpha = lambda epoch: alpha_at(epoch, args.alpha, args.oe_warmup)
-    if oe_x is not None:
-        step = lambda net, xb, idx, epoch: oecl_step(net, xb, oe_x, aug, args.tau, alpha(epoch))
-    else:
-        flip, aug.flip = aug.flip, False                  # self-OECL flips each view before rotating it
-        rot = lambda text: tuple(int(r) // 90 for r in text.split(","))
-        step = lambda net, xb, idx, epoch: self_oecl_step(net, xb, aug, args.tau, alpha(epoch), flip,
-                                                          rot(args.id_rotations), rot(args.oe_rotations))
-    return common.train(model, step, x, cfg)
-
-
-def score_stage(args, model, data, device):
-    """The three scores on the ID test images and every OOD set -> {score: {ood set: metrics}}. Eq. 15's
-    augmentations are the training ones, with their flip."""
-    aug = common.simclr_augment(args, scale=(args.crop_scale, 1.0))
-    score = lambda t: ensemble_scores(model, t.to(device), aug, args.n_aug, seed=args.seed)
-    with common.autocast(args.amp, device):
-        return common.evaluate(score, data.test_x, data.ood)
-
-
-def run(args):
-    """One configuration: train, score, report -> the results dict (also <out>/results.json)."""
-    t_start = time.time()
-    device = common.setup(args, "oecl", may_change=("n_aug",))
-    data = common.load_data(args)
-    oe_x, data = load_outliers(args, data, device) if not args.self_oe else (None, data)
-    print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
-          if args.self_oe else f"{len(oe_x)} images of {args.oe}"), flush=True)
-    model = train_stage(args, data.train_x.to(device), oe_x, device)
-    metrics = score_stage(args, model, data, device)
-    method = "self-OECL" if args.self_oe else f"OECL (outliers: {args.oe} {args.oe_classes or ''}".rstrip() + ")"
-    return common.finish(args, method, metrics, data, device, t_start)
-
-
-def run_protocol(args):
-    """--all-classes: one run per class (one-vs-rest: it alone is ID; leave-one-out: it alone is OOD) -> results
-    with the ensemble AUROC of each class and their mean (<root>/results.json)."""
-    _, y, classes = common.load_dataset(args.dataset, True, args.data_root, True, args.size)
-    if y.min() < 0:
-        raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
-    n = len(classes) or int(y.max()) + 1
-    root = args.out or os.path.join("runs", f"oecl-{args.protocol}-{args.dataset.replace(':', '_').replace('/', '_')}")
-    per_class = {}
-    for c in range(n):
-        a = copy.deepcopy(args)
-        a.id_classes = str(c) if args.protocol == "one-vs-rest" else ",".join(str(k) for k in range(n) if k != c)
-        a.out = os.path.join(root, f"class-{c}")
-        metrics = run(a)["metrics"]["ensemble"]     # the held-out set is named by its classes, which change with c
-        per_class[c] = {("held-out classes" if k.startswith("classes ") else k): v for k, v in metrics.items()}
-    sets = list(per_class[0])
-    print(f"\n{args.protocol}, AUROC of the ensemble score per {'ID' if args.protocol == 'one-vs-rest' else 'OOD'} class")
-    for c, m in per_class.items():
-        print(f"  {c:>3} {(classes[c] if classes else ''):<12} " + " ".join(f"{m[s]['auroc']:7.2f}" for s in sets))
-    mean = {s: float(np.mean([m[s]["auroc"] for m in per_class.values()])) for s in sets}
-    print("  mean             " + " ".join(f"{v:7.2f}" for v in mean.values()) + f"   ({', '.join(sets)})")
-    results = {"method": "oecl", "protocol": args.protocol, "config": vars(args), "per_class": per_class,
-               "mean_auroc": mean}
-    common.save_results(os.path.join(root, "results.json"), results)
-    return results
 
 
 # ----------------------------------------------------------------------------------------------
