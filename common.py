@@ -1401,10 +1401,6 @@ def check_shared(args, resolve=True):
         check(ids[-1] < n, "--id-classes", text, f"classes of {args.dataset}: 0-{n - 1}")
         if resolve:
             args.id_classes = format_classes(ids)
-    held_out = n and len(parse_classes(args.id_classes or default_id_classes(args.dataset, n))) < n
-    if not (held_out or args.ood or args.dataset == "cifar10"):
-        raise ValueError(f"no OOD set: every image of {args.dataset} is in-distribution"
-                         f"{'' if n == 0 else ' (--id-classes takes them all)'}; give --ood SPEC [SPEC ...]")
     check(args.size >= 8, "--size", args.size, "an integer >= 8")
     check(args.subset >= 0, "--subset", args.subset, "an integer >= 0 (0: every training image)")
     check(args.subset == 0 or args.subset >= 2, "--subset", args.subset, "0 or at least 2 images")
@@ -1811,15 +1807,28 @@ def default_out(script, dataset, tag=""):
     return os.path.join("runs", "-".join([script] + ([tag] if tag else []) + [dataset.replace(":", "_").replace("/", "_")]))
 
 
-def setup(args, script, may_change=()):
+def check_ood_set(args):
+    """An OOD set to measure against, known before any image is decoded: the held-out classes, --ood, or CIFAR-10's
+    default sets."""
+    n = count_classes(args.dataset)
+    held_out = n and len(parse_classes(args.id_classes or default_id_classes(args.dataset, n))) < n
+    if not (held_out or args.ood or args.dataset == "cifar10"):
+        raise ValueError(f"no OOD set: every image of {args.dataset} is in-distribution"
+                         f"{'' if n == 0 else ' (--id-classes takes them all)'}; give --ood SPEC [SPEC ...]")
+
+
+def setup(args, script, may_change=(), ood_check=True):
     """The start of every script's main(), after its own flags are checked: the shared flags checked, process group
     under torchrun, seed, device, the run folder guarded and recorded, config printout -> device.
 
     args.run = {"script", "settings"}: every setting that shapes the weights (all but MAY_CHANGE and the script's
     `may_change`, its evaluation-only flags); recorded in run.json and in every checkpoint, and compared on --resume.
     Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group (nccl on CUDA, gloo on CPU), puts
-    each rank on its own GPU and silences print on every rank but 0; rank 0 alone guards the run folder."""
+    each rank on its own GPU and silences print on every rank but 0; rank 0 alone guards the run folder.
+    ood_check=False: the run has no OOD set of its own (a folder of per-class runs)."""
     check_shared(args)
+    if ood_check:
+        check_ood_set(args)
     args.out = args.out or default_out(script, args.dataset)
     skip = set(MAY_CHANGE) | set(may_change)
     args.run = {"script": script, "settings": {k: v for k, v in sorted(vars(args).items()) if k not in skip}}

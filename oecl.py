@@ -239,17 +239,18 @@ def exposed_classes(labels, id_classes, oe_classes=None):
 def without_classes(data, exposed):
     """data with the classes `exposed` removed from its held-out OOD set (renamed after the classes left): a class
     trained on as outliers would measure exposure, not detection."""
-    ood, ood_y = dict(data.ood), dict(data.ood_y)
+    ood, ood_y, names = dict(data.ood), dict(data.ood_y), dict(data.ood_names)
     for name, labels in data.ood_y.items():
         keep = ~torch.isin(labels, torch.tensor(exposed))
-        del ood[name], ood_y[name]
+        del ood[name], ood_y[name], names[name]
         if keep.any():
             left = f"classes {common.format_classes(labels[keep].unique().tolist())}"
             ood[left], ood_y[left] = data.ood[name][keep], labels[keep]
+            names[left] = [n for n, k in zip(data.ood_names[name], keep.tolist()) if k]
     if not ood:
         raise ValueError(f"classes {common.format_classes(exposed)} serve as outliers, which leaves no OOD set to "
                          f"evaluate: expose fewer held-out classes (--oe-classes) or add --ood SPEC")
-    return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y})
+    return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y, "ood_names": names})
 
 
 def load_outliers(args, data, device):
@@ -291,16 +292,15 @@ def run(args):
     t_start = time.time()
     device = common.setup(args, "oecl", may_change=("n_aug",))
     data = common.load_data(args)
+    common.check_data(args, data)
     oe_x, data, oe_ids = load_outliers(args, data, device) if not args.self_oe else (None, data, None)
     outliers = f"{args.oe}" + (f" classes {common.format_classes(oe_ids)}" if oe_ids else "")
     print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
           if args.self_oe else f"{len(oe_x)} images of {outliers}"), flush=True)
     model = train_stage(args, data.train_x.to(device), oe_x, device)
-    model.eval()
-    state = score_state(model)                  # the run scores itself as a saved run will be scored later
-    metrics = common.evaluate(lambda t: score(model, state, t.to(device), args), data.test_x, data.ood)
+    scorer = common.Scorer.from_args("oecl", args, model.eval(), score_state(model))
     method = "self-OECL" if args.self_oe else f"OECL (outliers: {outliers})"
-    return common.finish(args, method, metrics, data, device, t_start)
+    return common.finish(args, method, scorer, data, device, t_start)
 
 
 def run_protocol(args):
@@ -310,8 +310,8 @@ def run_protocol(args):
     if y.min() < 0:
         raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
     n = len(classes) or int(y.max()) + 1
-    top = copy.deepcopy(args)                       # the root folder, guarded and recorded by common as a run's
-    common.setup(top, f"oecl-{args.protocol}")      # (its --id-classes, resolved there, are chosen per class here)
+    top = copy.deepcopy(args)       # the root folder, guarded and recorded by common as a run's (its --id-classes
+    common.setup(top, f"oecl-{args.protocol}", ood_check=False)   # and OOD sets are each class's run's)
     root = args.out = top.out
     per_class = {}
     for c in range(n):
@@ -455,6 +455,8 @@ def check_args(args):
 @common.entry_point
 def main(argv=None):
     args = check_args(common.parse_args(build_parser(), PRESETS, argv))
+    if args.score:                                   # a finished run scores new images
+        return common.score_later(args, "oecl")
     return run_protocol(args) if args.all_classes else run(args)
 
 

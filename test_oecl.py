@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import common
 import oecl
 
@@ -184,7 +185,7 @@ def test_steps_make_no_host_sync(self_oe):
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     oe_x = torch.randint(0, 256, (9, 3, 8, 8), dtype=torch.uint8)
     for aug in (common.SimCLRAugment(8), common.SimCLRAugment(8, **common.DIGITS_AUGMENT)):
-        with common.DispatchCounter() as c:
+        with bench.DispatchCounter() as c:
             if self_oe:
                 loss, logs = oecl.self_oecl_step(model, x, aug, 0.5, 1.0)
             else:
@@ -228,9 +229,11 @@ def test_outliers_from_the_id_data_set_never_include_id_or_evaluated_classes():
         oecl.exposed_classes(labels, list(range(10)))
     test_y = torch.arange(6, 10).repeat(2)
     data = SimpleNamespace(ood={"classes 6-9": test_y.float(), "svhn": torch.zeros(3)},
-                           ood_y={"classes 6-9": test_y})
+                           ood_y={"classes 6-9": test_y},
+                           ood_names={"classes 6-9": [f"{i}" for i in range(8)], "svhn": ["0", "1", "2"]})
     kept = oecl.without_classes(data, [6, 7])
     assert set(kept.ood) == {"classes 8-9", "svhn"} and torch.equal(kept.ood["classes 8-9"], kept.ood_y["classes 8-9"].float())
+    assert kept.ood_names["classes 8-9"] == ["2", "3", "6", "7"] and kept.ood_names["svhn"] == ["0", "1", "2"]
     assert set(kept.ood_y["classes 8-9"].tolist()) == {8, 9}
     assert set(oecl.without_classes(data, [6, 7, 8, 9]).ood) == {"svhn"}          # another OOD set is left
     del data.ood["svhn"]
@@ -265,7 +268,7 @@ def test_a_saved_run_scores_as_the_run_did(tmp_path, monkeypatch):
                      "--out", str(tmp_path)])
     s = SimpleNamespace(**res["config"])
     model = oecl.build_model(s)
-    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"])   # strict
+    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"])   # strict
     state = oecl.score_state(model)
     torch.save(state, tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
