@@ -36,7 +36,7 @@ The floor. A CIFAR ResNet-18 (width 64) costs 1.11 GFLOP forward and 3.33 GFLOP 
 or H200's dense bf16 peak (989 TFLOP/s). Row 8 measures the epoch on a GPU as a multiple of that floor; it has not
 been run on a GPU yet.
 
-Measured with `OMP_NUM_THREADS=1 python bench.py --quick --rows R` on a 2-core AMD EPYC shared with other jobs, one
+Measured with `OMP_NUM_THREADS=1 python bench.py --quick --rows R` on a 2-core AMD EPYC shared with other jobs (row 9: an Intel Xeon), one
 thread, CIFAR ResNet-18 at width 16 (rows 1-6: ratios of interleaved medians; rows 9-10: exact counts; rows 7 and 8
 need --cifar10 PATH and CUDA and were not run):
 
@@ -62,10 +62,10 @@ need --cifar10 PATH and CUDA and were not run):
  6 ensemble: OECL ensemble score, clean + 32 augmentations           33.1x = 1.00 per view          <= 36.3x (1.1 per view)         yes
  6 ensemble: MCL SEI, 8 views (4 rotations x mirror), Mahalanobis    8.5x = 1.07 per view           <= 8.8x (1.1 per view)          yes
  9 per step: SimCLR (common.simclr_step)                             0 syncs, 328 launches (1.83x)  0 syncs, <= 1.3x bare           NO
- 9 per step: CCL joint stage (ccl.CCLStep, LARS)                     0 syncs, 471 launches (2.63x)  0 syncs, <= 1.3x bare           NO
- 9 per step: MCL (mcl.mcl_step, 4 rotations)                         0 syncs, 514 launches (2.87x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: CCL joint stage (ccl.CCLStep, LARS)                     0 syncs, 474 launches (2.65x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: MCL (mcl.mcl_step, 4 rotations)                         0 syncs, 400 launches (2.23x)  0 syncs, <= 1.3x bare           NO
  9 per step: OECL (oecl.oecl_step, 2 views of ID and outliers)       0 syncs, 345 launches (1.93x)  0 syncs, <= 1.3x bare           NO
- 9 per step: self-OECL (oecl.self_oecl_step, rotations)              0 syncs, 358 launches (2.00x)  0 syncs, <= 1.3x bare           NO
+ 9 per step: self-OECL (oecl.self_oecl_step, rotations)              0 syncs, 351 launches (1.96x)  0 syncs, <= 1.3x bare           NO
  9 per step: SCAN stage (scan_ood.scan_step, StrongAugment)          0 syncs, 660 launches (3.82x)  0 syncs, <= 1.3x bare           NO
  9 per step: self-labelling (scan_ood.selflabel_step)                0 syncs, 503 launches (2.91x)  0 syncs, <= 1.3x bare           NO
  9 per call: StrongAugment vs SimCLRAugment (blur on)                0 syncs, 224 vs 133 launches   0 syncs, <= 2x                  yes
@@ -77,9 +77,11 @@ need --cifar10 PATH and CUDA and were not run):
 10 compile: SCAN stage (scan_ood.scan_step, StrongAugment)           0 graph breaks                 reported                        -
 10 compile: self-labelling (scan_ood.selflabel_step)                 0 graph breaks                 reported                        -
 
-Rows 1-6 and 9-10 come from OMP_NUM_THREADS=1 python bench.py --quick --rows R in three runs on the loaded
-machine (rows 1 and 4 together, rows 2-3, 6, 9-10 together, row 5 alone); rows 7 (needs --cifar10 PATH) and 8
-(needs CUDA) were not run. Timed ratios from one quick sample move by ±15% with the machine's load. The misses:
+Rows 1-6 and 10 come from OMP_NUM_THREADS=1 python bench.py --quick --rows R in three runs on the loaded
+machine (rows 1 and 4 together, rows 2-3, 6, 9-10 together, row 5 alone), before CCL adapted every parameter in
+LARS and MCL drew both views in one augmentation call; row 9 was counted again after those changes (exact counts,
+--rows 9, which also counts .tolist(), .numpy() and .cpu() as syncs: still 0 in every step). Rows 7 (needs
+--cifar10 PATH) and 8 (needs CUDA) were not run. Timed ratios from one quick sample move by ±15% with the machine's load. The misses:
 - Row 1: 4.1x in this run (10,356 vs 2,546 images/s); SimCLRAugment's own time did not change with this
   version's edits (52 vs 50 ms per 512 images against the previous version, timed side by side), so the PIL side
   ran faster here than in earlier runs (7.3x).

@@ -1159,3 +1159,16 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
+    """Every ```python block of the README runs as printed, in a folder where `runs/photos` is a finished run and
+    `images` a batch of uint8 images."""
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(selfcheck(tmp_path, "--out", "runs/photos", "--subset", "32"), dict)
+    for block in blocks:
+        exec(block, {"images": common.load_dataset("digits", train=False)[0][:6]})
