@@ -36,9 +36,9 @@ The floor. A CIFAR ResNet-18 (width 64) costs 1.11 GFLOP forward and 3.33 GFLOP 
 or H200's dense bf16 peak (989 TFLOP/s). Row 8 measures the epoch on a GPU as a multiple of that floor; it has not
 been run on a GPU yet.
 
-Measured with `OMP_NUM_THREADS=1 python bench.py --quick --rows R` on a 2-core AMD EPYC shared with other jobs (row 9: an Intel Xeon), one
-thread, CIFAR ResNet-18 at width 16 (rows 1-6: ratios of interleaved medians; rows 9-10: exact counts; rows 7 and 8
-need --cifar10 PATH and CUDA and were not run):
+Measured with `OMP_NUM_THREADS=1 python bench.py --quick --rows R` on a 2-core AMD EPYC shared with other jobs
+(row 9: an Intel Xeon), one thread, CIFAR ResNet-18 at width 16 (rows 1-6: ratios of interleaved medians; rows 9-10:
+exact counts; rows 7 and 8 need --cifar10 PATH and CUDA and were not run):
 
  # measurement                                                       measured                       target                          met
  1 augmentation: SimCLRAugment vs per-image PIL                      4.07x                          >= 5x                           NO
