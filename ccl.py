@@ -507,9 +507,9 @@ def check_sizes(args, n):
 @common.entry_point
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
-    check_args(args)
-    if args.score:                                   # a finished run scores new images
+    if args.score:                                   # a finished run scores new images: no training flag applies
         return common.score_later(args, "ccl")
+    check_args(args)
     t_start = time.time()
     device = common.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
     data = common.load_data(args)

@@ -542,9 +542,9 @@ def check_args(args):
 @common.entry_point
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
-    check_args(args)
-    if args.score:                                   # a finished run scores new images
+    if args.score:                                   # a finished run scores new images: no training flag applies
         return common.score_later(args, "mcl")
+    check_args(args)
     device = common.setup(args, "mcl", may_change=("sei", "sei_agg", "feature_layer", "fit_fraction", "ridge"))
     t_start = time.time()
     data = common.load_data(args)

@@ -454,9 +454,10 @@ def check_args(args):
 
 @common.entry_point
 def main(argv=None):
-    args = check_args(common.parse_args(build_parser(), PRESETS, argv))
-    if args.score:                                   # a finished run scores new images
+    args = common.parse_args(build_parser(), PRESETS, argv)
+    if args.score:                                   # a finished run scores new images: no training flag applies
         return common.score_later(args, "oecl")
+    args = check_args(args)
     return run_protocol(args) if args.all_classes else run(args)
 
 

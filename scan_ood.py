@@ -936,9 +936,9 @@ def n_clusters(args, data, n):
 @common.entry_point
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, argv)
-    check_args(args)
-    if args.score:                                   # a finished run scores new images
+    if args.score:                                   # a finished run scores new images: no training flag applies
         return common.score_later(args, "scan_ood")
+    check_args(args)
     t_start = time.time()
     device = common.setup(args, "scan_ood", may_change=("ood_score", "knn_k", "no_average", "recompute_bn"))
     data = common.load_data(args)
