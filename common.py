@@ -258,8 +258,8 @@ def build_backbone(arch, width=64, weights=None, init="pytorch"):
             try:
                 net = getattr(torchvision.models, name)(weights="DEFAULT")
             except Exception as e:
-                raise ValueError(f"could not load torchvision's {name} weights ({type(e).__name__}); give --weights PATH "
-                     f"to a local state dict (or --weights random, for testing only)")
+                raise ValueError(f"could not load torchvision's {name} weights ({type(e).__name__}); give "
+                                 f"--weights PATH to a local state dict (or --weights random, for testing only)")
         elif weights and weights != "random":
             load_weights(net, weights)
         dim = net.fc.in_features
@@ -542,8 +542,8 @@ def compare_runs(saved, now, what):
     diff = [f"--{k.replace('_', '-')} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
-        raise ValueError(f"{what} was trained with other settings: {'; '.join(diff)} (only the evaluation flags and a longer "
-             f"--epochs may change on --resume)")
+        raise ValueError(f"{what} was trained with other settings: {'; '.join(diff)} (only the evaluation flags "
+                         f"and a longer --epochs may change on --resume)")
 
 
 def rng_state():
@@ -613,8 +613,8 @@ def train(model, step, x, cfg):
             torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + rank())
         start = c["epoch"]
         if start > cfg.epochs:
-            raise ValueError(f"{cfg.checkpoint} has done {start} epochs, more than the {cfg.epochs} asked for now: give a larger "
-                 f"--epochs")
+            raise ValueError(f"{cfg.checkpoint} has done {start} epochs, more than the {cfg.epochs} asked for now: "
+                             f"give a larger --epochs")
         print(f"resumed {cfg.checkpoint} at epoch {start} of {cfg.epochs}")
     if device.type == "cuda":   # the weights in the input's layout: no layout copy per convolution
         model = model.to(memory_format=torch.channels_last)
@@ -662,8 +662,8 @@ def train(model, step, x, cfg):
         if not all_ranks_agree(ok & finite(model)):   # once per epoch, before anything is saved
             kept = f"the last good checkpoint is {cfg.checkpoint}" if os.path.exists(cfg.checkpoint) else \
                 "no checkpoint was written yet"
-            raise FloatingPointError(f"training diverged in epoch {done} (a non-finite loss, gradient, weight or BatchNorm statistic); "
-                 f"{kept}; try a lower --lr or --amp off")
+            raise FloatingPointError(f"training diverged in epoch {done} (a non-finite loss, gradient, weight or "
+                                     f"BatchNorm statistic); {kept}; try a lower --lr or --amp off")
         n_seen += steps_per_epoch * cfg.batch_size
         speed = n_seen / (time.time() - t_start)
         eta = (cfg.epochs - done) * steps_per_epoch * cfg.batch_size / speed
@@ -1071,7 +1071,8 @@ def _load_npy(path):
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {first_line})")
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
         raise ValueError(f"{path}: expected a uint8 N x H x W x 3 array with N >= 1, got {a.dtype} {tuple(a.shape)}")
     return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous(), torch.full((len(a),), -1), []
@@ -1087,7 +1088,8 @@ def _load_odin(name, root, download):
         try:
             download_and_extract_archive(url, root, md5=md5)
         except Exception as e:
-            raise ValueError(f"could not download {name} ({type(e).__name__}); fetch {url} (md5 {md5}) and extract it in '{root}'")
+            raise ValueError(f"could not download {name} ({type(e).__name__}); fetch {url} (md5 {md5}) and extract "
+                             f"it in '{root}'")
     return folder
 
 
@@ -1170,7 +1172,8 @@ def load_data(args):
         raise ValueError(f"{args.dataset} has no class folders or labels, so --id-classes cannot select from it")
     ids = parse_classes(args.id_classes or default_id_classes(args.dataset, n_classes)) if labeled else []
     if ids and ids[-1] >= n_classes:
-        raise ValueError(f"--id-classes {format_classes(ids)} out of range: {args.dataset} has classes 0-{n_classes - 1}")
+        raise ValueError(f"--id-classes {format_classes(ids)} out of range: {args.dataset} has classes "
+                         f"0-{n_classes - 1}")
     named = lambda keep, names: [n for n, k in zip(names, keep.tolist()) if k]
     ood, ood_y, ood_names = {}, {}, {}   # ood_y: labels of the held-out classes (per-class results)
     if ids and len(ids) < n_classes:
@@ -1802,9 +1805,9 @@ def entry_point(main):
     return wrapper
 
 
-def default_out(script, dataset, tag=""):
-    """--out when none is given: runs/<script>[-<tag>]-<dataset>, the data set spec made a folder name."""
-    return os.path.join("runs", "-".join([script] + ([tag] if tag else []) + [dataset.replace(":", "_").replace("/", "_")]))
+def default_out(script, dataset):
+    """--out when none is given: runs/<script>-<dataset>, the data set spec made a folder name."""
+    return os.path.join("runs", f"{script}-{dataset.replace(':', '_').replace('/', '_')}")
 
 
 def check_ood_set(args):

@@ -471,7 +471,6 @@ PAPER_INFERENCE = {"feature_layer": "ph", "sei": 8}      # paper: Tables 4 and 6
 DIGITS_INFERENCE = {"feature_layer": "lf", "sei": 4}
 
 
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
     g = parser.add_argument_group("MCL")
