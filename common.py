@@ -535,15 +535,23 @@ def load_checkpoint(path, device="cpu"):
 
 
 def compare_runs(saved, now, what):
-    """The differences between two run records {'script', 'settings'} -> fail naming each one."""
+    """The differences between two run records {'script', 'settings'}: ValueError naming each one. A setting the
+    saved record lacks comes from a later version of the scripts: resuming would train on under a setting the run
+    never had, so that is refused with its own line."""
     if saved["script"] != now["script"]:
         raise ValueError(f"{what} was made by {saved['script']}.py, not {now['script']}.py: use another --out")
     a, b = saved["settings"], now["settings"]
-    diff = [f"--{k.replace('_', '-')} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    flag = lambda k: f"--{k.replace('_', '-')}"
+    diff = [f"{flag(k)} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+            for k in sorted(set(a) | set(b)) if k in a and a.get(k) != b.get(k)]
     if diff:
         raise ValueError(f"{what} was trained with other settings: {'; '.join(diff)} (only the evaluation flags "
                          f"and a longer --epochs may change on --resume)")
+    new = [flag(k) for k in sorted(set(b) - set(a))]
+    if new:
+        raise ValueError(f"{what} was made by an earlier version of these scripts, which had no {', '.join(new)}: "
+                         f"its weights load (e.g. as --simclr-weights or with common.load_weights), but --resume "
+                         f"would continue it under settings it never had; start afresh with --overwrite")
 
 
 def rng_state():
@@ -1465,7 +1473,7 @@ def print_config(args):
 # Settings that may change when a run is resumed: they do not shape the weights already trained (a longer
 # --epochs extends the run). Every other setting is compared with the checkpoint's.
 MAY_CHANGE = ("epochs", "resume", "overwrite", "out", "device", "save_every", "no_baselines", "ood", "data_root",
-              "compile", "preset", "sources", "run")
+              "compile", "preset", "sources", "run", "tpr", "score")
 
 
 RUN_FILES = ("results.json",)   # what a run writes beside run.json and its checkpoints (*.pt recording their run)

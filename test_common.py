@@ -1172,3 +1172,16 @@ def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
     assert isinstance(selfcheck(tmp_path, "--out", "runs/photos", "--subset", "32"), dict)
     for block in blocks:
         exec(block, {"images": common.load_dataset("digits", train=False)[0][:6]})
+
+
+def test_a_run_of_an_earlier_version_loads_its_weights_and_is_not_resumed_under_new_settings(tmp_path):
+    """A checkpoint written before a setting existed: its tensors load with weights_only; --resume says in one line
+    why it will not continue, and what to do."""
+    old = {"script": "ccl", "settings": {"lr": 0.1}}
+    with pytest.raises(ValueError, match="made by an earlier version of these scripts, which had no --lars-scope: .*"
+                                         "start afresh with --overwrite"):
+        common.compare_runs(old, {"script": "ccl", "settings": {"lr": 0.1, "lars_scope": "all"}}, "the run")
+    net = common.Encoder(width=2)
+    torch.save({"model": net.state_dict(), "epoch": 1, "run": old, "rng": common.rng_state()}, tmp_path / "old.pt")
+    assert common.load_checkpoint(str(tmp_path / "old.pt"))["epoch"] == 1
+    common.load_weights(common.Encoder(width=2), str(tmp_path / "old.pt"))
