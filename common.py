@@ -1344,7 +1344,7 @@ def annotate_defaults(parser, presets, other_data):
     for a in parser._actions:
         if a.help == argparse.SUPPRESS or a.dest == "help" or "[default" in (a.help or ""):
             continue
-        notes = [f"default {a.default}"] if a.default not in (None, False) else []
+        notes = [f"default {a.default}"] if a.default is not None and a.default is not False else []
         if a.dest in other_data:
             notes.append(f"off digits {other_data[a.dest]}")
         notes += [f"--preset {p} {v[a.dest]}" for p, v in presets.items() if a.dest in v]
