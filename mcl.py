@@ -492,11 +492,12 @@ def build_parser():
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (a field of common.TrainConfig)")
     g = parser.add_argument_group("inference")
     g.add_argument("--sei", type=int, default=None, choices=SEI_SIZES,
-                   help="test views: 1, 4 rotations, x 2 mirrors (default: 4 on digits, 8 otherwise)")
+                   help="test views: 1, 4 rotations, x 2 mirrors (default: 4 with the digits augmentation, which has "
+                        "no flip; 8 with the paper's)")
     g.add_argument("--sei-agg", default="w-avg", choices=AGGREGATIONS, help="Eq. 17 (avg), 18 (max), 19-20 (w-avg)")
     g.add_argument("--feature-layer", default=None, choices=LAYERS,
-                   help="the reported reading's layer: projection head z or backbone h (default: lf on digits, "
-                        "ph otherwise)")
+                   help="the reported reading's layer: projection head z or backbone h (default: lf with the "
+                        "digits augmentation, ph with the paper's)")
     g.add_argument("--fit-fraction", type=float, default=1.0, help="fraction of the training images the Gaussians see")
     g.add_argument("--ridge", type=float, default=0.01, help="covariance ridge, times the class's mean variance")
     # ours: a digits run of about 35 s on one CPU thread (the 8 x 8 digits lose nothing at 16 x 16)
@@ -516,7 +517,7 @@ def check_args(args):
         common.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
     common.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
     common.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
-    labelled = args.score or common.count_classes(args.dataset) > 0
+    labelled = common.count_classes(args.dataset) > 0
     common.check(labelled or args.labels == "kmeans", "--labels", args.labels, f"kmeans: MCL needs class labels and "
                  f"{args.dataset} has no class folders; --labels kmeans --clusters K gives it K-means pseudo-labels")
     common.check(labelled or args.clusters, "--clusters", args.clusters,

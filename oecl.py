@@ -306,18 +306,20 @@ def run(args):
 def run_protocol(args):
     """--all-classes: one run per class (one-vs-rest: it alone is ID; leave-one-out: it alone is OOD) -> results
     with the ensemble AUROC of each class and their mean (<root>/results.json)."""
+    top = copy.deepcopy(args)       # the root folder, guarded and recorded by common as a run's; it holds only
+    top.resume, top.overwrite = False, args.overwrite or args.resume        # the summary: each class's run resumes
+    common.setup(top, f"oecl-{args.protocol}", ood_check=False)   # (--id-classes and OOD sets are each class's)
     _, y, classes = common.load_dataset(args.dataset, True, args.data_root, True, args.size)
     if y.min() < 0:
         raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
     n = len(classes) or int(y.max()) + 1
-    top = copy.deepcopy(args)       # the root folder, guarded and recorded by common as a run's (its --id-classes
-    common.setup(top, f"oecl-{args.protocol}", ood_check=False)   # and OOD sets are each class's run's)
     root = args.out = top.out
     per_class = {}
     for c in range(n):
         a = copy.deepcopy(args)
         a.id_classes = str(c) if args.protocol == "one-vs-rest" else ",".join(str(k) for k in range(n) if k != c)
         a.out = os.path.join(root, f"class-{c}")
+        a.resume = args.resume and os.path.exists(os.path.join(a.out, "checkpoint.pt"))   # a class not begun: afresh
         metrics = run(a)["metrics"]["ensemble"]     # the held-out set is named by its classes, which change with c
         per_class[c] = {("held-out classes" if k.startswith("classes ") else k): v for k, v in metrics.items()}
     sets = list(per_class[0])

@@ -44,7 +44,7 @@ intermediate variants (the pretext-only SimCLR kNN score; with --backbone the SC
 accuracy (Hungarian matching, for information: labels never train anything) and the sanity baselines. Checkpoints:
 <out>/{pretext,scan,selflabel,adapt}.pt; --resume loads the finished stages and continues the unfinished one. The
 digits default takes ~42 s of CPU time (one thread of a 2-core Intel Xeon); its wall time grows with what else shares
-the machine (75 s to 6 min here).
+the machine.
 
 Deviations. SCAN's code is the official clustering code; MSCL's code is the same lab's pre-trained pipeline (no
 SCAN-OOD code is public). "-": silent or not applicable.
@@ -864,7 +864,7 @@ def check_args(args):
     of a stage that does not run is not checked: its default may not fit the run (--adapt-batch-size 64 on 60
     images)."""
     check = common.check
-    check(args.clusters or args.score or common.count_classes(args.dataset), "--clusters", args.clusters,
+    check(args.clusters or common.count_classes(args.dataset), "--clusters", args.clusters,
           f"K >= 2: {args.dataset} has no class folders to count the clusters from")
     check(args.tau > 0, "--tau", args.tau, "a number > 0")
     check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
@@ -924,7 +924,8 @@ def n_clusters(args, data, n):
     set; Sec. 5 advises the ground-truth number of classes when it is known)."""
     K = args.clusters or len(data.id_classes)
     if K < 2:
-        raise ValueError("--clusters: give K >= 2; the data has no labels to count classes from")
+        raise ValueError(f"--clusters {args.clusters}: expected K >= 2: the {K} in-distribution class gives one "
+                         f"cluster; give --clusters K")
     if K > n:
         raise ValueError(f"--clusters {K}: more than the {n} training images")
     return K

@@ -771,8 +771,9 @@ def test_overwrite_keeps_the_finished_run_until_the_new_one_has_written(tmp_path
     (tmp_path / "run" / "lock").write_text(f"{DEAD_PID} 1\n")
     one_line_error(run_selfcheck(tmp_path)[0], "holds another run (checkpoint.pt, results.json, scorer.pt)")
     assert folder_files(tmp_path / "run") == finished
+    (tmp_path / "run" / "scores" / "old_set.csv").write_text("image\n")    # a CSV of the old run only
     assert run_selfcheck(tmp_path, "--overwrite", "--lr", "0.05")[0] is None               # the new run replaces it
-    assert set(folder_files(tmp_path / "run")) == set(finished)
+    assert set(folder_files(tmp_path / "run")) == set(finished)                           # old CSVs gone with it
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["lr"] == 0.05
 
 
@@ -1084,6 +1085,8 @@ def test_a_run_scores_every_image_and_scores_new_images_later_from_its_folder_al
     assert "a run that is not finished yet (no scorer.pt): finish it with --resume" in selfcheck(
         tmp_path, "--out", str(out), "--score", "digits")
     assert "holds no finished run" in selfcheck(tmp_path, "--out", str(tmp_path / "nowhere"), "--score", "digits")
+    assert "--tpr 0.5: expected no --tpr with --score" in selfcheck(tmp_path, "--out", str(out), "--score", "digits",
+                                                                      "--tpr", "0.5")
 
 
 def csv_name_of(path):

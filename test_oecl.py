@@ -329,9 +329,14 @@ def test_protocol_loops_over_every_class(tmp_path):
             for split in ("train", "test"):
                 img = Image.fromarray(rng.randint(0, 256, (8, 8, 3), dtype=np.uint8))
                 img.save(tmp_path / "imgs" / split / f"c{c}" / f"{i}.png")
-    res = oecl.main(["--dataset", f"folder:{tmp_path / 'imgs'}", "--protocol", "leave-one-out", "--all-classes",
-                     "--size", "8", "--width", "2", "--batch-size", "8", "--epochs", "1", "--n-aug", "1",
-                     "--no-baselines", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")])
+    argv = ["--dataset", f"folder:{tmp_path / 'imgs'}", "--protocol", "leave-one-out", "--all-classes",
+            "--size", "8", "--width", "2", "--batch-size", "8", "--epochs", "1", "--n-aug", "1",
+            "--no-baselines", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
+    res = oecl.main(argv)
     assert sorted(res["per_class"]) == [0, 1, 2] and (tmp_path / "runs" / "class-2" / "results.json").exists()
     assert all(0 <= m["held-out classes"]["auroc"] <= 100 for m in res["per_class"].values())
     assert set(res["mean_auroc"]) == {"held-out classes"}
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "class-2")                        # a class the protocol had not begun
+    again = oecl.main(argv + ["--resume"])                               # the others resume their finished runs
+    assert again["per_class"][0] == res["per_class"][0] and sorted(again["per_class"]) == [0, 1, 2]
