@@ -77,9 +77,9 @@ exact counts; rows 7 and 8 need --cifar10 PATH and CUDA and were not run):
 10 compile: SCAN stage (scan_ood.scan_step, StrongAugment)           0 graph breaks                 reported                        -
 10 compile: self-labelling (scan_ood.selflabel_step)                 0 graph breaks                 reported                        -
 
-Rows 1-6 and 10 come from OMP_NUM_THREADS=1 python bench.py --quick --rows R in three runs on the loaded
-machine (rows 1 and 4 together, rows 2-3, 6, 9-10 together, row 5 alone), with CCL's LARS in the solo-learn scope
-and MCL drawing each view in its own augmentation call; row 9 counts the steps as they are (--rows 9, which also
+Rows 1-6 come from OMP_NUM_THREADS=1 python bench.py --quick --rows R in runs on the loaded machine (rows 1 and
+4 together, rows 2-3 and 6 together, row 5 alone), with CCL's LARS in the solo-learn scope and MCL drawing each
+view in its own augmentation call; rows 9 and 10 count the steps as they are (--rows 9 and --rows 10; row 9 also
 counts .tolist(), .numpy() and .cpu() as syncs: 0 in every step). Rows 7 (needs --cifar10 PATH) and 8 (needs
 CUDA) were not run. Timed ratios from one quick sample move by ±15% with the machine's load. The misses:
 - Row 1: 4.1x (10,356 vs 2,546 images/s); SimCLRAugment's own time was 52 ms per 512 images, and the PIL side of
