@@ -474,7 +474,7 @@ def check_args(args):
     if args.clusters == 0:                           # ours: one centre per in-distribution class, where known
         n = common.count_classes(args.dataset)
         common.check(n > 0, "--clusters", 0, f"K >= 2: {args.dataset} has no class folders to count the clusters from")
-        args.clusters = len(common.parse_classes(args.id_classes or common.default_id_classes(args.dataset, n)))
+        args.clusters = len(common.planned_id_classes(args))
         common.check(args.clusters >= 2, "--clusters", 0, f"K >= 2: the {args.clusters} in-distribution class gives "
                      "one cluster, and Eq. 4 needs other centres")
     common.check(args.clusters >= 2, "--clusters", args.clusters,

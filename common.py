@@ -1218,10 +1218,10 @@ def refuse_ood_sets_of_id_images(ood, specs, id_x, most=0.01):
     """An --ood set in which more than `most` of the images are pixel for pixel in-distribution images of the run
     (--ood digits on digits, the ID folder itself) would report AUROC ~50 for a wrong reason: ValueError naming it.
     A few identical images (public sets share some) are only reported."""
-    digest = lambda x: {hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() for img in x.cpu()}
-    id_digests = digest(id_x)
+    digest = lambda img: hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
+    id_digests = {digest(img) for img in id_x.cpu()}
     for spec in specs:
-        same = sum(hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() in id_digests for img in ood[spec])
+        same = sum(digest(img) in id_digests for img in ood[spec].cpu())
         if same > most * len(ood[spec]):
             raise ValueError(f"--ood {spec}: {same} of its {len(ood[spec])} images are in-distribution images of this "
                              f"run (the same pixels); give an OOD set without them")
@@ -1372,6 +1372,13 @@ def count_classes(spec):
         train = os.path.join(path, "train")
         return len(class_folders(train if os.path.isdir(train) else path)) if os.path.isdir(path) else 0
     return 0
+
+
+def planned_id_classes(args):
+    """The run's in-distribution class ids from the flags and the data's class count alone, no image decoded: []
+    for data without classes."""
+    n = count_classes(args.dataset)
+    return parse_classes(args.id_classes or default_id_classes(args.dataset, n)) if n else []
 
 
 def check_spec(spec, flag):
@@ -1835,7 +1842,7 @@ def check_ood_set(args):
     """An OOD set to measure against, known before any image is decoded: the held-out classes, --ood, or CIFAR-10's
     default sets."""
     n = count_classes(args.dataset)
-    held_out = n and len(parse_classes(args.id_classes or default_id_classes(args.dataset, n))) < n
+    held_out = n and len(planned_id_classes(args)) < n
     if not (held_out or args.ood or args.dataset == "cifar10"):
         raise ValueError(f"no OOD set: every image of {args.dataset} is in-distribution"
                          f"{'' if n == 0 else ' (--id-classes takes them all)'}; give --ood SPEC [SPEC ...]")
