@@ -111,6 +111,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ccl
 import common
+import harness
 import mcl
 import oecl
 import scan_ood
@@ -609,9 +610,9 @@ START = """import sys, time, argparse
 t = time.process_time()
 sys.path.insert(0, {here!r})
 import common
-args = common.parse_args(argparse.ArgumentParser(parents=[common.arg_parser()]), argv=sys.argv[1:])
+args = harness.parse_args(argparse.ArgumentParser(parents=[harness.arg_parser()]), argv=sys.argv[1:])
 t_load = time.process_time()
-data = common.load_data(args)
+data = harness.load_data(args)
 print(time.process_time() - t_load)
 """
 
@@ -696,7 +697,7 @@ def bench_gpu(cfg, device):
     if device.type != "cuda":
         return [missing(8, "GPU SimCLR epoch", "measured", "skipped: no CUDA device")]
     if cfg.cifar10:
-        x, source = common.load_dataset(f"folder:{cfg.cifar10}", True, os.path.join(HERE, "data"))[0], "CIFAR-10"
+        x, source = harness.load_dataset(f"folder:{cfg.cifar10}", True, os.path.join(HERE, "data"))[0], "CIFAR-10"
     else:   # the time of an epoch does not depend on the pixels
         x, source = random_images(50_000), "random images (no --cifar10)"
     x = x.to(device)
@@ -813,7 +814,7 @@ def parse_rows(text):
     return sorted(set(rows))
 
 
-@common.entry_point
+@harness.entry_point
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller K-means seeding row")
@@ -825,10 +826,10 @@ def main(argv=None):
     parser.add_argument("--json", default="bench.json")
     cfg = parser.parse_args(argv)
     wanted = parse_rows(cfg.rows)
-    common.check(cfg.threads >= 1, "--threads", cfg.threads, "an integer >= 1")
-    common.check(cfg.cifar10 is None or os.path.isdir(os.path.join(cfg.cifar10, "train")), "--cifar10", cfg.cifar10,
+    harness.check(cfg.threads >= 1, "--threads", cfg.threads, "an integer >= 1")
+    harness.check(cfg.cifar10 is None or os.path.isdir(os.path.join(cfg.cifar10, "train")), "--cifar10", cfg.cifar10,
                  "a folder with train/<class>/ and test/<class>/")
-    device = common.get_device(cfg.device)
+    device = harness.get_device(cfg.device)
     limit_threads(cfg.threads)
     cfg.width = cfg.width or (64 if device.type == "cuda" else 16)
     q = cfg.quick
@@ -857,7 +858,7 @@ def main(argv=None):
     # On a loaded machine the wall time says little; the CPU time (this process and its children) is what the run
     # costs: with --threads 1 it is the wall time on an idle machine.
     print(f"\ntotal {time.time() - t0:.0f} s wall, {cpu_seconds() - cpu0:.0f} s CPU")
-    common.save_results(cfg.json, {"machine": machine(device), "device": str(device), "threads": cfg.threads,
+    harness.save_results(cfg.json, {"machine": machine(device), "device": str(device), "threads": cfg.threads,
                                    "width": cfg.width, "quick": cfg.quick, "seconds": time.time() - t0,
                                    "cpu_seconds": cpu_seconds() - cpu0, "rows": rows, **counts})
     return rows

@@ -73,7 +73,7 @@ code is the official one. Every choice is marked "ambiguity:" where it is resolv
     lambda; K    | not stated            | -                       | 0.5; 10                 | the even mix of Eq. 8
     ablations    | weights not stated    | -                       | the mean of the kept    | Eq. 7's mean
                  |                       |                         | terms                   |
-    augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | common.simclr_augment (a
+    augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | harness.simclr_augment (a
                  | blur                  |                         | without the horizontal  | flipped 2 is a 5)
                  |                       |                         | flip                    |
     test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views; an image's | scores depend on the
@@ -102,6 +102,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import harness
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour di
 # loaded, before training).
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[harness.arg_parser()])
     g = parser.add_argument_group("ccl")
     g.add_argument("--cluster-start", type=int, default=10,
                    help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
@@ -468,59 +469,59 @@ def build_parser():
 
 
 def check_args(args):
-    common.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
-    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
-    common.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
+    harness.check(0 <= args.lam <= 1, "--lam", args.lam, "a number in [0, 1]")
+    harness.check(args.tau > 0, "--tau", args.tau, "a number > 0")
+    harness.check(args.alpha >= 0, "--alpha", args.alpha, "a number >= 0")
     if args.clusters == 0:                           # ours: one centre per in-distribution class, where known
-        n = common.count_classes(args.dataset)
-        common.check(n > 0, "--clusters", 0, f"K >= 2: {args.dataset} has no class folders to count the clusters from")
-        args.clusters = len(common.planned_id_classes(args))
-        common.check(args.clusters >= 2, "--clusters", 0, f"K >= 2: the {args.clusters} in-distribution class gives "
+        n = harness.count_classes(args.dataset)
+        harness.check(n > 0, "--clusters", 0, f"K >= 2: {args.dataset} has no class folders to count the clusters from")
+        args.clusters = len(harness.planned_id_classes(args))
+        harness.check(args.clusters >= 2, "--clusters", 0, f"K >= 2: the {args.clusters} in-distribution class gives "
                      "one cluster, and Eq. 4 needs other centres")
-    common.check(args.clusters >= 2, "--clusters", args.clusters,
+    harness.check(args.clusters >= 2, "--clusters", args.clusters,
                  "an integer >= 2 (Eq. 4 needs other centres)")
-    common.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
-    common.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
-    common.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
-    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
+    harness.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
+    harness.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
+    harness.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
+    harness.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
     clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
-    common.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
+    harness.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
                  f"at most --epochs {args.epochs} (--epochs counts both stages)")
-    common.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
+    harness.check(not clustering or args.cluster_start < args.epochs, "--cluster-start", args.cluster_start,
                  f"fewer than --epochs {args.epochs}: no joint stage is left")
     if args.simclr_weights is not None:
-        common.check(os.path.isfile(args.simclr_weights), "--simclr-weights", args.simclr_weights, "an existing file")
-        common.check(args.schedule == "restart", "--simclr-weights", args.simclr_weights,
+        harness.check(os.path.isfile(args.simclr_weights), "--simclr-weights", args.simclr_weights, "an existing file")
+        harness.check(args.schedule == "restart", "--simclr-weights", args.simclr_weights,
                      "--schedule restart (the joint stage then runs its own schedule)")
 
 
 def check_sizes(args, n):
     """The flags that count training images, against the n loaded ones: before the warm-up stage trains."""
-    common.check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
-    common.check(args.clusters < n, "--clusters", args.clusters, f"fewer than the {n} training images")
-    common.check(args.score_k <= n, "--score-k", args.score_k, f"at most the {n} training images")
+    harness.check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
+    harness.check(args.clusters < n, "--clusters", args.clusters, f"fewer than the {n} training images")
+    harness.check(args.score_k <= n, "--score-k", args.score_k, f"at most the {n} training images")
 
 
 # ----------------------------------------------------------------------------------------------
 # Main: warm-up stage -> joint stage -> scores.
 
-@common.entry_point
+@harness.entry_point
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, argv)
+    args = harness.parse_args(build_parser(), PRESETS, argv)
     if args.score:                                   # a finished run scores new images: no training flag applies
-        return common.score_later(args, "ccl")
+        return harness.score_later(args, "ccl")
     check_args(args)
     t_start = time.time()
-    device = common.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
-    data = common.load_data(args)
-    common.check_data(args, data)
+    device = harness.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
+    data = harness.load_data(args)
+    harness.check_data(args, data)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
     model = build_model(args).to(device)
-    aug = common.simclr_augment(args, **PAPER_AUGMENT)
+    aug = harness.simclr_augment(args, **PAPER_AUGMENT)
     model = train_ccl(model, x, aug, args).eval()
-    scorer = common.Scorer.from_args("ccl", args, model, score_state(model, x, args))
-    return common.finish(args, "ccl", scorer, data, device, t_start)
+    scorer = harness.Scorer.from_args("ccl", args, model, score_state(model, x, args))
+    return harness.finish(args, "ccl", scorer, data, device, t_start)
 
 
 if __name__ == "__main__":

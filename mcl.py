@@ -122,6 +122,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import harness
 
 # ----------------------------------------------------------------------------------------------
 # Sizes: MCL's rotations, SEI's view counts, aggregations and feature layers.
@@ -472,7 +473,7 @@ DIGITS_INFERENCE = {"feature_layer": "lf", "sei": 4}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[harness.arg_parser()])
     g = parser.add_argument_group("MCL")
     g.add_argument("--tau", type=float, default=0.2, help="temperature: CCM's value for other classes (Eq. 3)")
     g.add_argument("--alpha", type=float, default=0.05, help="CCM for same class and rotation (Eq. 11)")
@@ -507,29 +508,29 @@ def build_parser():
 
 def training_augment(args):
     """The run's training augmentation: the paper's (Sec. 4: inception crop from --min-crop, colour jitter, grayscale,
-    flip) where common.simclr_augment picks the paper's, its digit augmentation on digits."""
-    return common.simclr_augment(args, scale=(args.min_crop, 1.0), jitter=args.jitter)
+    flip) where harness.simclr_augment picks the paper's, its digit augmentation on digits."""
+    return harness.simclr_augment(args, scale=(args.min_crop, 1.0), jitter=args.jitter)
 
 
 def check_args(args):
     """Every flag of the script, before setup() loads anything; fills the preset-dependent inference defaults."""
     for flag, v in (("--tau", args.tau), ("--alpha", args.alpha), ("--beta", args.beta)):
-        common.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
-    common.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
-    common.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
-    labelled = common.count_classes(args.dataset) > 0
-    common.check(labelled or args.labels == "kmeans", "--labels", args.labels, f"kmeans: MCL needs class labels and "
+        harness.check(v > 0 and math.isfinite(v), flag, v, "a finite number > 0")
+    harness.check(args.spa_weight >= 0, "--spa-weight", args.spa_weight, "a number >= 0")
+    harness.check(args.clusters >= 0, "--clusters", args.clusters, "an integer >= 0 (0: the number of ID classes)")
+    labelled = harness.count_classes(args.dataset) > 0
+    harness.check(labelled or args.labels == "kmeans", "--labels", args.labels, f"kmeans: MCL needs class labels and "
                  f"{args.dataset} has no class folders; --labels kmeans --clusters K gives it K-means pseudo-labels")
-    common.check(labelled or args.clusters, "--clusters", args.clusters,
+    harness.check(labelled or args.clusters, "--clusters", args.clusters,
                  f"K >= 1 with --labels kmeans: {args.dataset} has no class folders to count the clusters from")
-    common.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
-    common.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
-    common.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
-    common.check(args.proj_hidden is None or args.proj_hidden >= 1, "--proj-hidden", args.proj_hidden,
+    harness.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
+    harness.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
+    harness.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
+    harness.check(args.proj_hidden is None or args.proj_hidden >= 1, "--proj-hidden", args.proj_hidden,
                  "an integer >= 1")
-    common.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
-    common.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
-    common.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
+    harness.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
+    harness.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
+    harness.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
     for k, v in (PAPER_INFERENCE if training_augment(args).flip else DIGITS_INFERENCE).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -539,16 +540,16 @@ def check_args(args):
 # Main: labels -> MCL training -> Gaussians per (class, rotation) -> SEI readings.
 
 
-@common.entry_point
+@harness.entry_point
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, argv)
+    args = harness.parse_args(build_parser(), PRESETS, argv)
     if args.score:                                   # a finished run scores new images: no training flag applies
-        return common.score_later(args, "mcl")
+        return harness.score_later(args, "mcl")
     check_args(args)
-    device = common.setup(args, "mcl", may_change=("sei", "sei_agg", "feature_layer", "fit_fraction", "ridge"))
+    device = harness.setup(args, "mcl", may_change=("sei", "sei_agg", "feature_layer", "fit_fraction", "ridge"))
     t_start = time.time()
-    data = common.load_data(args)
-    common.check_data(args, data)
+    data = harness.load_data(args)
+    harness.check_data(args, data)
     x = data.train_x.to(device)
     ids = torch.as_tensor(data.id_classes)
     to_index = lambda y: torch.searchsorted(ids, y).to(device)                  # class ids -> 0 .. C - 1
@@ -560,12 +561,12 @@ def main(argv=None):
     aug = training_augment(args)
 
     if args.labels == "true":
-        common.check(has_labels, "--labels", "true", f"a data set with class labels ({args.dataset} has none): "
+        harness.check(has_labels, "--labels", "true", f"a data set with class labels ({args.dataset} has none): "
                      "use --labels kmeans")
         labels, n_classes = to_index(data.train_y), len(ids)
     else:
         n_classes = args.clusters or len(ids)
-        common.check(1 <= n_classes <= len(x), "--clusters", n_classes, f"1 <= K <= {len(x)} training images")
+        harness.check(1 <= n_classes <= len(x), "--clusters", n_classes, f"1 <= K <= {len(x)} training images")
         warm = common.TrainConfig.from_args(args, os.path.join(args.out, "simclr.pt"), epochs=args.simclr_epochs)
         labels = kmeans_labels(model, x, aug, warm, n_classes, n_rot, args.tau, args.seed)
     if not (args.no_ccm or args.no_spa):
@@ -574,12 +575,12 @@ def main(argv=None):
     train_mcl(model, x, labels, aug, cfg, n_rot, args.tau, alpha, beta, spa_weight)
 
     state = score_state(model, x, labels, n_classes, min(args.sei, N_ROT), args.fit_fraction, args.ridge, args.seed)
-    scorer = common.Scorer.from_args("mcl", args, model, state)
+    scorer = harness.Scorer.from_args("mcl", args, model, state)
     test_y = to_index(data.test_y) if has_labels else None
     accuracy = {k: accuracy_of(pred, test_y, args.labels == "kmeans")
                 for k, (pred, _) in sei_readings(model, state["gaussians"], data.test_x.to(device), args.sei).items()}
     main_key = reading_name(args.feature_layer, args.sei, args.sei_agg)
-    results = common.finish(args, "mcl", scorer, data, device, t_start, report=[main_key], reading=main_key,
+    results = harness.finish(args, "mcl", scorer, data, device, t_start, report=[main_key], reading=main_key,
                             accuracy=accuracy[main_key], accuracy_by_reading=accuracy)
     print_grid(results["metrics"], accuracy, list(data.ood))
     return results

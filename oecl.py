@@ -93,6 +93,7 @@ import numpy as np
 import torch
 
 import common
+import harness
 
 # ----------------------------------------------------------------------------------------------
 # Losses: Eq. 12's OECL loss (Eq. 13 is the same loss on rotations).
@@ -199,7 +200,7 @@ def build_model(s):
 def augmentation(s):
     """The training augmentation of settings s, also Eq. 15's test-time one: the paper's (App. J, crop scale
     s.crop_scale) on natural images, common's digits augmentation on digits."""
-    return common.simclr_augment(s, scale=(s.crop_scale, 1.0))
+    return harness.simclr_augment(s, scale=(s.crop_scale, 1.0))
 
 
 def score_state(model):
@@ -229,10 +230,10 @@ def exposed_classes(labels, id_classes, oe_classes=None):
             raise ValueError("--oe is the in-distribution data set and every class of it is in-distribution: "
                              "no class is left to serve as outliers")
         return outside
-    chosen = common.parse_classes(oe_classes)
+    chosen = harness.parse_classes(oe_classes)
     if set(chosen) & set(id_classes):
         raise ValueError(f"--oe-classes {oe_classes}: expected classes outside the in-distribution classes "
-                         f"{common.format_classes(id_classes)}")
+                         f"{harness.format_classes(id_classes)}")
     return chosen
 
 
@@ -244,11 +245,11 @@ def without_classes(data, exposed):
         keep = ~torch.isin(labels, torch.tensor(exposed))
         del ood[name], ood_y[name], names[name]
         if keep.any():
-            left = f"classes {common.format_classes(labels[keep].unique().tolist())}"
+            left = f"classes {harness.format_classes(labels[keep].unique().tolist())}"
             ood[left], ood_y[left] = data.ood[name][keep], labels[keep]
             names[left] = [n for n, k in zip(data.ood_names[name], keep.tolist()) if k]
     if not ood:
-        raise ValueError(f"classes {common.format_classes(exposed)} serve as outliers, which leaves no OOD set to "
+        raise ValueError(f"classes {harness.format_classes(exposed)} serve as outliers, which leaves no OOD set to "
                          f"evaluate: expose fewer held-out classes (--oe-classes) or add --ood SPEC")
     return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y, "ood_names": names})
 
@@ -257,7 +258,7 @@ def load_outliers(args, data, device):
     """The --oe images (training split) on the device -> (outliers, data). --oe-classes selects classes of a
     labelled set; when --oe is the in-distribution data set, the outliers are exposed_classes (never an ID class)
     and leave the evaluated OOD set (without_classes)."""
-    x, y, _ = common.load_dataset(args.oe, True, args.data_root, True, args.size)
+    x, y, _ = harness.load_dataset(args.oe, True, args.data_root, True, args.size)
     if (args.oe_classes or args.oe == args.dataset) and y.min() < 0:
         raise ValueError(f"--oe {args.oe} has no labels, so no class of it can be chosen as outliers"
                          + (" (it is the in-distribution data set)" if args.oe == args.dataset else ""))
@@ -265,9 +266,9 @@ def load_outliers(args, data, device):
         ids = exposed_classes(y, data.id_classes, args.oe_classes)
         data = without_classes(data, ids)
     else:
-        ids = common.parse_classes(args.oe_classes) if args.oe_classes else None
+        ids = harness.parse_classes(args.oe_classes) if args.oe_classes else None
     if ids is not None:
-        x, _ = common.select_classes(x, y, ids)
+        x, _ = harness.select_classes(x, y, ids)
     if len(x) == 0:
         raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
     return x.to(device), data, ids
@@ -290,17 +291,17 @@ def train_stage(args, x, oe_x, device):
 def run(args):
     """One configuration: train, score, report -> the results dict (also <out>/results.json)."""
     t_start = time.time()
-    device = common.setup(args, "oecl", may_change=("n_aug",))
-    data = common.load_data(args)
-    common.check_data(args, data)
+    device = harness.setup(args, "oecl", may_change=("n_aug",))
+    data = harness.load_data(args)
+    harness.check_data(args, data)
     oe_x, data, oe_ids = load_outliers(args, data, device) if not args.self_oe else (None, data, None)
-    outliers = f"{args.oe}" + (f" classes {common.format_classes(oe_ids)}" if oe_ids else "")
+    outliers = f"{args.oe}" + (f" classes {harness.format_classes(oe_ids)}" if oe_ids else "")
     print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
           if args.self_oe else f"{len(oe_x)} images of {outliers}"), flush=True)
     model = train_stage(args, data.train_x.to(device), oe_x, device)
-    scorer = common.Scorer.from_args("oecl", args, model.eval(), score_state(model))
+    scorer = harness.Scorer.from_args("oecl", args, model.eval(), score_state(model))
     method = "self-OECL" if args.self_oe else f"OECL (outliers: {outliers})"
-    return common.finish(args, method, scorer, data, device, t_start)
+    return harness.finish(args, method, scorer, data, device, t_start)
 
 
 def run_protocol(args):
@@ -308,8 +309,8 @@ def run_protocol(args):
     with the ensemble AUROC of each class and their mean (<root>/results.json)."""
     top = copy.deepcopy(args)       # the root folder, guarded and recorded by common as a run's; it holds only
     top.resume, top.overwrite = False, args.overwrite or args.resume        # the summary: each class's run resumes
-    common.setup(top, f"oecl-{args.protocol}", ood_check=False)   # (--id-classes and OOD sets are each class's)
-    _, y, classes = common.load_dataset(args.dataset, True, args.data_root, True, args.size)
+    harness.setup(top, f"oecl-{args.protocol}", ood_check=False)   # (--id-classes and OOD sets are each class's)
+    _, y, classes = harness.load_dataset(args.dataset, True, args.data_root, True, args.size)
     if y.min() < 0:
         raise ValueError(f"{args.dataset} has no labels: --protocol needs classes")
     n = len(classes) or int(y.max()) + 1
@@ -330,7 +331,7 @@ def run_protocol(args):
     print("  mean             " + " ".join(f"{v:7.2f}" for v in mean.values()) + f"   ({', '.join(sets)})")
     results = {"method": "oecl", "protocol": args.protocol, "config": vars(args), "per_class": per_class,
                "mean_auroc": mean}
-    common.save_results(os.path.join(root, "results.json"), results)
+    harness.save_results(os.path.join(root, "results.json"), results)
     return results
 
 
@@ -381,9 +382,9 @@ PRESETS = {"paper": PAPER, "quick": QUICK}
 # Command line: build_parser() and check_args(), every flag checked before any work.
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[harness.arg_parser()])
     g = parser.add_argument_group("oecl")
-    g.add_argument("--oe", default=None, help=f"outlier set for OECL ({common.DATASET_SPECS}); any size, "
+    g.add_argument("--oe", default=None, help=f"outlier set for OECL ({harness.DATASET_SPECS}); any size, "
                    "drawn with replacement, training split")
     g.add_argument("--oe-classes", default=None,
                    help="the classes of --oe that serve as outliers (e.g. 6-7; default: all). When --oe is the "
@@ -424,29 +425,29 @@ def check_args(args):
             if args.sources[k] in ("default", "preset paper"):
                 setattr(args, k, v)
                 args.sources[k] = "preset paper (self-OECL)"
-    common.check(args.self_oe != (args.oe is not None), "--self-oe", args.self_oe,
+    harness.check(args.self_oe != (args.oe is not None), "--self-oe", args.self_oe,
                  "exactly one of --oe SPEC (OECL) and --self-oe (self-OECL)")
     if args.oe is not None:
-        common.check_spec(args.oe, "--oe")
+        harness.check_spec(args.oe, "--oe")
     if args.oe_classes is not None:
-        common.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
-        common.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
-        common.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
-    common.check(not (args.all_classes and args.oe == args.dataset), "--oe", args.oe,
+        harness.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
+        harness.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
+        harness.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
+    harness.check(not (args.all_classes and args.oe == args.dataset), "--oe", args.oe,
                  "an outlier set other than --dataset with --all-classes (each class is in-distribution in some run)")
     for flag, text in (("--id-rotations", args.id_rotations), ("--oe-rotations", args.oe_rotations)):
-        common.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
+        harness.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
                      "rotations out of 0, 90, 180, 270, comma-separated")
-    common.check(not set(args.id_rotations.split(",")) & set(args.oe_rotations.split(",")), "--oe-rotations",
+    harness.check(not set(args.id_rotations.split(",")) & set(args.oe_rotations.split(",")), "--oe-rotations",
                  args.oe_rotations, f"rotations that are not ID rotations ({args.id_rotations})")
-    common.check(args.alpha >= 0 and np.isfinite(args.alpha), "--alpha", args.alpha, "a finite number >= 0")
-    common.check(args.oe_warmup >= 0, "--oe-warmup", args.oe_warmup, "an integer >= 0")
-    common.check(args.tau > 0, "--tau", args.tau, "a number > 0")
-    common.check(0 < args.crop_scale <= 1, "--crop-scale", args.crop_scale, "a number in (0, 1]")
-    common.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean view only)")
-    common.check(args.all_classes == (args.protocol is not None), "--protocol", args.protocol,
+    harness.check(args.alpha >= 0 and np.isfinite(args.alpha), "--alpha", args.alpha, "a finite number >= 0")
+    harness.check(args.oe_warmup >= 0, "--oe-warmup", args.oe_warmup, "an integer >= 0")
+    harness.check(args.tau > 0, "--tau", args.tau, "a number > 0")
+    harness.check(0 < args.crop_scale <= 1, "--crop-scale", args.crop_scale, "a number in (0, 1]")
+    harness.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean view only)")
+    harness.check(args.all_classes == (args.protocol is not None), "--protocol", args.protocol,
                  "--protocol and --all-classes together (one class: --id-classes 3, or --id-classes 0-2,4-9)")
-    common.check(not (args.all_classes and args.id_classes), "--id-classes", args.id_classes,
+    harness.check(not (args.all_classes and args.id_classes), "--id-classes", args.id_classes,
                  "none with --all-classes, which chooses the in-distribution classes itself")
     return args
 
@@ -454,11 +455,11 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------
 # Main: the command line, then one run or one run per class.
 
-@common.entry_point
+@harness.entry_point
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, argv)
+    args = harness.parse_args(build_parser(), PRESETS, argv)
     if args.score:                                   # a finished run scores new images: no training flag applies
-        return common.score_later(args, "oecl")
+        return harness.score_later(args, "oecl")
     args = check_args(args)
     return run_protocol(args) if args.all_classes else run(args)
 

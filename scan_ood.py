@@ -124,6 +124,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 
 # ----------------------------------------------------------------------------------------------
 # Losses: SCAN (stage 2), self-labelling (stage 3, also the K-means-label ablation), Eq. 2 (cross-entropy).
@@ -594,7 +595,7 @@ def adam_config(args, stage):
 def pretext_stage(x, args, device):
     """Stage 1 (SCAN step i): SimCLR on the training images; the head 512 -> 512 -> 128 at width 64, as SCAN's."""
     model = common.Encoder(args.arch, proj_dim=128, width=args.width, init=args.init).to(device)
-    aug = common.simclr_augment(args, scale=(args.crop_min, 1.0))        # public code: SCAN's pretext augmentation
+    aug = harness.simclr_augment(args, scale=(args.crop_min, 1.0))        # public code: SCAN's pretext augmentation
     step = lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, args.tau)
     return common.train(model, step, x, stage_config(args, "pretext"))
 
@@ -798,7 +799,7 @@ PRESETS = {"paper": PAPER, "quick": QUICK}
 # every flag checked before any work.
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[common.arg_parser()])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[harness.arg_parser()])
     g = p.add_argument_group("scan_ood")
     g.add_argument("--tau", type=float, default=0.1, help="SimCLR temperature (pretext)")
     g.add_argument("--crop-min", type=float, default=0.2, help="smallest crop scale of the pretext augmentation")
@@ -863,8 +864,8 @@ def check_args(args):
     the self-labelling settings), the SCAN stage with --labels scan, the pre-trained variant with --backbone. A flag
     of a stage that does not run is not checked: its default may not fit the run (--adapt-batch-size 64 on 60
     images)."""
-    check = common.check
-    check(args.clusters or common.count_classes(args.dataset), "--clusters", args.clusters,
+    check = harness.check
+    check(args.clusters or harness.count_classes(args.dataset), "--clusters", args.clusters,
           f"K >= 2: {args.dataset} has no class folders to count the clusters from")
     check(args.tau > 0, "--tau", args.tau, "a number > 0")
     check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
@@ -901,7 +902,7 @@ def check_args(args):
 def check_sizes(args, n):
     """The flags that count training images, against the n loaded ones, for the stages that run (as check_args):
     before any stage trains."""
-    check = common.check
+    check = harness.check
     check(args.batch_size <= n, "--batch-size", args.batch_size, f"at most the {n} training images")
     check(args.knn_k <= n, "--knn-k", args.knn_k, f"at most the {n} training images")
     if args.labels == "scan":
@@ -934,16 +935,16 @@ def n_clusters(args, data, n):
 # ----------------------------------------------------------------------------------------------
 # Main: pretext -> SCAN -> self-labelling (or K-means labels) -> pre-trained variant -> the final model's scores.
 
-@common.entry_point
+@harness.entry_point
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, argv)
+    args = harness.parse_args(build_parser(), PRESETS, argv)
     if args.score:                                   # a finished run scores new images: no training flag applies
-        return common.score_later(args, "scan_ood")
+        return harness.score_later(args, "scan_ood")
     check_args(args)
     t_start = time.time()
-    device = common.setup(args, "scan_ood", may_change=("ood_score", "knn_k", "no_average", "recompute_bn"))
-    data = common.load_data(args)
-    common.check_data(args, data)
+    device = harness.setup(args, "scan_ood", may_change=("ood_score", "knn_k", "no_average", "recompute_bn"))
+    data = harness.load_data(args)
+    harness.check_data(args, data)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
     K = args.clusters = n_clusters(args, data, len(x))                   # recorded resolved: build_model reads it
@@ -962,8 +963,8 @@ def main(argv=None):
         metrics.update(adapt_metrics)
     # The final model's scores through score_state and score, as a later scorer of the run folder computes them;
     # the intermediate variants above (simclr_knn, and with --backbone the SCAN features, dn2) are reported beside.
-    scorer = common.Scorer.from_args("scan_ood", args, net, score_state(net, x, labels, args))
-    return common.finish(args, "scan_ood", scorer, data, device, t_start, more_metrics=metrics,
+    scorer = harness.Scorer.from_args("scan_ood", args, net, score_state(net, x, labels, args))
+    return harness.finish(args, "scan_ood", scorer, data, device, t_start, more_metrics=metrics,
                          main_variant=main_variant(args), **info)
 
 

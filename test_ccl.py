@@ -15,6 +15,7 @@ import torch
 import bench
 import ccl
 import common
+import harness
 
 
 def cos(a, b):
@@ -415,9 +416,9 @@ def test_resume_refuses_a_changed_cluster_setting(tmp_path, changed):
 
 def test_presets_resolve_override_and_reach_the_checkpoint(tmp_path):
     for name, preset in ccl.PRESETS.items():
-        args = common.parse_args(ccl.build_parser(), ccl.PRESETS, ["--preset", name])   # unknown keys raise
+        args = harness.parse_args(ccl.build_parser(), ccl.PRESETS, ["--preset", name])   # unknown keys raise
         assert all(getattr(args, k) == v for k, v in preset.items())
-        args = common.parse_args(ccl.build_parser(), ccl.PRESETS, ["--preset", name, "--epochs", "3"])
+        args = harness.parse_args(ccl.build_parser(), ccl.PRESETS, ["--preset", name, "--epochs", "3"])
         assert args.epochs == 3 and args.sources["epochs"] == "command line"
     assert ccl.QUICK["dataset"] == "cifar10"                                # nothing outside the repository
     assert ccl.PAPER["size"] == ccl.QUICK["size"] == 32                     # CIFAR-10 at its own size

@@ -13,6 +13,7 @@ import torch
 
 import bench
 import common
+import harness
 import mcl
 
 TAU, ALPHA, BETA = 0.2, 0.05, 2.5
@@ -314,7 +315,7 @@ def test_presets_resolve_and_flags_override():
     known = {a.dest for a in mcl.build_parser()._actions}
     for name, preset in mcl.PRESETS.items():
         assert set(preset) <= known, name
-        args = common.parse_args(mcl.build_parser(), mcl.PRESETS, ["--preset", name, "--epochs", "3"])
+        args = harness.parse_args(mcl.build_parser(), mcl.PRESETS, ["--preset", name, "--epochs", "3"])
         assert args.epochs == 3 and args.sources["epochs"] == "command line"
         for k, v in preset.items():
             if k != "epochs":
@@ -334,7 +335,7 @@ def test_every_preset_value_names_its_source():
 
 
 def resolved(*argv):
-    args = common.parse_args(mcl.build_parser(), mcl.PRESETS, list(argv))
+    args = harness.parse_args(mcl.build_parser(), mcl.PRESETS, list(argv))
     mcl.check_args(args)
     return args.feature_layer, args.sei, args.sei_agg
 
@@ -469,7 +470,7 @@ def test_a_rebuilt_model_reproduces_the_runs_scores(tmp_path):
     model = mcl.build_model(s)
     model.load_state_dict(torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=True)["model"])
     model.eval()
-    data = common.load_data(s)
+    data = harness.load_data(s)
     labels = torch.searchsorted(torch.as_tensor(data.id_classes), data.train_y)
     state = mcl.score_state(model, data.train_x, labels, len(data.id_classes), 4, s.fit_fraction, s.ridge, s.seed)
     full = common.evaluate(lambda imgs: mcl.score(model, state, imgs, s), data.test_x, data.ood)

@@ -11,6 +11,7 @@ import torch
 
 import bench
 import common
+import harness
 import oecl
 
 TINY = ["--size", "16", "--width", "4", "--batch-size", "32"]   # seconds per run on a CPU
@@ -167,7 +168,7 @@ def test_batch_composition_of_both_steps_and_the_paper_preset():
     assert len(seen) == 8 * b
     for first, k in ((0, 0), (b, 1), (2 * b, 0), (3 * b, 1), (4 * b, 2), (5 * b, 3), (6 * b, 2), (7 * b, 3)):
         assert torch.equal(seen[first:first + b], rot(x, k))             # ID views 1, 2 (0, 90), outlier views (180, 270)
-    parse = lambda *argv: oecl.check_args(common.parse_args(oecl.build_parser(), oecl.PRESETS, list(argv)))
+    parse = lambda *argv: oecl.check_args(harness.parse_args(oecl.build_parser(), oecl.PRESETS, list(argv)))
     args = parse("--preset", "paper", "--oe", "cifar100")                # App. I: 256 ID + 256 outlier images a step
     assert not args.self_oe and args.batch_size == 256 and args.epochs == 500
     args = parse("--preset", "paper", "--self-oe")                       # 128 images: 256 + 256 instances, 1000 epochs
@@ -184,7 +185,7 @@ def test_steps_make_no_host_sync(self_oe):
     model = common.Encoder("resnet18", bn_in_head=True, width=2)
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     oe_x = torch.randint(0, 256, (9, 3, 8, 8), dtype=torch.uint8)
-    for aug in (common.SimCLRAugment(8), common.SimCLRAugment(8, **common.DIGITS_AUGMENT)):
+    for aug in (common.SimCLRAugment(8), common.SimCLRAugment(8, **harness.DIGITS_AUGMENT)):
         with bench.DispatchCounter() as c:
             if self_oe:
                 loss, logs = oecl.self_oecl_step(model, x, aug, 0.5, 1.0)
@@ -198,13 +199,13 @@ def test_steps_make_no_host_sync(self_oe):
 def test_presets_resolve_and_flags_override():
     parser = oecl.build_parser
     for name, preset in oecl.PRESETS.items():
-        args = common.parse_args(parser(), oecl.PRESETS, ["--preset", name])
+        args = harness.parse_args(parser(), oecl.PRESETS, ["--preset", name])
         assert all(getattr(args, k) == v for k, v in preset.items())   # every key is a real argument
         assert all(args.sources[k] == f"preset {name}" for k in preset)
-        args = common.parse_args(parser(), oecl.PRESETS, ["--preset", name, "--epochs", "3", "--alpha", "0.1"])
+        args = harness.parse_args(parser(), oecl.PRESETS, ["--preset", name, "--epochs", "3", "--alpha", "0.1"])
         assert args.epochs == 3 and args.alpha == 0.1 and args.sources["epochs"] == "command line"
     assert oecl.QUICK["dataset"] == "cifar10" and not oecl.QUICK["oe"].startswith(("folder:", "npy:"))
-    assert all(hasattr(common.parse_args(parser(), {}, []), k) for k in oecl.PAPER_SELF_OECL)
+    assert all(hasattr(harness.parse_args(parser(), {}, []), k) for k in oecl.PAPER_SELF_OECL)
 
 
 def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings(tmp_path):
@@ -272,7 +273,7 @@ def test_a_saved_run_scores_as_the_run_did(tmp_path, monkeypatch):
     state = oecl.score_state(model)
     torch.save(state, tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
-    test_x = common.load_data(s).test_x
+    test_x = harness.load_data(s).test_x
     with torch.autocast("cpu", dtype=torch.bfloat16):                    # score() runs in float32 regardless
         again = score(model.eval(), state, test_x[:6], s)
     assert set(again) == set(seen[0]) == {"ensemble", "norm", "mean_sq_norm"}

@@ -21,6 +21,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 import bench
 import common
+import harness
 import scan_ood
 
 
@@ -414,10 +415,10 @@ def test_every_training_step_makes_no_host_sync():
 
 def test_presets_resolve_and_flags_override():
     for name, preset in scan_ood.PRESETS.items():
-        args = common.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, ["--preset", name])
+        args = harness.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, ["--preset", name])
         assert all(getattr(args, k) == v for k, v in preset.items())
         assert all(args.sources[k] == f"preset {name}" for k in preset)
-    args = common.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, ["--preset", "paper", "--scan-epochs", "3"])
+    args = harness.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, ["--preset", "paper", "--scan-epochs", "3"])
     assert args.scan_epochs == 3 and args.sources["scan_epochs"] == "command line" and args.epochs == 500
 
 
@@ -520,7 +521,7 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flags, message):
 def test_stage_flags_are_checked_only_when_their_stage_runs():
     """A stage's flags are checked when it runs: 60 images refuse the adapt stage's default batch of 64 with
     --backbone only, and K-means labels ignore the SCAN stage's flags."""
-    parse = lambda *flags: common.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, list(flags))
+    parse = lambda *flags: harness.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, list(flags))
     small = ["--subset", "60", "--batch-size", "32", "--scan-batch-size", "32", "--selflabel-batch-size", "32"]
     for args in (parse(*small), parse("--labels", "kmeans", "--heads", "0", "--val-fraction", "0.9",
                                       "--scan-batch-size", "500", "--num-neighbors", "500", "--batch-size", "32",

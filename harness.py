@@ -1,0 +1,1275 @@
+"""The harness of the four OOD-detection scripts (ccl.py, mcl.py, oecl.py, scan_ood.py): what a script needs beyond
+the building blocks of common.py. Data specs and caches, the command line and presets, the run folder (its lock,
+--resume, --overwrite), torchrun, reporting, the run's Scorer and --score. The science lives in common.py and the
+method files; nothing here is needed to copy a loss, a step or a score.
+
+    python harness.py       # plain SimCLR on the run's data, scored by cosine kNN: the setting every method is
+                            # compared with (with a method's flags, that method's SimCLR setting)
+"""
+import argparse
+import atexit
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sets: every loader returns (x uint8 N x 3 x H x W, y int64 with -1 = unlabeled, class names).
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# The ODIN OOD sets (Liang et al.), the tarballs every OOD paper uses; md5 as published by pytorch-ood.
+ODIN_SETS = {
+    "lsun_resize": ("https://www.dropbox.com/s/raw/moqh2wh8696c3yl/LSUN_resize.tar.gz",
+                    "278b7b31c8cb7e804a1465a8ce03a2dc", "LSUN_resize/LSUN_resize"),
+    "lsun_crop": ("https://www.dropbox.com/s/raw/fhtsw1m3qxlwj6h/LSUN.tar.gz",
+                  "458a0a0ab8e5f1cb4516d7400568e460", "LSUN/test"),
+    "imagenet_resize": ("https://www.dropbox.com/s/raw/kp3my3412u5k9rl/Imagenet_resize.tar.gz",
+                        "0f9ff11d45babf2eff5fe12281d1ac31", "Imagenet_resize/Imagenet_resize"),
+    "imagenet_crop": ("https://www.dropbox.com/s/raw/avgm2u562itwpkl/Imagenet.tar.gz",
+                      "7c0827e4246c3718a5ee076e999e52e5", "Imagenet/test"),
+}
+
+
+DIGITS_AUGMENT = dict(scale=(0.2, 1.0), flip=False, jitter=0.4, p_jitter=0.8, p_gray=0.0, blur=True)
+
+
+TORCHVISION_SETS = ("cifar10", "cifar100", "svhn")
+
+
+DATASET_SPECS = "digits, cifar10, cifar100, svhn, folder:PATH, npy:PATH, interp:SPEC, " + ", ".join(ODIN_SETS)
+
+
+def resize_uint8(x, size, chunk=4096):
+    """Resize uint8 N x 3 x H x W images to size x size (antialiased bilinear), chunked to bound memory."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
+    for i in range(0, len(x), chunk):
+        xf = x[i:i + chunk].float()
+        xf = F.interpolate(xf, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i:i + chunk] = xf.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def _load_digits(train):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] * (255.0 / 16.0)           # N x 1 x 8 x 8, 0..255
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    perm = torch.from_numpy(np.random.RandomState(0).permutation(len(x)))    # fixed 80/20 split
+    n_train = int(0.8 * len(x))
+    idx = perm[:n_train] if train else perm[n_train:]
+    return x[idx], y[idx], [str(c) for c in range(10)]
+
+
+def _load_torchvision(name, train, root, download):
+    import torchvision.datasets as tvd
+    try:
+        if name == "svhn":
+            ds = tvd.SVHN(root, split="train" if train else "test", download=download)
+            x, y, classes = torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long(), [str(c) for c in range(10)]
+        else:
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(root, train=train, download=download)
+            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            y, classes = torch.tensor(ds.targets).long(), list(ds.classes)
+    except Exception as e:  # no network, bad checksum, missing files: say where the files go instead
+        raise ValueError(f"could not load {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             f"put torchvision's {name} files under '{root}' or use folder:PATH")
+    return x, y, classes
+
+
+def _decode(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    except Exception:
+        raise ValueError(f"image will not decode: {path}")
+
+
+def class_folders(path):
+    """The class folders of an ImageFolder tree, sorted as numbers where every name is one (2 before 10), else as
+    text: the class list of a data set, fixed by its training folders."""
+    names = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    return sorted(names, key=int) if all(n.isdigit() for n in names) else sorted(names)
+
+
+def _image_files(path, classes=None):
+    """[(file, class index or -1)] of an ImageFolder tree PATH/<class>/<image> (indices into `classes`, by default
+    PATH's own class folders) or of a flat folder of images (-1: unlabeled)."""
+    found = class_folders(path)
+    classes = found if classes is None else classes
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{path} has class folders that the training folder lacks: {', '.join(unknown[:5])}; "
+                         f"the classes are {', '.join(classes[:10])}{'...' if len(classes) > 10 else ''}")
+    if found:
+        files = [(os.path.join(path, c, f), classes.index(c)) for c in classes if c in found
+                 for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMG_EXTENSIONS)]
+    else:
+        files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path)) if f.lower().endswith(IMG_EXTENSIONS)]
+    return files, classes
+
+
+def _load_folder(path, train, size, cache_dir, need_split=False):
+    """ImageFolder layout PATH/<class>/<image>, or a flat folder of images (unlabeled, y = -1). If PATH has train/
+    and test/, `train` picks one, and the class list (the labels) of both is train/'s; need_split (the
+    in-distribution data set) refuses a folder without them, since its test images would otherwise be its training
+    images. Decoded once, then cached as a tensor file whose name is a hash of every file's path, size and
+    modification time (so adding, removing or changing an image re-decodes). -> x, y, classes, names (each image's
+    path inside the split folder)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"data folder not found: {path}")
+    classes = None
+    if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
+        classes = class_folders(os.path.join(path, "train"))
+        path = os.path.join(path, "train" if train else "test")
+    elif need_split:
+        raise ValueError(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training "
+                         f"images; split it into {path}/train/ and {path}/test/ (class folders inside are optional)")
+    files, classes = _image_files(path, classes)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
+    names = [os.path.relpath(f, path) for f, _ in files]
+    h = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{classes}".encode())
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for key in pool.map(_cache_key, [f for f, _ in files], chunksize=256):
+            h.update(key)
+    cache = os.path.join(cache_dir, f"folder-{h.hexdigest()[:16]}.pt")
+    remove_orphans(cache_dir)                 # a killed cache write's temporary file (a live writer's stays)
+    if os.path.exists(cache):
+        try:
+            d = torch.load(cache, weights_only=True)
+            return d["x"], d["y"], d["classes"], names
+        except Exception:
+            print(f"the cache {cache} is unreadable: decoding {path} again", flush=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
+        imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0])[None], size)[0], files, chunksize=256))
+    x, y = torch.stack(imgs), torch.tensor([f[1] for f in files]).long()
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        common.save_atomic({"x": x, "y": y, "classes": classes}, cache)
+    except OSError as e:                      # a read-only data root still works, only without a cache
+        print(f"note: decoded {path} without caching it ({e.strerror or e})", flush=True)
+    return x, y, classes, names
+
+
+def _cache_key(f):
+    """What the folder cache's key sees of one image file: its path, size, modification time and its first and last
+    64 KiB (the whole file up to 128 KiB, which covers the images of these data sets), so that an edit keeping the
+    size and the mtime is seen too. Still unseen: such an edit confined to the middle of a file over 128 KiB."""
+    st = os.stat(f)
+    with open(f, "rb") as fh:
+        head = fh.read(65536)
+        fh.seek(max(len(head), st.st_size - 65536))
+        tail = fh.read(65536)
+    return f"{f}|{st.st_size}|{st.st_mtime_ns}|".encode() + hashlib.sha1(head + tail).digest()
+
+
+def _load_npy(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"npy file not found: {path}")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {first_line})")
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
+        raise ValueError(f"{path}: expected a uint8 N x H x W x 3 array with N >= 1, got {a.dtype} {tuple(a.shape)}")
+    return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous(), torch.full((len(a),), -1), []
+
+
+def _load_odin(name, root, download):
+    from torchvision.datasets.utils import download_and_extract_archive
+    url, md5, sub = ODIN_SETS[name]
+    folder = os.path.join(root, sub)
+    if not os.path.isdir(folder):
+        if not download:
+            raise FileNotFoundError(f"{name} not found at {folder}")
+        try:
+            download_and_extract_archive(url, root, md5=md5)
+        except Exception as e:
+            raise ValueError(f"could not download {name} ({type(e).__name__}); fetch {url} (md5 {md5}) and extract "
+                             f"it in '{root}'")
+    return folder
+
+
+def load_dataset(spec, train=True, root="data", download=True, size=32, need_split=False, names=False):
+    """Load a data set by spec (see DATASET_SPECS) -> (x uint8 N x 3 x size x size, y int64 (-1 unlabeled), classes),
+    and with names=True a fourth item: each image's name (its path inside a folder, else its row index).
+
+    Images of another size are resized to `size` once, here. Decoded folders are cached under `root`; need_split:
+    see _load_folder."""
+    if spec.startswith("folder:") or spec in ODIN_SETS:
+        folder = spec[len("folder:"):] if spec.startswith("folder:") else _load_odin(spec, root, download)
+        x, y, classes, files = _load_folder(folder, train, size, os.path.join(root, "cache"), need_split)
+        return (x, y, classes, files) if names else (x, y, classes)
+    if spec == "digits":
+        x, y, classes = _load_digits(train)
+    elif spec in TORCHVISION_SETS:
+        x, y, classes = _load_torchvision(spec, train, root, download)
+    elif spec.startswith("npy:"):
+        x, y, classes = _load_npy(spec[len("npy:"):])
+    elif spec.startswith("interp:"):
+        # CSI's Interp: CSI averages each test batch of 100 with the previous batch and drops the first,
+        # i.e. image i with image i - 100 (9,900 images for CIFAR-10). "Previous" is taken in that sense.
+        x = load_dataset(spec[len("interp:"):], False, root, download, size)[0]
+        x, y, classes = ((x[100:].float() + x[:-100].float()) / 2).round().to(torch.uint8), None, []
+        y = torch.full((len(x),), -1)
+    else:
+        raise ValueError(f"unknown data set '{spec}' (known: {DATASET_SPECS})")
+    x = resize_uint8(x, size)
+    return (x, y, classes, [str(i) for i in range(len(x))]) if names else (x, y, classes)
+
+
+def parse_classes(text):
+    """'0-5' -> [0..5]; '3' -> [3]; '0-2,4-9' -> [0,1,2,4,...,9]. Anything else ends the run naming the flag."""
+    ids = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (hi.isdigit() if dash else True)) or (dash and int(hi) < int(lo)):
+            raise ValueError(f"--id-classes {text!r}: expected class ids or ascending ranges, e.g. 0-5, 3 or 0-2,4-9")
+        ids += list(range(int(lo), int(hi if dash else lo) + 1))
+    return sorted(set(ids))
+
+
+def format_classes(ids):
+    """[0, 1, 2, 4, 5] -> '0-2,4-5' (the inverse of parse_classes)."""
+    runs, ids = [], sorted(ids)
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def default_id_classes(dataset, n_classes):
+    """--id-classes when none is given: digits 0-5 (and 6-9 held out as OOD), every class of any other data set."""
+    return "0-5" if dataset == "digits" else f"0-{n_classes - 1}"
+
+
+def select_classes(x, y, ids):
+    """Keep the images whose label is in ids (labels are kept as they are)."""
+    keep = torch.isin(y, torch.as_tensor(ids, dtype=y.dtype))
+    return x[keep], y[keep]
+
+
+def load_data(args):
+    """The run's data from the shared flags: train/test images of the in-distribution classes and the OOD sets.
+
+    With a proper subset of classes (the default on digits: 0-5), the test images of the other classes are an
+    OOD set; with all classes in-distribution (or unlabeled data) the OOD sets are --ood (default for cifar10: svhn,
+    cifar100, interp:cifar10). An OOD set whose images are mostly in-distribution images of the run is refused.
+    Returns a namespace: train_x, train_y, test_x, test_y, test_names, ood {name: x}, ood_y {name: labels} (the
+    held-out classes only), ood_names {name: each image's name}, classes, id_classes ([] for unlabeled data)."""
+    load = lambda spec, train, split=False: load_dataset(spec, train, args.data_root, True, args.size, split, True)
+    with rank0_first():   # under torchrun rank 0 downloads and decodes; the others then read its files and cache
+        train_x, train_y, classes, _ = load(args.dataset, True, True)
+        test_x, test_y, _, test_names = load(args.dataset, False, True)
+    labeled = bool(len(train_y)) and bool(train_y.min() >= 0)
+    n_classes = (len(classes) or int(train_y.max()) + 1) if labeled else 0
+    if not labeled and args.id_classes:
+        raise ValueError(f"{args.dataset} has no class folders or labels, so --id-classes cannot select from it")
+    ids = parse_classes(args.id_classes or default_id_classes(args.dataset, n_classes)) if labeled else []
+    if ids and ids[-1] >= n_classes:
+        raise ValueError(f"--id-classes {format_classes(ids)} out of range: {args.dataset} has classes "
+                         f"0-{n_classes - 1}")
+    named = lambda keep, names: [n for n, k in zip(names, keep.tolist()) if k]
+    ood, ood_y, ood_names = {}, {}, {}   # ood_y: labels of the held-out classes (per-class results)
+    if ids and len(ids) < n_classes:
+        rest = [c for c in range(n_classes) if c not in ids]
+        held_out, out_of = f"classes {format_classes(rest)}", torch.isin(test_y, torch.tensor(rest))
+        ood[held_out], ood_y[held_out], ood_names[held_out] = test_x[out_of], test_y[out_of], named(out_of, test_names)
+        keep = torch.isin(train_y, torch.tensor(ids))
+        train_x, train_y = train_x[keep], train_y[keep]
+        keep = torch.isin(test_y, torch.tensor(ids))
+        test_x, test_y, test_names = test_x[keep], test_y[keep], named(keep, test_names)
+    empty = [f"class {classes[c] if classes else c}" for c in ids if not (train_y == c).any()]
+    if empty or not len(train_x) or not len(test_x):
+        raise ValueError(f"{args.dataset}: no {'training' if empty or not len(train_x) else 'test'} images for "
+                         f"{', '.join(empty) or 'the in-distribution classes'} (an empty class folder?)")
+    specs = args.ood if args.ood is not None else (["svhn", "cifar100", "interp:cifar10"]
+                                                   if args.dataset == "cifar10" and not ood else [])
+    with rank0_first():
+        for spec in specs:
+            ood[spec], _, _, ood_names[spec] = load(spec, False)
+    for name, x in ood.items():
+        if not len(x):
+            raise ValueError(f"the OOD set {name} has no images (an empty class folder in test/?)")
+    if not ood:
+        raise ValueError(f"no OOD set: all classes of {args.dataset} are in-distribution; give --ood SPEC [SPEC ...]")
+    refuse_ood_sets_of_id_images(ood, specs, torch.cat([train_x, test_x]))
+    if args.subset and args.subset < len(train_x):
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
+        train_x, train_y = train_x[keep], train_y[keep]
+    return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, test_names=test_names,
+                           ood=ood, ood_y=ood_y, ood_names=ood_names, classes=classes, id_classes=ids)
+
+
+def refuse_ood_sets_of_id_images(ood, specs, id_x, most=0.01):
+    """An --ood set in which more than `most` of the images are pixel for pixel in-distribution images of the run
+    (--ood digits on digits, the ID folder itself) would report AUROC ~50 for a wrong reason: ValueError naming it.
+    A few identical images (public sets share some) are only reported."""
+    digest = lambda img: hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
+    id_digests = {digest(img) for img in id_x.cpu()}
+    for spec in specs:
+        same = sum(digest(img) in id_digests for img in ood[spec].cpu())
+        if same > most * len(ood[spec]):
+            raise ValueError(f"--ood {spec}: {same} of its {len(ood[spec])} images are in-distribution images of this "
+                             f"run (the same pixels); give an OOD set without them")
+        if same:
+            print(f"note: {same} of the {len(ood[spec])} images of --ood {spec} are also in-distribution images",
+                  flush=True)
+
+
+def simclr_augment(args, **paper):
+    """The training augmentation for the run's data, chosen here once for every script: `paper` (the method's
+    SimCLRAugment arguments) on natural images and under --preset paper, DIGITS_AUGMENT on digits
+    (--augment auto|paper|digits overrides)."""
+    kind = args.augment
+    if kind == "auto":
+        kind = "digits" if args.dataset == "digits" and args.preset != "paper" else "paper"
+    return common.SimCLRAugment(args.size, **(DIGITS_AUGMENT if kind == "digits" else paper))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: one parent parser for every script, presets (--preset paper|quick), checks before any work.
+
+def arg_parser():
+    """The flags every script shares; a script adds its own and sets its defaults with set_defaults."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("shared")
+    g.add_argument("--preset", default=None, help="a named configuration of the script (paper, quick); flags override it")
+    g.add_argument("--dataset", default="digits", help=f"in-distribution data ({DATASET_SPECS})")
+    g.add_argument("--id-classes", default=None,
+                   help="in-distribution classes, e.g. 0-5, 3, 0-2,4-9 (default: 0-5 on digits, every class otherwise)")
+    g.add_argument("--ood", nargs="+", action="extend", default=None,
+                   help="OOD sets (specs as --dataset; repeat the flag or list several); the held-out classes are one")
+    g.add_argument("--data-root", default="data", help="where data sets are downloaded and decoded folders cached")
+    g.add_argument("--size", type=int, default=32, help="image side; other sizes are resized once at load time")
+    g.add_argument("--subset", type=int, default=0, help="train on a random subset of N images (quick runs)")
+    g.add_argument("--augment", default="auto", choices=["auto", "paper", "digits"],
+                   help="training augmentation: the paper's, or one that keeps digits digits (auto: digits on the "
+                        "digits data set unless --preset paper, the paper's otherwise)")
+    g.add_argument("--arch", default="resnet18", help=f"{', '.join(common.CIFAR_ARCHS)} (CIFAR-style) or {', '.join(common.IMAGENET_ARCHS)}")
+    g.add_argument("--width", type=int, default=16, help="CIFAR ResNet width (64: the standard ResNet)")
+    g.add_argument("--init", default="pytorch", choices=["pytorch", "torchvision"],
+                   help="CIFAR ResNet convolutions: PyTorch's default or torchvision's kaiming-normal (fan_out)")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--final-lr", type=float, default=0.0, help="cosine schedule ends here")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="linear learning-rate warm-up")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "lars", "adam"])
+    g.add_argument("--lars-scope", default="all", choices=["all", "weights"],
+                   help="--optimizer lars: adapt every parameter (torchlars, CSI's) or the weights only (solo-learn)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--grad-clip", type=float, default=float("inf"), help="clip the gradient norm (always checked for NaN)")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="auto: bf16 on CUDA, off on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default=None, help="run folder (checkpoint, results.json); default runs/<script>-<dataset>")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (its settings must be the same)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a --out that holds another run")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
+    g.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and untrained-encoder baselines")
+    g.add_argument("--tpr", type=float, default=0.95,
+                   help="the decision threshold accepts this share of the in-distribution test images")
+    g.add_argument("--score", nargs="+", action="extend", default=None, metavar="SPEC",
+                   help="no training: score these images (specs as --dataset) with the finished run in --out, one "
+                        "CSV per set in <out>/scored/")
+    return p
+
+
+# The defaults of the scripts' parsers are their digits settings (16 px, narrow networks: a CPU minute); on any
+# other data these apply instead, beneath a preset and the command line: the papers' image side and ResNet width.
+OTHER_DATA_DEFAULTS = {"size": 32, "width": 64}
+
+
+def parse_args(parser, presets=None, argv=None, other_data=None):
+    """Parse with the data's defaults and `--preset NAME` beneath the command line: the parser's defaults are the
+    digits settings, OTHER_DATA_DEFAULTS (and the script's `other_data`) replace them on any other --dataset, preset
+    values replace those, flags given explicitly win. --help shows every default and what changes it. Prints
+    nothing; args.sources records where each value came from ({key: 'default' | 'default off digits' | 'preset
+    NAME' | 'command line'})."""
+    presets = presets or {}
+    argv = sys.argv[1:] if argv is None else argv
+    other_data = {**OTHER_DATA_DEFAULTS, **(other_data or {})}
+    annotate_defaults(parser, presets, other_data)
+    name = parser.parse_known_args(argv)[0].preset
+    if name is not None and name not in presets:
+        raise ValueError(f"--preset {name}: expected one of {', '.join(presets) or '(none)'}")
+    preset = presets.get(name, {})
+    known = {a.dest for a in parser._actions}
+    unknown = [k for k in {**preset, **other_data} if k not in known]
+    if unknown:
+        raise ValueError(f"preset {name} names unknown arguments: {unknown}")  # a bug in the script, not user input
+    parser.set_defaults(**preset)
+    off_digits = {k: v for k, v in other_data.items() if k not in preset}
+    if parser.parse_known_args(argv)[0].dataset == "digits":
+        off_digits = {}
+    parser.set_defaults(**off_digits)
+    parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    # Which flags were typed: parse again with every default suppressed, then put the defaults back.
+    saved = [(a, a.default) for a in parser._actions], dict(parser._defaults)
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    try:
+        typed = set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for a, d in saved[0]:
+            a.default = d
+        parser._defaults.update(saved[1])
+    args.sources = {k: "command line" if k in typed else (f"preset {name}" if k in preset else
+                                                          "default off digits" if k in off_digits else "default")
+                    for k in vars(args) if k != "sources"}
+    check_shared(args, resolve=False)   # the shared flags first: a script's own checks may rely on them
+    return args
+
+
+def annotate_defaults(parser, presets, other_data):
+    """Append to every flag's help its default, its default on data other than digits, and each preset's value."""
+    for a in parser._actions:
+        if a.help == argparse.SUPPRESS or a.dest == "help" or "[default" in (a.help or ""):
+            continue
+        notes = [f"default {a.default}"] if a.default is not None and a.default is not False else []
+        if a.dest in other_data:
+            notes.append(f"off digits {other_data[a.dest]}")
+        notes += [f"--preset {p} {v[a.dest]}" for p, v in presets.items() if a.dest in v]
+        if notes:
+            a.help = ((a.help or "") + " [" + "; ".join(notes).replace("%", "%%") + "]").lstrip()
+
+
+def check(ok, flag, value, allowed):
+    """One line for a bad value, before any work: `error: --flag value: expected <allowed>`."""
+    if not ok:
+        raise ValueError(f"{flag} {value}: expected {allowed}")
+
+
+KNOWN_CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+
+
+def count_classes(spec):
+    """The number of classes of a data set spec, without decoding an image: a built-in set's, a folder's class
+    folders (its train/'s when it has train/ and test/), 0 for unlabeled data (a flat folder, an array, the ODIN
+    sets, interp:)."""
+    if spec in KNOWN_CLASS_COUNTS:
+        return KNOWN_CLASS_COUNTS[spec]
+    if spec.startswith("folder:"):
+        path = spec[len("folder:"):]
+        train = os.path.join(path, "train")
+        return len(class_folders(train if os.path.isdir(train) else path)) if os.path.isdir(path) else 0
+    return 0
+
+
+def planned_id_classes(args):
+    """The run's in-distribution class ids from the flags and the data's class count alone, no image decoded: []
+    for data without classes."""
+    n = count_classes(args.dataset)
+    return parse_classes(args.id_classes or default_id_classes(args.dataset, n)) if n else []
+
+
+def check_spec(spec, flag):
+    """A data-set spec that can be loaded: a known name, or a prefix with a path that exists."""
+    if spec in KNOWN_CLASS_COUNTS or spec in ODIN_SETS:
+        return
+    kind, _, rest = spec.partition(":")
+    if kind == "interp" and rest:
+        return check_spec(rest, flag)
+    if kind == "folder" and rest:
+        check(os.path.isdir(rest), flag, spec, "an existing folder after folder:")
+    elif kind == "npy" and rest:
+        check(os.path.isfile(rest), flag, spec, "an existing .npy file after npy:")
+    else:
+        check(False, flag, spec, f"one of {DATASET_SPECS}")
+
+
+def check_shared(args, resolve=True):
+    """Every shared flag, before any data is loaded or any folder made (parse_args and setup call it). With
+    `resolve` (setup), --id-classes becomes its canonical text (the default written out), so that a typed default
+    and the default are the same setting."""
+    for spec in args.score or []:
+        check_spec(spec, "--score")
+    check(0 < args.tpr <= 1, "--tpr", args.tpr, "a fraction in (0, 1]: the share of ID test images accepted")
+    if args.score:                 # scoring with a finished run: its own settings apply, no training flag matters
+        check(getattr(args, "sources", {}).get("tpr") != "command line", "--tpr", args.tpr,
+              "no --tpr with --score: the run's thresholds apply, set on its ID test images when it trained")
+        return
+    check_spec(args.dataset, "--dataset")
+    check(not args.dataset.startswith(("npy:", "interp:")) and args.dataset not in ODIN_SETS, "--dataset",
+          args.dataset, "a data set with a train/test split (an array or an OOD set serves as --ood or --score)")
+    for spec in args.ood or []:
+        check_spec(spec, "--ood")
+    n = count_classes(args.dataset)
+    check(n != 0 or args.id_classes is None, "--id-classes", args.id_classes,
+          f"nothing: {args.dataset} has no class folders, every training image is in-distribution")
+    if n:
+        text = args.id_classes if args.id_classes is not None else default_id_classes(args.dataset, n)
+        ids = parse_classes(text)
+        check(ids[-1] < n, "--id-classes", text, f"classes of {args.dataset}: 0-{n - 1}")
+        if resolve:
+            args.id_classes = format_classes(ids)
+    check(args.size >= 8, "--size", args.size, "an integer >= 8")
+    check(args.subset >= 0, "--subset", args.subset, "an integer >= 0 (0: every training image)")
+    check(args.subset == 0 or args.subset >= 2, "--subset", args.subset, "0 or at least 2 images")
+    check(args.width >= 1, "--width", args.width, "an integer >= 1")
+    check(args.epochs >= 1, "--epochs", args.epochs, "an integer >= 1")
+    check(args.batch_size >= 2, "--batch-size", args.batch_size, "an integer >= 2 (two images to contrast)")
+    check(args.lr > 0 and math.isfinite(args.lr), "--lr", args.lr, "a finite number > 0")
+    check(0 <= args.final_lr <= args.lr, "--final-lr", args.final_lr, f"a number in [0, --lr {args.lr}]")
+    check(args.warmup_epochs >= 0, "--warmup-epochs", args.warmup_epochs, "an integer >= 0")
+    check(0 <= args.momentum < 1, "--momentum", args.momentum, "a number in [0, 1)")
+    check(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "a number >= 0")
+    check(args.grad_clip > 0, "--grad-clip", args.grad_clip, "a number > 0 (inf: no clipping)")
+    check(args.save_every >= 1, "--save-every", args.save_every, "an integer >= 1")
+    check(0 <= args.seed < 2 ** 32, "--seed", args.seed, "an integer in [0, 2^32 - 1] (NumPy's seeds are 32-bit)")
+    check(not (args.resume and args.overwrite), "--resume", "--overwrite", "one of the two, not both")
+    get_device(args.device)                             # a device this machine does not have: now, not at first use
+
+
+def get_device(name="auto"):
+    """--device -> a torch.device this machine has; ValueError naming the flag for an unknown or absent one."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that PyTorch {torch.__version__} can use; "
+                         f"use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0-{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: Apple's MPS is not available on this machine; use --device cpu (or auto)")
+    return device
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)          # seed + rank under torchrun may pass NumPy's 32 bits
+
+
+def print_config(args):
+    print("configuration (value  <- source):")
+    for k, v in vars(args).items():
+        if k not in ("sources", "run"):
+            print(f"  {k:<18} {v!s:<24} <- {args.sources.get(k, 'default')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: guarded, locked, recorded; torchrun; the scripts' entry point.
+
+# Settings that may change when a run is resumed: they do not shape the weights already trained (a longer
+# --epochs extends the run). Every other setting is compared with the checkpoint's.
+MAY_CHANGE = ("epochs", "resume", "overwrite", "out", "device", "save_every", "no_baselines", "ood", "data_root",
+              "compile", "preset", "sources", "run", "tpr", "score")
+
+
+RUN_FILES = ("results.json",)   # what a run writes beside run.json and its checkpoints (*.pt recording their run)
+REPLACED = "replaced-run"       # where --overwrite keeps the old run until the new one has written something
+CSV_FOLDERS = ("scores", "scored")   # a run's CSVs (finish, --score): they go and come back with its files
+TEMP_FILE = re.compile(r"(.+)\.tmp(\d+)")   # write_atomic's temporary file: <name>.tmp<pid>
+
+
+def _process_start(pid):
+    """When process `pid` started (Linux: field 22 of /proc/<pid>/stat, clock ticks since boot) or None where that
+    is unknown (no /proc): with the PID it names one process, even after the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]        # the fields after the name; field 3 is index 0
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid, start=None):
+    """Whether process `pid` runs and, where both start times are known, is the one that started at `start` (a
+    PID reused by an unrelated process is not)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _ours_by_name(name):
+    return name == "run.json" or name in RUN_FILES or name.endswith(".pt")
+
+
+def remove_orphans(folder):
+    """Remove the temporary files that write_atomic left behind in `folder` when its process was killed: exactly
+    `<name>.tmp<pid>`, a plain file, <name> a file of these scripts (run.json, results.json, *.pt), its process gone.
+    Anything else is the user's and stays (notes.tmp.txt, draft.tmpl, a folder cache.tmp); so does a live
+    process's file (a concurrent run's cache write), and the file of a dead process whose PID is in use again."""
+    with contextlib.suppress(OSError):                         # an unreadable or read-only folder: nothing to do
+        for entry in os.scandir(folder):
+            m = TEMP_FILE.fullmatch(entry.name)
+            if m and _ours_by_name(m[1]) and entry.is_file(follow_symlinks=False) and not _pid_alive(int(m[2])):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+
+
+def _is_record(r):
+    """A run record as these scripts write it: {'script': name, 'settings': {...}, ...}."""
+    return isinstance(r, dict) and isinstance(r.get("script"), str) and isinstance(r.get("settings"), dict)
+
+
+def recorded_run(path, checkpoint=False):
+    """The run record inside a torch file these scripts wrote (each records its run; with `checkpoint`, only a
+    checkpoint of train(): {'model', 'epoch', 'run'}), or None for any other file: a foreign *.pt is never taken for
+    one of ours. weights_only and mmap: no code runs and no tensor is read."""
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    ok = isinstance(c, dict) and _is_record(c.get("run")) and (not checkpoint or {"model", "epoch"} <= set(c))
+    return c["run"] if ok else None
+
+
+def _is_results(path):
+    """Whether `path` is a results.json of these scripts (a JSON object naming its method), not a file of the user's."""
+    try:
+        with open(path) as f:
+            return "method" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _run_files(out):
+    """-> (the files of these scripts' runs in `out`: {name: the run recorded in it, or None for results.json};
+    the other *.pt and results.json files, which are the user's)."""
+    ours, foreign = {}, []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        if name in RUN_FILES:
+            run, is_ours = None, _is_results(path)
+        elif name.endswith(".pt"):
+            run = recorded_run(path)
+            is_ours = run is not None
+        else:
+            continue
+        if is_ours:
+            ours[name] = run
+        else:
+            foreign.append(name)
+    return ours, foreign
+
+
+def read_record(path):
+    """run.json -> its record; ValueError naming the file when it is not one (empty, `{}`, `[]`, not JSON)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable ({getattr(e, 'strerror', None) or type(e).__name__}): restore it, or "
+                         f"start afresh with --overwrite") from None
+    if not _is_record(record):
+        raise ValueError(f"{path} is not a run record of these scripts (expected {{\"script\": ..., \"settings\": {{...}}}}, "
+                         f"got {json.dumps(record)[:40]}): restore it, or start afresh with --overwrite")
+    return record
+
+
+def _settle_replaced(out):
+    """After an --overwrite (at its end, or at the next start when it was killed): the old run in out/replaced-run
+    is deleted once the new run has written a file of its own (a checkpoint, results.json), and otherwise moved back
+    in place of the new run.json, so that a run that stopped before writing anything leaves the old one intact.
+    -> whether the old run came back."""
+    old = os.path.join(out, REPLACED)
+    if not os.path.isdir(old):
+        return False
+    names = list(_run_files(old)[0]) + (["run.json"] if os.path.isfile(os.path.join(old, "run.json")) else [])
+    new_run_wrote = any(_run_files(out)[0])
+    for name in names:
+        if new_run_wrote:
+            os.remove(os.path.join(old, name))
+        else:
+            os.replace(os.path.join(old, name), os.path.join(out, name))
+    for folder in (f for f in CSV_FOLDERS if os.path.isdir(os.path.join(old, f))):
+        if new_run_wrote:                                         # the old run's CSVs, and nothing of the user's
+            for entry in os.scandir(os.path.join(old, folder)):
+                if entry.name.endswith(".csv") and entry.is_file(follow_symlinks=False):
+                    os.remove(entry.path)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(old, folder))
+        elif not os.path.exists(os.path.join(out, folder)):
+            os.replace(os.path.join(old, folder), os.path.join(out, folder))
+    if not new_run_wrote and "run.json" not in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, "run.json"))              # the old run had none: neither has the folder now
+    with contextlib.suppress(OSError):
+        os.rmdir(old)                                             # kept if someone put other files there
+    return not new_run_wrote
+
+
+def _listed_checkpoints(record):
+    names = record.get("checkpoints")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _record_checkpoints(out):
+    """Write into run.json the checkpoints of its run that the folder holds as the run stops, so that --resume can
+    tell a checkpoint deleted since from one never written (a killed run, which stops without this, falls back to
+    the rule of at least one checkpoint)."""
+    record = os.path.join(out, "run.json")
+    if not os.path.isfile(record):
+        return
+    saved = read_record(record)
+    names = {n for n, r in _run_files(out)[0].items() if r is not None and r["script"] == saved["script"]
+             and recorded_run(os.path.join(out, n), checkpoint=True)}
+    names = sorted(names | set(_listed_checkpoints(saved)))         # a refused resume must not forget one that went
+    if saved.get("checkpoints") != names:
+        save_results(record, {**saved, "checkpoints": names})
+
+
+def _take_lock(out):
+    """Create out/lock holding `<pid> <start time>`; a lock of a process that is gone (or of an unrelated process
+    that got its PID since) is taken over. ValueError when a live run holds it."""
+    lock = os.path.join(out, "lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not os.path.isfile(lock):
+                raise ValueError(f"--out {out}: {lock} is not a lock file of these scripts: move it away") from None
+            try:
+                with open(lock) as f:
+                    pid, *start = f.read().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                pid, start = -1, []                               # unreadable or half-written: its writer is gone
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid, start[0] if start else None):
+                raise ValueError(f"--out {out}: another run (process {pid}) is writing there; wait for it or use another --out")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)                                   # a dead process's lock: take it over
+            continue
+        except OSError as e:
+            raise OSError(f"--out {out}: the folder is not writable ({e.strerror or e})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {_process_start(os.getpid()) or ''}\n")
+        return lock
+    raise ValueError(f"--out {out}: another run took the folder at the same moment; use another --out")
+
+
+_release = {}   # run folder -> its release, called by finish() and entry_point (and at exit, whatever happens)
+
+
+def guard_run_folder(out, run, resume, overwrite):
+    """Make --out safe to write, before any work. Writes out/run.json (script and settings) -> nothing.
+
+    - One live process at a time: out/lock holds the PID and start time of its writer (taken over when that
+      process is gone).
+    - Temporary files of killed writes are removed by their exact name (remove_orphans); nothing else of the user's
+      is ever touched: the run's own files are run.json, a results.json naming its method and the *.pt files that
+      record a run of these scripts (checkpoints).
+    - A run is never replaced by accident: a folder holding one is refused without --resume or --overwrite; a
+      folder holding a *.pt or results.json that these scripts did not write, always (a run could write a file of
+      that name). --overwrite moves the old run into out/replaced-run, which goes once the new run has written a
+      checkpoint or results.json, and comes back if the new run stops before.
+    - --resume needs a run to resume: at least one checkpoint of this script in out, and every checkpoint that was
+      there when the run last stopped (run.json lists them); its run.json, when there, must be a valid record of
+      the same script and settings (refused here, before any data is loaded; train() checks each checkpoint
+      again). Only after a kill -9, which leaves no list, a deleted checkpoint of a later stage beside one of an
+      earlier stage cannot be told from one never written: that stage starts afresh."""
+    record = os.path.join(out, "run.json")
+    if resume and not os.path.isdir(out):
+        raise FileNotFoundError(f"--resume: there is no run folder {out} (check --out)")
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    lock = _take_lock(out)
+    accepted = []                                                       # the run passed the checks below
+
+    def release():                                                      # idempotent: finish, entry_point, exit
+        if os.path.exists(lock):
+            with contextlib.suppress(OSError, ValueError):
+                restored = _settle_replaced(out)
+                if accepted and not restored:             # a refused start, or the old run back: changes nothing
+                    _record_checkpoints(out)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+        with contextlib.suppress(OSError):
+            if created and set(os.listdir(out)) <= {"run.json"}:      # a run that wrote nothing leaves nothing
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(record)
+                os.rmdir(out)
+    atexit.register(release)
+    _release[os.path.abspath(out)] = release
+    _settle_replaced(out)                                               # an --overwrite that was killed
+    remove_orphans(out)
+    ours, foreign = _run_files(out)
+    if resume:
+        own = {n: r for n, r in ours.items() if r is not None and r["script"] == run["script"]
+               and recorded_run(os.path.join(out, n), checkpoint=True)}
+        others = sorted({r["script"] for r in ours.values() if r is not None} - {run["script"]})
+        if not own and others:
+            raise ValueError(f"--resume: {out} holds a run of {', '.join(others)}.py, not of {run['script']}.py: "
+                             f"check --out")
+        if not own:
+            raise ValueError(f"--resume: {out} holds no checkpoint of {run['script']}.py "
+                             f"({', '.join(ours) or 'no run files'}), so there is nothing to resume: check --out, "
+                             f"or drop --resume to start afresh")
+        saved = read_record(record) if os.path.exists(record) else own[next(iter(own))]
+        common.compare_runs(saved, run, f"the run in {out}")
+        gone = sorted(set(_listed_checkpoints(saved)) - set(own))
+        if gone:
+            raise ValueError(f"--resume: {', '.join(gone)} of the run in {out} is gone (it was there when the run "
+                             f"last stopped): restore it, or start afresh with --overwrite")
+        if not os.path.exists(record):
+            save_results(record, {"script": saved["script"], "settings": saved["settings"]})
+        accepted.append(True)
+        return                                                          # run.json stays: it records the run's data
+    if foreign:                               # never replaced, never deleted: a run could write a file of its name
+        raise ValueError(f"--out {out} holds {', '.join(foreign)}, not written by these scripts, which only "
+                         f"replace their own files: move it away or choose another --out")
+    if ours:
+        if not overwrite:
+            raise ValueError(f"--out {out} holds another run ({', '.join(ours)}): add --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+        old = os.path.join(out, REPLACED)
+        os.makedirs(old, exist_ok=True)
+        for name in list(ours) + (["run.json"] if os.path.exists(record) else []) + \
+                [f for f in CSV_FOLDERS if os.path.isdir(os.path.join(out, f))]:
+            os.replace(os.path.join(out, name), os.path.join(old, name))
+    save_results(record, run)                                           # atomic JSON, as results.json
+    accepted.append(True)
+
+
+def data_fingerprint(x, y):
+    """What the run trains on, cheaply: the number of images, their shape and a SHA-1 of the uint8 pixels and of the
+    labels (about 0.2 s for 50,000 CIFAR images)."""
+    digest = lambda t: hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"images": len(x), "shape": list(x.shape[1:]), "pixels": digest(x), "labels": digest(y)}
+
+
+def check_data(args, data):
+    """Call right after load_data: records the fingerprint of the training images in <out>/run.json, and on --resume
+    refuses, in one line, images that changed since the run was trained (its checkpoints saw other images;
+    continuing would mix two data sets without a word)."""
+    if common.rank() != 0:
+        return
+    record = os.path.join(args.out, "run.json")
+    saved = read_record(record)
+    now = data_fingerprint(data.train_x, data.train_y)
+    then = saved.get("data")
+    if args.resume and isinstance(then, dict) and then != now:
+        changed = (f"{then.get('images')} training images then, {now['images']} now" if then.get("images") != now["images"]
+                   else f"image shape {then.get('shape')} -> {now['shape']}" if then.get("shape") != now["shape"]
+                   else f"the pixels of the {now['images']} training images differ" if then.get("pixels") != now["pixels"]
+                   else "their labels differ")
+        raise ValueError(f"--resume: the training data of {args.dataset} changed since the run in {args.out} was "
+                         f"trained ({changed}); resume on the same images, or start afresh with --overwrite")
+    if then != now:
+        save_results(record, {**saved, "data": now})
+
+
+def _stdout_to_devnull():
+    """After the reader of our output went away (`| head`): nothing more goes to the pipe, not even Python's flush
+    at exit, which would print a second error."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def entry_point(main):
+    """Decorates each script's main(argv): the one place where an exception becomes one line. Everything below it
+    raises ordinary exceptions with a clear message (ValueError for bad input, FileNotFoundError, OSError for the
+    disk, FloatingPointError for a diverged model); here the run folder this process holds is released and the
+    message printed without a traceback: `error: ...`, exit status 1. Output piped into a reader that quit (`| head`)
+    stops the run the same way (as any Unix tool; its log has nowhere to go); Ctrl-C and SIGTERM stop it with one
+    line, exit status 130. Checkpoints are kept in these cases: --resume continues. Any other exception is a bug and
+    keeps its traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        on_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        try:
+            result = main(*args, **kwargs)
+            sys.stdout.flush()                          # a closed pipe shows here, not at exit
+            return result
+        except BrokenPipeError:
+            _stdout_to_devnull()
+            stop = SystemExit("error: the output pipe was closed (its reader quit), so the run stopped")
+        except (ValueError, OSError, FloatingPointError) as e:
+            stop = SystemExit(f"error: {e}")
+        except KeyboardInterrupt:
+            print("interrupted: the run stopped; --resume continues it from its last checkpoint", file=sys.stderr)
+            stop = SystemExit(130)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, on_term)
+        for release in list(_release.values()):
+            release()
+        _release.clear()
+        raise stop from None
+    return wrapper
+
+
+def default_out(script, dataset):
+    """--out when none is given: runs/<script>-<dataset>, the data set spec made a folder name."""
+    return os.path.join("runs", f"{script}-{dataset.replace(':', '_').replace('/', '_')}")
+
+
+def check_ood_set(args):
+    """An OOD set to measure against, known before any image is decoded: the held-out classes, --ood, or CIFAR-10's
+    default sets."""
+    n = count_classes(args.dataset)
+    held_out = n and len(planned_id_classes(args)) < n
+    if not (held_out or args.ood or args.dataset == "cifar10"):
+        raise ValueError(f"no OOD set: every image of {args.dataset} is in-distribution"
+                         f"{'' if n == 0 else ' (--id-classes takes them all)'}; give --ood SPEC [SPEC ...]")
+
+
+def setup(args, script, may_change=(), ood_check=True):
+    """The start of every script's main(), after its own flags are checked: the shared flags checked, process group
+    under torchrun, seed, device, the run folder guarded and recorded, config printout -> device.
+
+    args.run = {"script", "settings"}: every setting that shapes the weights (all but MAY_CHANGE and the script's
+    `may_change`, its evaluation-only flags); recorded in run.json and in every checkpoint, and compared on --resume.
+    Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group (nccl on CUDA, gloo on CPU), puts
+    each rank on its own GPU and silences print on every rank but 0; rank 0 alone guards the run folder.
+    ood_check=False: the run has no OOD set of its own (a folder of per-class runs)."""
+    check_shared(args)
+    if ood_check:
+        check_ood_set(args)
+    args.out = args.out or default_out(script, args.dataset)
+    skip = set(MAY_CHANGE) | set(may_change)
+    args.run = {"script": script, "settings": {k: v for k, v in sorted(vars(args).items()) if k not in skip}}
+    args.run = json.loads(json.dumps(args.run, default=str))       # the values as they will read back from disk
+    device = get_device(args.device)
+    if "RANK" in os.environ and not common.distributed():
+        import builtins
+        import datetime
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=30))
+        if args.batch_size % common.world_size():
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) is not divisible by {common.world_size()} processes")
+        if common.rank() != 0:
+            builtins.print = lambda *a, **k: None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN pick its fastest convolutions once
+    if args.compile and device.type != "cuda":
+        # a note, not a refusal: the compiled path is correct on a CPU and worth checking there, only slow
+        print(f"note: --compile on {device.type}: each epoch is much slower than without (about 250x measured on "
+              f"a CPU with the digits default: compile time and CPU kernels); it pays off on a CUDA GPU", flush=True)
+    seed_everything(args.seed + common.rank())   # each rank its own augmentation draws (train's shuffle is common to all)
+    if common.rank() == 0:
+        guard_run_folder(args.out, args.run, args.resume, args.overwrite)
+    if common.distributed():
+        torch.distributed.barrier()
+    print_config(args)
+    print(f"device {device}, run folder {args.out}" + (f", {common.world_size()} processes" if common.distributed() else ""), flush=True)
+    return device
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (downloads, decodes, writes caches), then the other ranks read what it made."""
+    if common.distributed() and common.rank() != 0:
+        torch.distributed.barrier()
+    yield
+    if common.distributed() and common.rank() == 0:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting: the sanity baselines, the tables, results.json.
+
+@torch.no_grad()
+def sanity_baselines(data, arch, width, device, seed=0):
+    """The two bars every trained score must clear, on exactly the run's split and OOD sets -> {"pixels_knn":
+    {ood set: metrics}, "random_init_knn": {...}}: the cosine similarity of each test image to its nearest
+    training image in raw pixels, and the same on the embedding layer h of an untrained encoder of the run's
+    architecture and width (seeded, in eval mode). One forward pass over the images; seconds on a CPU."""
+    pixels = lambda x: x.flatten(1).float()
+    train_px = pixels(data.train_x).to(device)
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    model = common.Encoder(arch, width=width).to(device).eval()
+    torch.set_rng_state(gen_state)                      # the run's own random stream is left untouched
+    h = lambda x: common.embed(model, x.to(device))[0]
+    train_h = h(data.train_x)
+    return {"pixels_knn": common.evaluate(lambda x: common.knn_scores(train_px, pixels(x).to(device)), data.test_x, data.ood),
+            "random_init_knn": common.evaluate(lambda x: common.knn_scores(train_h, h(x)), data.test_x, data.ood)}
+
+
+def print_results(results, title="", baselines=None):
+    """results {ood set: metrics} -> an aligned table, the mean row when there are several sets, and the AUROC of
+    each sanity baseline beside (columns named after the keys of `baselines`)."""
+    cols = ["auroc", "fpr95", "aupr_in", "aupr_out"]
+    mean = lambda r: {c: float(np.mean([m[c] for m in r.values()])) for c in cols}
+    rows, base = dict(results), {k: dict(v) for k, v in (baselines or {}).items()}
+    if len(rows) > 1:
+        rows["mean"] = mean(results)
+        for k, v in base.items():
+            v["mean"] = mean(baselines[k])
+    w = max(10, *(len(n) for n in rows))
+    lines = [title] if title else []
+    lines.append(f"{'OOD set':<{w}} " + " ".join(f"{c:>8}" for c in cols) + "".join(f"  {k:>15}" for k in base))
+    lines += [f"{n:<{w}} " + " ".join(f"{r[c]:8.2f}" for c in cols) + "".join(f"  {v[n]['auroc']:15.2f}" for v in base.values())
+              for n, r in rows.items()]
+    if base:
+        lines.append(f"{'':<{w}} (the last columns: AUROC of the sanity baselines on the same split)")
+    print("\n".join(lines), flush=True)
+
+
+def save_results(path, results):
+    """Write results (or any JSON record: run.json too) atomically, rank 0 only."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    if common.rank() == 0:
+        common.write_atomic(path, write)
+
+
+def finish(args, method, scorer, data, device, t_start, report=None, more_metrics=None, **extra):
+    """The end of every script, one path for every method: the run's Scorer scores the ID test images and every OOD
+    set; the threshold accepting --tpr of the ID test scores is fixed; the sanity baselines (unless
+    --no-baselines) and the tables of the `report` scores (default: all) are printed; a CSV per set (one row per
+    image: its name, every score, the decision) goes to <out>/scores/, the Scorer to <out>/scorer.pt, and
+    <out>/results.json = {method, config, settings, metrics {score: {ood set: metrics}}, thresholds, tpr,
+    baselines, seconds, device, **extra}. more_metrics: metrics of other models of the run (a pipeline's earlier
+    stages), reported and saved beside. Returns the results dict."""
+    s_id = scorer.scores(data.test_x)
+    scorer.tpr, scorer.thresholds = args.tpr, {k: common.threshold_at(v, args.tpr) for k, v in s_id.items()}
+    s_ood = {name: scorer.scores(x) for name, x in data.ood.items()}
+    metrics = {k: {name: common.ood_metrics(s_id[k], s[k]) for name, s in s_ood.items()} for k in s_id}
+    baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed)
+    for name, m in {**(more_metrics or {}), **{k: metrics[k] for k in (report or metrics)}}.items():
+        print_results(m, f"{method}, {name}: AUROC etc. in % (higher score = in-distribution)", baselines)
+    folder = os.path.join(args.out, "scores")
+    if common.rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        for name, names, scores in [("id_test", data.test_names, s_id)] + [
+                (name, data.ood_names[name], s_ood[name]) for name in data.ood]:
+            write_scores_csv(os.path.join(folder, csv_name(name)), names, scores, scorer.thresholds)
+        scorer.save(args.out)
+    print_decisions(scorer, {"ID test": s_id, **s_ood}, f"on the {len(data.test_x)} ID test images")
+    results = {"method": method, "config": {k: v for k, v in vars(args).items() if k != "run"},
+               "settings": args.run["settings"], "metrics": {**(more_metrics or {}), **metrics},
+               "thresholds": scorer.thresholds, "tpr": args.tpr, "baselines": baselines,
+               "seconds": time.time() - t_start, "device": str(device), **extra}
+    save_results(os.path.join(args.out, "results.json"), results)
+    print(f"results in {os.path.join(args.out, 'results.json')}, a CSV per set in {folder}, the scorer in "
+          f"{os.path.join(args.out, Scorer.FILE)}", flush=True)
+    if os.path.abspath(args.out) in _release:
+        _release.pop(os.path.abspath(args.out))()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained model as a product: a score and a decision for every image, later, from the run folder alone.
+
+class Scorer:
+    """A finished run's model with what its scores need: scores (higher = in-distribution) and OOD decisions for
+    uint8 images, from the run folder alone (no training flag, no training data):
+
+        scorer = common.Scorer.load("runs/ccl-digits")
+        scores, is_ood = scorer(x)        # x: uint8 N x 3 x H x W (resized to the run's --size); {score name: N}
+        scorer.thresholds                 # {score name: t}; is_ood = score < t
+
+    `script` names the method module that defines build_model(s) (the untrained model from the run's settings s)
+    and score(model, state, x, s) -> {score name: N scores}; `state` holds the tensors those scores need
+    (reference features, Gaussians, ...). The run computes its own metrics through the same scores()."""
+
+    FILE = "scorer.pt"
+    SCRIPTS = ("ccl", "mcl", "oecl", "scan_ood", "harness")
+
+    def __init__(self, script, settings, model, state, thresholds=None, tpr=0.95):
+        if script not in self.SCRIPTS:
+            raise ValueError(f"unknown script {script!r} (known: {', '.join(self.SCRIPTS)})")
+        self.script, self.settings, self.model, self.state = script, dict(settings), model, state
+        self.thresholds, self.tpr = dict(thresholds or {}), tpr
+
+    @classmethod
+    def from_args(cls, script, args, model, state):
+        """The Scorer of a run that has just trained `model`: its settings are the run's resolved flags."""
+        settings = {k: v for k, v in vars(args).items() if k not in ("sources", "run")}
+        return cls(script, json.loads(json.dumps(settings, default=str)), model, state)
+
+    @property
+    def module(self):
+        import importlib
+        return sys.modules[__name__] if self.script == "harness" else importlib.import_module(self.script)
+
+    @torch.no_grad()
+    def scores(self, x):
+        """{score name: float32 CPU tensor of len(x) scores}, in float32 whatever the caller's autocast."""
+        device = next(self.model.parameters()).device
+        x = resize_uint8(torch.as_tensor(x), self.settings["size"]).to(device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.autocast(device.type, enabled=False):
+            out = self.module.score(self.model, self.state, x, SimpleNamespace(**self.settings))
+        self.model.train(was_training)
+        return {k: v.float().cpu() for k, v in out.items()}
+
+    def __call__(self, x):
+        """-> (scores, is_ood): {score name: N scores}, {score name: N booleans, True = OOD at the threshold}."""
+        if not self.thresholds:
+            raise ValueError("this scorer has no thresholds yet (the run sets them on its ID test images)")
+        scores = self.scores(x)
+        return scores, {k: v < self.thresholds[k] for k, v in scores.items()}
+
+    def save(self, out):
+        common.save_atomic({"script": self.script, "settings": self.settings, "model": self.model.state_dict(),
+                     "state": self.state, "thresholds": self.thresholds, "tpr": self.tpr,
+                     "run": {"script": self.script, "settings": self.settings}},       # a file of this run's
+                    os.path.join(out, self.FILE))
+
+    @classmethod
+    def load(cls, out, device="cpu"):
+        """The Scorer of the finished run in folder `out` (load_plain: the file never runs code)."""
+        path = os.path.join(out, cls.FILE)
+        if not os.path.exists(path):
+            started = os.path.isdir(out) and any(n.endswith(".pt") for n in os.listdir(out))
+            raise FileNotFoundError(f"{out} holds {'a run that is not finished yet' if started else 'no finished run'}"
+                                    f" (no {cls.FILE}){': finish it with --resume' if started else ''}")
+        c = common.load_plain(path, "scorer file", device)
+        if not isinstance(c, dict) or not {"script", "settings", "model", "state", "thresholds"} <= set(c):
+            raise ValueError(f"{path} is not a scorer file of these scripts")
+        scorer = cls(c["script"], c["settings"], None, c["state"], c["thresholds"], c.get("tpr", 0.95))
+        model = scorer.module.build_model(SimpleNamespace(**c["settings"]))
+        scorer.model = common.load_weights(model, c["model"]).to(device).eval()
+        return scorer
+
+
+def csv_name(set_name):
+    """A set's CSV file name: its name with every character but letters, digits, '.', '-' made '_'."""
+    return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in set_name).strip("_") + ".csv"
+
+
+def write_scores_csv(path, names, scores, thresholds):
+    """One row per image: its name, every score, then ood_<score> = 1 where the score is below its threshold."""
+    import csv
+    keys = list(scores)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image"] + keys + [f"ood_{k}" for k in keys])
+            columns = [scores[k].tolist() for k in keys]
+            flags = [(scores[k] < thresholds[k]).int().tolist() for k in keys]
+            for row in zip(names, *columns, *flags):
+                w.writerow([row[0]] + [f"{v:.9g}" for v in row[1:1 + len(keys)]] + list(row[1 + len(keys):]))
+    common.write_atomic(path, write)
+
+
+def print_decisions(scorer, sets, where):
+    """The threshold of each score and, per set, the share of its images declared OOD."""
+    print(f"thresholds accepting {100 * scorer.tpr:g}% of the ID test scores ({where}): "
+          + ", ".join(f"{k} {t:.6g}" for k, t in scorer.thresholds.items()), flush=True)
+    for name, scores in sets.items():
+        print(f"  {name}: {len(next(iter(scores.values())))} images, declared OOD: "
+              + ", ".join(f"{k} {100 * float((v < scorer.thresholds[k]).float().mean()):.1f}%" for k, v in scores.items()),
+              flush=True)
+
+
+def score_later(args, script):
+    """--score SPEC ...: the finished run of `script` in --out scores these images; writes a CSV per set,
+    <out>/scored/<csv_name(spec)>, and prints a line per set; reads nothing of the training data and changes no
+    other file of the run."""
+    device = get_device(args.device)
+    args.out = args.out or default_out(script, args.dataset)
+    scorer = Scorer.load(args.out, device)
+    if scorer.script != script:
+        raise ValueError(f"the run in {args.out} was made by {scorer.script}.py, not {script}.py: score with "
+                         f"python {scorer.script}.py --out {args.out} --score ...")
+    folder = os.path.join(args.out, "scored")
+    os.makedirs(folder, exist_ok=True)
+    sets = {}
+    for spec in args.score:
+        x, _, _, names = load_dataset(spec, False, args.data_root, True, scorer.settings["size"], names=True)
+        sets[spec] = scores = scorer.scores(x)
+        write_scores_csv(os.path.join(folder, csv_name(spec)), names, scores, scorer.thresholds)
+    print_decisions(scorer, sets, "set by the run on its ID test images")
+    print(f"a CSV per set in {folder}", flush=True)
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain SimCLR: `python harness.py`.
+
+def build_model(s):
+    """The self-check's model (the Scorer's build_model): the Encoder of the run's settings s."""
+    return common.Encoder(s.arch, width=s.width, init=s.init)
+
+
+@torch.no_grad()
+def score(model, state, x, s):
+    """The self-check's scores (the Scorer's score): cosine kNN to the training images on h and on z."""
+    h, z = common.embed(model, x)
+    return {"knn_h": common.knn_scores(state["train_h"], h), "knn_z": common.knn_scores(state["train_z"], z)}
+
+
+@entry_point
+def main(argv=None):
+    """SimCLR (tau 0.5) on the run's data, scored by cosine kNN on the embedding layer h and on the projection z,
+    beside the sanity baselines: a self-check of this module, and with a method's training flags that method's
+    plain SimCLR setting."""
+    parser = argparse.ArgumentParser(description="SimCLR self-check of the shared module", parents=[arg_parser()])
+    parser.set_defaults(epochs=1, subset=256, width=8, batch_size=64)
+    args = parse_args(parser, argv=argv, other_data=dict(epochs=20, subset=0))
+    if args.score:
+        return score_later(args, "harness")
+    t_start = time.time()
+    device = setup(args, "harness")
+    data = load_data(args)
+    check_data(args, data)
+    model = build_model(args).to(device)
+    aug = simclr_augment(args, blur=True)
+    x = data.train_x.to(device)
+    common.train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, tau=0.5), x,
+          common.TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt")))
+    train_h, train_z = common.embed(model, x)
+    scorer = Scorer.from_args("harness", args, model, {"train_h": train_h, "train_z": train_z})
+    return finish(args, "SimCLR", scorer, data, device, t_start)
+
+
+if __name__ == "__main__":
+    main()
