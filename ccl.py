@@ -40,56 +40,6 @@ Stages: --epochs counts both; the first --cluster-start epochs are the warm-up s
 schedule over both. Cluster centres, assignments and concentrations live in the checkpoint: --resume keeps them,
 and refuses a changed cluster setting.
 
-Deviations. No public code exists for CCL; where the paper defers to CSI (optimiser, score) or PCL (phi), their
-code is the official one. Every choice is marked "ambiguity:" where it is resolved.
-
-    choice       | paper                 | official code           | ours                    | why
-    -------------+-----------------------+-------------------------+-------------------------+-------------------------
-    Eq. 4's sum  | the other centres,    | PCL's ProtoNCE: every   | every centre (softmax); | Eq. 2, Eq. 6 and
-                 | 1[c_j != c_i]         | centre                  | --ccl-form decoupled:   | ProtoNCE keep the
-                 |                       |                         | as printed              | positive in the sum
-    phi (Eq. 5)  | Eq. 5, "the same as"  | PCL: clipped to its     | PCL's, mean --tau;      | Eq. 5 alone gives phi
-                 | PCL                   | 10th-90th percentile,   | --phi eq5: as printed   | ~0.01-0.1: L_CCL
-                 |                       | scaled to mean tau      |                         | outweighs L_self ~9 x
-    schedule     | 1000 SimCLR + 1000    | CSI: one warm-up +      | one per stage           | Table 4: the warm-up
-                 | joint epochs, cosine  | cosine per training run | (--schedule restart);   | stage is SimCLR "trained
-                 |                       |                         | single: one             | in advance"
-    peak lr      | 0.1, "same with CSI"  | CSI: 0.1 x its warm-up  | preset 1.0              | the paper's 0.1 is CSI's
-                 |                       | multiplier 10 = 1.0     |                         | --lr_init
-    lr warm-up   | 50 epochs             | CSI: 10 epochs, from    | 50 epochs, linear from  | the paper's length;
-                 |                       | 0.1 x the peak          | ~0                      | common's warm-up
-    LARS scope   | (CSI's)               | torchlars: every        | every parameter (preset | CSI's. solo-learn's form
-                 |                       | parameter, BatchNorm    | --lars-scope all);      | moves a BatchNorm weight
-                 |                       | weights and biases too  | weights: solo-learn's,  | 15.7 x and a Linear bias
-                 |                       |                         | 1-d parameters plain    | ~1,900 x as far in one
-                 |                       |                         | SGD                     | step; conv and linear
-                 |                       |                         |                         | weights move equally
-    K-means      | on h                  | PCL: faiss, on          | spherical, on           | Eq. 4-5 compare by
-                 |                       | normalised features     | normalised features     | cosine
-    Eq. 9's norm | the training          | CSI: the test feature's | CSI's                   | Eq. 9 cites CSI
-                 | feature's             |                         |                         |
-    scored layer | z (projection)        | CSI: z                  | preset z; digits        | measured on digits
-                 |                       |                         | default h               | (README)
-    lambda; K    | not stated            | -                       | 0.5; 10                 | the even mix of Eq. 8
-    ablations    | weights not stated    | -                       | the mean of the kept    | Eq. 7's mean
-                 |                       |                         | terms                   |
-    augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | harness.simclr_augment (a
-                 | blur                  |                         | without the horizontal  | flipped 2 is a 5)
-                 |                       |                         | flip                    |
-    test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views; an image's | scores depend on the
-    views        | images, CSI's score   | views, colour jitter,   | from a generator seeded | image and its position
-                 |                       | grayscale, 54% crop;    | with its position (the  | alone: a set scored
-                 |                       | per-image draws, seed   | same across sets, as    | later gives the run's
-                 |                       | reset before each view  | CSI's); digits: none    | numbers
-    precision    | not stated            | CSI: float32            | bf16 autocast on CUDA   | speed; the losses and
-                 |                       |                         | (--amp auto; --amp off: | scoring switch autocast
-                 |                       |                         | float32); float32 on    | off, K-means runs
-                 |                       |                         | the CPU                 | outside it: float32
-
-Colour jitter, in training and at test time, follows torchvision's formulas (common.SimCLRAugment, crop first);
-CSI's own layer jitters brightness and saturation in HSV, contrast about each channel's mean and hue by +-0.07
-turns, in an order drawn per batch, and crops last.
-
 Runs: the digits default takes ~25 s of CPU time on one thread of an Intel Xeon (about a minute of wall time on a
 shared 2-core machine); --n-aug T adds one augmentation call per image (~6 ms per image for T = 10 at 32 px on that
 thread); --preset paper is a multi-GPU job.
@@ -373,6 +323,58 @@ def train_ccl(model, x, aug, args):
         return model
     joint = common.TrainConfig.from_args(args, checkpoint, epochs=args.epochs - args.cluster_start)
     return common.train(model, make_step(aug, x, args, start=0), x, joint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deviations. No public code exists for CCL; where the paper defers to CSI (optimiser, score) or PCL (phi), their
+# code is the official one. Every choice is marked "ambiguity:" where it is resolved.
+#
+#     choice       | paper                 | official code           | ours                    | why
+#     -------------+-----------------------+-------------------------+-------------------------+-------------------------
+#     Eq. 4's sum  | the other centres,    | PCL's ProtoNCE: every   | every centre (softmax); | Eq. 2, Eq. 6 and
+#                  | 1[c_j != c_i]         | centre                  | --ccl-form decoupled:   | ProtoNCE keep the
+#                  |                       |                         | as printed              | positive in the sum
+#     phi (Eq. 5)  | Eq. 5, "the same as"  | PCL: clipped to its     | PCL's, mean --tau;      | Eq. 5 alone gives phi
+#                  | PCL                   | 10th-90th percentile,   | --phi eq5: as printed   | ~0.01-0.1: L_CCL
+#                  |                       | scaled to mean tau      |                         | outweighs L_self ~9 x
+#     schedule     | 1000 SimCLR + 1000    | CSI: one warm-up +      | one per stage           | Table 4: the warm-up
+#                  | joint epochs, cosine  | cosine per training run | (--schedule restart);   | stage is SimCLR "trained
+#                  |                       |                         | single: one             | in advance"
+#     peak lr      | 0.1, "same with CSI"  | CSI: 0.1 x its warm-up  | preset 1.0              | the paper's 0.1 is CSI's
+#                  |                       | multiplier 10 = 1.0     |                         | --lr_init
+#     lr warm-up   | 50 epochs             | CSI: 10 epochs, from    | 50 epochs, linear from  | the paper's length;
+#                  |                       | 0.1 x the peak          | ~0                      | common's warm-up
+#     LARS scope   | (CSI's)               | torchlars: every        | every parameter (preset | CSI's. solo-learn's form
+#                  |                       | parameter, BatchNorm    | --lars-scope all);      | moves a BatchNorm weight
+#                  |                       | weights and biases too  | weights: solo-learn's,  | 15.7 x and a Linear bias
+#                  |                       |                         | 1-d parameters plain    | ~1,900 x as far in one
+#                  |                       |                         | SGD                     | step; conv and linear
+#                  |                       |                         |                         | weights move equally
+#     K-means      | on h                  | PCL: faiss, on          | spherical, on           | Eq. 4-5 compare by
+#                  |                       | normalised features     | normalised features     | cosine
+#     Eq. 9's norm | the training          | CSI: the test feature's | CSI's                   | Eq. 9 cites CSI
+#                  | feature's             |                         |                         |
+#     scored layer | z (projection)        | CSI: z                  | preset z; digits        | measured on digits
+#                  |                       |                         | default h               | (README)
+#     lambda; K    | not stated            | -                       | 0.5; 10                 | the even mix of Eq. 8
+#     ablations    | weights not stated    | -                       | the mean of the kept    | Eq. 7's mean
+#                  |                       |                         | terms                   |
+#     augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | harness.simclr_augment (a
+#                  | blur                  |                         | without the horizontal  | flipped 2 is a 5)
+#                  |                       |                         | flip                    |
+#     test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views; an image's | scores depend on the
+#     views        | images, CSI's score   | views, colour jitter,   | from a generator seeded | image and its position
+#                  |                       | grayscale, 54% crop;    | with its position (the  | alone: a set scored
+#                  |                       | per-image draws, seed   | same across sets, as    | later gives the run's
+#                  |                       | reset before each view  | CSI's); digits: none    | numbers
+#     precision    | not stated            | CSI: float32            | bf16 autocast on CUDA   | speed; the losses and
+#                  |                       |                         | (--amp auto; --amp off: | scoring switch autocast
+#                  |                       |                         | float32); float32 on    | off, K-means runs
+#                  |                       |                         | the CPU                 | outside it: float32
+#
+# Colour jitter, in training and at test time, follows torchvision's formulas (common.SimCLRAugment, crop first);
+# CSI's own layer jitters brightness and saturation in HSV, contrast about each channel's mean and hue by +-0.07
+# turns, in an order drawn per batch, and crops last.
 
 
 # ----------------------------------------------------------------------------------------------

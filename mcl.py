@@ -49,68 +49,6 @@ Use it in your code:
     state = mcl.score_state(model, x, y, n_classes=2)                     # Gaussians per (class, rotation)
     scores = mcl.score(model, state, x, s)                                # {reading: 8 scores}, higher = ID
     print(loss.item(), scores["lf sei4 w-avg"])
-
-Deviations (paper / official code / ours, with the reason after the colon):
-
-    what                  paper                    official code             ours: why
-    SEI w-avg             Eq. 19-20: one weight    per view and class,       as the official code: minus the harmonic
-                          per view, 1 / sum over   weight 1 / distance:      mean of the distances (not squared);
-                          classes of 1 / score     the harmonic mean of      Eq. 19 is undefined for Eq. 12's
-                                                   the distances             negative scores
-    SEI avg, max          Eq. 17-18 on Eq. 12's    'mean': the sum over      as the official code, on distances: avg
-                          squared distances        views of the distances    their mean (the sum's ranking), max the
-                                                   (not squared); 'min':     smallest
-                                                   the smallest distance
-                                                   (as published, both then
-                                                   stop with an
-                                                   UnboundLocalError at a
-                                                   line that reads w-avg's
-                                                   list)
-    Gaussian fit          not stated               the first 79 batches      paper preset: a random 40.4% of the
-                                                   (len // 5 + 1) of an      upright training images; elsewhere all
-                                                   unshuffled loader of      (small data sets need every image)
-                                                   every rotated image, the
-                                                   mirrors after them: the
-                                                   first 20,224 of 50,000
-                                                   images (40.4%), unflipped
-    convolution init      not stated               torchvision's (kaiming    paper preset: torchvision's; digits and
-                                                   normal, fan_out)          quick: PyTorch's default: the digits
-                                                                             evidence was measured with it
-    stem init             not stated               PyTorch's default: the    as the official code under --init
-                                                   3x3 stem convolution      torchvision (build_model resets the
-                                                   replaces the 7x7 one      stem's parameters)
-                                                   after torchvision's init
-    training length       not stated               config: 400 epochs; the   paper preset: 400 (the config);
-                                                   README's AUROC ~94 is     --epochs 800 for the README's checkpoint
-                                                   its epoch_800.pt
-    beta                  2.5 = 1 / (2 tau),       2                         2.5 (the paper; A.3 finds beta hardly
-                          App. A.3                                           changes the results)
-    cosine clamp          none                     clamp(min=1e-7)           none: the clamp zeroes the gradient of
-                                                                             every negative similarity
-    partner view in       CCM (alpha) in Eq. 4's   1/tau                     1/tau: the numerator's term then is in
-    the CCM denominator   denominator                                        its denominator (p is a probability)
-    SPA positive in its   CCM (alpha), Eq. 8       1/tau                     1/tau, for the same reason
-    denominator
-    partner view in       left out (Eq. 8)         kept with logit 0 (a      as the official code: a constant 1 in the
-    the SPA denominator                            zero mask entry)          denominator, without gradient
-    SPA draws             Eq. 9: one positive per  one other image of the    as the official code; under torchrun
-                          view from Eq. 7's set    joint label per rotated   each rank draws for the global batch
-                          (both views of every     image and step, shared
-                          other image); App. A:    by its two views: view v
-                          the mean over the set    attracts its view v
-    precision             not stated               fp32 (no autocast)        training under bf16 autocast on CUDA
-                                                                             (common's --amp auto; --amp off: fp32)
-                                                                             for tensor-core speed; the losses run in
-                                                                             fp32 (common.float32), the scores on
-                                                                             fp32 features and fp64 distances
-    features              z (Eq. 12)               z, L2-normalised          z and h, both L2-normalised: h is the
-                                                                             better layer on digits
-    covariance            not stated               + 1e-9 I                  + ridge x mean variance (paper preset
-                                                                             1e-7, about 1e-9 I on unit 128-d z):
-                                                                             the ridge follows the features' scale
-    digits                not in the paper         -                         common's digit-safe augmentation, LF
-                                                                             and 4 views (DIGITS_INFERENCE): a
-                                                                             mirrored digit is not a digit
 """
 import argparse
 import math
@@ -410,6 +348,70 @@ def print_grid(metrics, accuracy, ood_names):
     for key, m in metrics.items():
         acc = f"{accuracy[key]:5.1f}" if accuracy.get(key) is not None else "    -"
         print(f"{key:<16} {acc}  " + "  ".join(f"{m[ood]['auroc']:18.2f}" for ood in ood_names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Deviations (paper / official code / ours, with the reason after the colon):
+#
+#     what                  paper                    official code             ours: why
+#     SEI w-avg             Eq. 19-20: one weight    per view and class,       as the official code: minus the harmonic
+#                           per view, 1 / sum over   weight 1 / distance:      mean of the distances (not squared);
+#                           classes of 1 / score     the harmonic mean of      Eq. 19 is undefined for Eq. 12's
+#                                                    the distances             negative scores
+#     SEI avg, max          Eq. 17-18 on Eq. 12's    'mean': the sum over      as the official code, on distances: avg
+#                           squared distances        views of the distances    their mean (the sum's ranking), max the
+#                                                    (not squared); 'min':     smallest
+#                                                    the smallest distance
+#                                                    (as published, both then
+#                                                    stop with an
+#                                                    UnboundLocalError at a
+#                                                    line that reads w-avg's
+#                                                    list)
+#     Gaussian fit          not stated               the first 79 batches      paper preset: a random 40.4% of the
+#                                                    (len // 5 + 1) of an      upright training images; elsewhere all
+#                                                    unshuffled loader of      (small data sets need every image)
+#                                                    every rotated image, the
+#                                                    mirrors after them: the
+#                                                    first 20,224 of 50,000
+#                                                    images (40.4%), unflipped
+#     convolution init      not stated               torchvision's (kaiming    paper preset: torchvision's; digits and
+#                                                    normal, fan_out)          quick: PyTorch's default: the digits
+#                                                                              evidence was measured with it
+#     stem init             not stated               PyTorch's default: the    as the official code under --init
+#                                                    3x3 stem convolution      torchvision (build_model resets the
+#                                                    replaces the 7x7 one      stem's parameters)
+#                                                    after torchvision's init
+#     training length       not stated               config: 400 epochs; the   paper preset: 400 (the config);
+#                                                    README's AUROC ~94 is     --epochs 800 for the README's checkpoint
+#                                                    its epoch_800.pt
+#     beta                  2.5 = 1 / (2 tau),       2                         2.5 (the paper; A.3 finds beta hardly
+#                           App. A.3                                           changes the results)
+#     cosine clamp          none                     clamp(min=1e-7)           none: the clamp zeroes the gradient of
+#                                                                              every negative similarity
+#     partner view in       CCM (alpha) in Eq. 4's   1/tau                     1/tau: the numerator's term then is in
+#     the CCM denominator   denominator                                        its denominator (p is a probability)
+#     SPA positive in its   CCM (alpha), Eq. 8       1/tau                     1/tau, for the same reason
+#     denominator
+#     partner view in       left out (Eq. 8)         kept with logit 0 (a      as the official code: a constant 1 in the
+#     the SPA denominator                            zero mask entry)          denominator, without gradient
+#     SPA draws             Eq. 9: one positive per  one other image of the    as the official code; under torchrun
+#                           view from Eq. 7's set    joint label per rotated   each rank draws for the global batch
+#                           (both views of every     image and step, shared
+#                           other image); App. A:    by its two views: view v
+#                           the mean over the set    attracts its view v
+#     precision             not stated               fp32 (no autocast)        training under bf16 autocast on CUDA
+#                                                                              (common's --amp auto; --amp off: fp32)
+#                                                                              for tensor-core speed; the losses run in
+#                                                                              fp32 (common.float32), the scores on
+#                                                                              fp32 features and fp64 distances
+#     features              z (Eq. 12)               z, L2-normalised          z and h, both L2-normalised: h is the
+#                                                                              better layer on digits
+#     covariance            not stated               + 1e-9 I                  + ridge x mean variance (paper preset
+#                                                                              1e-7, about 1e-9 I on unit 128-d z):
+#                                                                              the ridge follows the features' scale
+#     digits                not in the paper         -                         common's digit-safe augmentation, LF
+#                                                                              and 4 views (DIGITS_INFERENCE): a
+#                                                                              mirrored digit is not a digit
 
 
 # ----------------------------------------------------------------------------------------------

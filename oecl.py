@@ -46,41 +46,6 @@ come from the in-distribution data set (`--oe digits`), they are classes outside
 default all of them), and those classes leave the evaluated OOD set: a test set whose classes were trained on as
 outliers would measure exposure, not detection. `--oe digits` without --oe-classes or --ood exposes every
 held-out digit and leaves no OOD set to evaluate: it ends with an error.
-
-Deviations from the paper and the public code (why in the last column):
-  what             paper                        public code                         ours
-  optimiser        LARS (App. I)                a LARS wrapper that never rescales: SGD: what produced the
-                                                SGD, lr 0.1, momentum 0.9, wd 5e-4  published numbers
-  outlier set      80MTI (Sec. IV-B)            80MTI or CIFAR-100                  any --oe: 80MTI is withdrawn
-  outlier draws    not stated                   DistributedSampler never given      fresh outliers every step,
-                                                set_epoch: every epoch sees the     drawn with replacement; the
-                                                same 4,864 outliers (one CIFAR-10   fixed subset is an accident,
-                                                class, 4 GPUs) in the same order,   not a choice, and may explain
-                                                the ID images one fixed order, and  gaps to the official numbers
-                                                self-OECL's ID and outlier loaders
-                                                the same order
-  self-OECL batch  256 for both normal and OE   32 images on one GPU (run_self.sh   --batch-size counts images; the
-                   samples (App. I)             starts one process): 64 ID + 64     paper preset with --self-oe: 128
-                                                outlier (image, rotation)           images, 256 ID + 256 outlier
-                                                instances a step                    instances: the paper's count
-  outlier views    E over T_OE (Eq. 12)         two views per outlier, one forward  the same (BatchNorm statistics
-                                                pass with the ID views              as the official batch)
-  self-OECL views  not stated (Eq. 13: CSI's    each view augmented (crop, flip,    the same: four augmented views
-                   loss, rotations as shifts)   jitter, grey) by the data loader,   of each image, each then rotated
-                                                then rotated: the 0/90 instances    (CSI's order, rotation first and
-                                                of a view share its crop and        each (image, rotation) augmented
-                                                colour; the 180/270 outliers are    on its own, is not the public
-                                                rotations of two more views of the  code's)
-                                                same images (a second loader)
-  precision        not stated                   float32 throughout                  training in bf16 autocast on CUDA
-                                                                                    (--amp auto; speed: --amp off
-                                                                                    trains in float32); the loss and
-                                                                                    every score in float32
-  crop scale       0.08, another value for      0.08 (DIOR), 0.5 (Raabin-WBC)       --crop-scale 0.08
-                   Raabin-WBC, HAM10000 (App. J)
-  digits           not in the paper             not in the code                     common's digits augmentation: the
-                                                                                    paper's without the flip (a
-                                                                                    mirrored 2 is a 5-like shape)
 """
 import argparse
 import copy
@@ -333,6 +298,43 @@ def run_protocol(args):
                "mean_auroc": mean}
     harness.save_results(os.path.join(root, "results.json"), results)
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Deviations from the paper and the public code (why in the last column):
+#   what             paper                        public code                         ours
+#   optimiser        LARS (App. I)                a LARS wrapper that never rescales: SGD: what produced the
+#                                                 SGD, lr 0.1, momentum 0.9, wd 5e-4  published numbers
+#   outlier set      80MTI (Sec. IV-B)            80MTI or CIFAR-100                  any --oe: 80MTI is withdrawn
+#   outlier draws    not stated                   DistributedSampler never given      fresh outliers every step,
+#                                                 set_epoch: every epoch sees the     drawn with replacement; the
+#                                                 same 4,864 outliers (one CIFAR-10   fixed subset is an accident,
+#                                                 class, 4 GPUs) in the same order,   not a choice, and may explain
+#                                                 the ID images one fixed order, and  gaps to the official numbers
+#                                                 self-OECL's ID and outlier loaders
+#                                                 the same order
+#   self-OECL batch  256 for both normal and OE   32 images on one GPU (run_self.sh   --batch-size counts images; the
+#                    samples (App. I)             starts one process): 64 ID + 64     paper preset with --self-oe: 128
+#                                                 outlier (image, rotation)           images, 256 ID + 256 outlier
+#                                                 instances a step                    instances: the paper's count
+#   outlier views    E over T_OE (Eq. 12)         two views per outlier, one forward  the same (BatchNorm statistics
+#                                                 pass with the ID views              as the official batch)
+#   self-OECL views  not stated (Eq. 13: CSI's    each view augmented (crop, flip,    the same: four augmented views
+#                    loss, rotations as shifts)   jitter, grey) by the data loader,   of each image, each then rotated
+#                                                 then rotated: the 0/90 instances    (CSI's order, rotation first and
+#                                                 of a view share its crop and        each (image, rotation) augmented
+#                                                 colour; the 180/270 outliers are    on its own, is not the public
+#                                                 rotations of two more views of the  code's)
+#                                                 same images (a second loader)
+#   precision        not stated                   float32 throughout                  training in bf16 autocast on CUDA
+#                                                                                     (--amp auto; speed: --amp off
+#                                                                                     trains in float32); the loss and
+#                                                                                     every score in float32
+#   crop scale       0.08, another value for      0.08 (DIOR), 0.5 (Raabin-WBC)       --crop-scale 0.08
+#                    Raabin-WBC, HAM10000 (App. J)
+#   digits           not in the paper             not in the code                     common's digits augmentation: the
+#                                                                                     paper's without the flip (a
+#                                                                                     mirrored 2 is a 5-like shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,73 +45,6 @@ accuracy (Hungarian matching, for information: labels never train anything) and 
 <out>/{pretext,scan,selflabel,adapt}.pt; --resume loads the finished stages and continues the unfinished one. The
 digits default takes ~42 s of CPU time (one thread of a 2-core Intel Xeon); its wall time grows with what else shares
 the machine.
-
-Deviations. SCAN's code is the official clustering code; MSCL's code is the same lab's pre-trained pipeline (no
-SCAN-OOD code is public). "-": silent or not applicable.
-  topic          paper          SCAN's code            MSCL's code      ours                    why
-  -------------  -------------  ---------------------  ---------------  ----------------------  -------------------
-  pretext init   -              kaiming-normal,        - (ImageNet      the same (--init        SCAN's code; on
-                                fan_out, on every      weights)         torchvision) in both    digits also AUROC
-                                conv (torchvision's                     presets and the digits  96.4 +- 2.1 against
-                                ResNet init)                            default                 94.1 +- 2.9 with
-                                                                                                PyTorch's (5 seeds)
-  precision      -              float32                float32          bf16 autocast on CUDA   speed; --amp off
-                                                                        while training (--amp   trains as the
-                                                                        auto; losses in         official code
-                                                                        float32); every score
-                                                                        in float32
-  strong         -              PIL per image: flip,   -                the same ops, ranges    one batched call on
-  augmentation                  4 of 14 ops (shear,                     and order, nearest      the device: no host
-                                translate +-0.1),                       pixel, 8-bit levels     sync, ~1.9x the
-                                Cutout side 1..16                       (PIL's to 1 level);     kernels of SimCLR's
-                                after Normalize                         Cutout fill 0.5 = 0     augmentation
-                                (fill: the mean                         after our
-                                colour)                                 normalisation
-  anchor and     -              two forward passes     -                one pass of both        half the launches
-  neighbour                                                             (BatchNorm over both)
-  SCAN loss      -log <p, q>    BCE: the gradient      -                SCAN's gradient, from   exact where <p, q>
-  where <p, q>                  stops (clamp at                         log <p, q> (the value   underflows float32
-  < 1e-12                       1e-12)                                  stays <= 28.6 there)
-  model          -              lowest SCAN loss       -                the same on 10% of the  test images never
-  selection                     (entropy weight 1)                      training images, held   choose a model
-                                over epochs x heads,                    out of stages 2-3
-                                on the test split                       (--val-fraction)
-  heads          -              1 (CIFAR-10 config)    -                1 in the paper preset,  a short stage gains
-                                                                        3 on digits             from a choice
-  nothing        -              an error (a batch      -                no image: the stage is  weight decay alone
-  confident                     with none)                              skipped; a batch: loss  would move the net
-                                                                        0                       and no sync
-  K              10 for every   10 (CIFAR-10)          -                10 in the paper         Sec. 5 advises the
-                 data set                                               preset; digits: the     true count when
-                                                                        class count             known
-  K-means        features not   -                      -                spherical K-means on    the features SCAN
-  labels         named                                                  the pretext backbone;   starts from
-  (Sec. 5)                                                              SCAN's self-label loss
-  ImageNet       "ImageNet      -                      resnet152(       V1 pinned (--weights)   the lab's code;
-  weights        pre-training"                         pretrained=                              torchvision's
-                                                       True): V1                                default is V2
-  input of the   -              -                      Resize(256) +    paper preset: MSCL's;   the lab's code
-  ImageNet net                                         CenterCrop(224)  default: resize
-                                                                        (--adapt-crop)
-  frozen layers  -              -                      conv1 .. layer2  paper preset: MSCL's;   the lab's code
-                                                                        default: none
-                                                                        (--adapt-freeze)
-  fine-tuning    -              -                      -                crop 80-100% + flip,    the paper names
-                                                                        no weight decay         none
-  weight         5 end-of-      -                      -                the same, BatchNorm     --recompute-bn also
-  average        epoch weights                                          statistics averaged     scores recomputed
-                                                                        too                     ones
-  kNN distance   "the           - (no OOD score)       squared L2 of    cosine similarity to    the metric the paper
-                 distance"                             L2-normalised    the nearest (k = 1,     names (DN2, after
-                 (Sec. 3.2);                           features (2 - 2  Sec. 4.3), every kNN    MeanShifted)
-                 cosine named                          cos), summed     score
-                 only for DN2                          over the 2
-                                                       nearest
-  Mahalanobis    per-cluster    -                      -                on the pseudo-labels,   invertible for
-                 covariance                                             ridge 1e-6              small clusters
-  digits         -              -                      -                digit-safe pretext      no paper trains on
-                                                                        augmentation, 16 px,    digits
-                                                                        short stages
 """
 import argparse
 import copy
@@ -727,6 +660,75 @@ def adapt_stage(labels, x, K, args, data):
         recompute_bn(recomputed, x, view, args.adapt_batch_size)
         metrics["pretrained_bn"] = score_net(recomputed, data, x, args.ood_score, args.knn_k, labels, view)
     return clf, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Deviations. SCAN's code is the official clustering code; MSCL's code is the same lab's pre-trained pipeline (no
+# SCAN-OOD code is public). "-": silent or not applicable.
+#   topic          paper          SCAN's code            MSCL's code      ours                    why
+#   -------------  -------------  ---------------------  ---------------  ----------------------  -------------------
+#   pretext init   -              kaiming-normal,        - (ImageNet      the same (--init        SCAN's code; on
+#                                 fan_out, on every      weights)         torchvision) in both    digits also AUROC
+#                                 conv (torchvision's                     presets and the digits  96.4 +- 2.1 against
+#                                 ResNet init)                            default                 94.1 +- 2.9 with
+#                                                                                                 PyTorch's (5 seeds)
+#   precision      -              float32                float32          bf16 autocast on CUDA   speed; --amp off
+#                                                                         while training (--amp   trains as the
+#                                                                         auto; losses in         official code
+#                                                                         float32); every score
+#                                                                         in float32
+#   strong         -              PIL per image: flip,   -                the same ops, ranges    one batched call on
+#   augmentation                  4 of 14 ops (shear,                     and order, nearest      the device: no host
+#                                 translate +-0.1),                       pixel, 8-bit levels     sync, ~1.9x the
+#                                 Cutout side 1..16                       (PIL's to 1 level);     kernels of SimCLR's
+#                                 after Normalize                         Cutout fill 0.5 = 0     augmentation
+#                                 (fill: the mean                         after our
+#                                 colour)                                 normalisation
+#   anchor and     -              two forward passes     -                one pass of both        half the launches
+#   neighbour                                                             (BatchNorm over both)
+#   SCAN loss      -log <p, q>    BCE: the gradient      -                SCAN's gradient, from   exact where <p, q>
+#   where <p, q>                  stops (clamp at                         log <p, q> (the value   underflows float32
+#   < 1e-12                       1e-12)                                  stays <= 28.6 there)
+#   model          -              lowest SCAN loss       -                the same on 10% of the  test images never
+#   selection                     (entropy weight 1)                      training images, held   choose a model
+#                                 over epochs x heads,                    out of stages 2-3
+#                                 on the test split                       (--val-fraction)
+#   heads          -              1 (CIFAR-10 config)    -                1 in the paper preset,  a short stage gains
+#                                                                         3 on digits             from a choice
+#   nothing        -              an error (a batch      -                no image: the stage is  weight decay alone
+#   confident                     with none)                              skipped; a batch: loss  would move the net
+#                                                                         0                       and no sync
+#   K              10 for every   10 (CIFAR-10)          -                10 in the paper         Sec. 5 advises the
+#                  data set                                               preset; digits: the     true count when
+#                                                                         class count             known
+#   K-means        features not   -                      -                spherical K-means on    the features SCAN
+#   labels         named                                                  the pretext backbone;   starts from
+#   (Sec. 5)                                                              SCAN's self-label loss
+#   ImageNet       "ImageNet      -                      resnet152(       V1 pinned (--weights)   the lab's code;
+#   weights        pre-training"                         pretrained=                              torchvision's
+#                                                        True): V1                                default is V2
+#   input of the   -              -                      Resize(256) +    paper preset: MSCL's;   the lab's code
+#   ImageNet net                                         CenterCrop(224)  default: resize
+#                                                                         (--adapt-crop)
+#   frozen layers  -              -                      conv1 .. layer2  paper preset: MSCL's;   the lab's code
+#                                                                         default: none
+#                                                                         (--adapt-freeze)
+#   fine-tuning    -              -                      -                crop 80-100% + flip,    the paper names
+#                                                                         no weight decay         none
+#   weight         5 end-of-      -                      -                the same, BatchNorm     --recompute-bn also
+#   average        epoch weights                                          statistics averaged     scores recomputed
+#                                                                         too                     ones
+#   kNN distance   "the           - (no OOD score)       squared L2 of    cosine similarity to    the metric the paper
+#                  distance"                             L2-normalised    the nearest (k = 1,     names (DN2, after
+#                  (Sec. 3.2);                           features (2 - 2  Sec. 4.3), every kNN    MeanShifted)
+#                  cosine named                          cos), summed     score
+#                  only for DN2                          over the 2
+#                                                        nearest
+#   Mahalanobis    per-cluster    -                      -                on the pseudo-labels,   invertible for
+#                  covariance                                             ridge 1e-6              small clusters
+#   digits         -              -                      -                digit-safe pretext      no paper trains on
+#                                                                         augmentation, 16 px,    digits
+#                                                                         short stages
 
 
 # ----------------------------------------------------------------------------------------------
