@@ -1,52 +1,38 @@
 """Cluster-aware Contrastive Learning (CCL) for unsupervised OOD detection (Chen, Gui, Fan, 2023, arXiv 2302.02598).
 
-SimCLR, plus K-means on the embedding layer: after a warm-up stage of plain SimCLR (L_self, Eq. 2-3), the
-training images are clustered every few epochs, and two extra losses pull each augmented view towards its cluster
-centre (cluster center loss, Eq. 4, with a per-cluster temperature phi, Eq. 5) and towards the other views of its
-cluster in the batch (cluster instance loss, Eq. 6); Eq. 7-8 mix them with L_self. A test image is scored by its
-cosine similarity to the nearest training image (CSI's score, Eq. 9), optionally divided by the spread of its K
-nearest training images (Eq. 10).
+SimCLR (L_self, Eq. 2-3), then K-means on the embedding layer every few epochs and two more losses: each view
+pulled to its cluster centre (Eq. 4, per-cluster temperature phi, Eq. 5) and to the views of its cluster in the
+batch (Eq. 6), mixed with L_self by Eq. 7-8. A test image scores its cosine to the nearest training image times its
+norm (score_cos, Eq. 9), or that over the spread of its K nearest (score_var, Eq. 10), higher = in-distribution.
 
-    python ccl.py                                   # digits 0-5 in, 6-9 out
-    python ccl.py --lam 0                           # the same run without the cluster losses (= SimCLR)
-    python ccl.py --no-ccl | --no-cil | --cluster-layer projection     # the ablations of Tables 2-3
-    python ccl.py --ccl-form decoupled --phi eq5    # Eq. 4 and Eq. 5 exactly as printed
-    python ccl.py --preset quick --data-root DIR    # CIFAR-10 (torchvision's files under DIR), classes 0-5 vs 6-9
-    python ccl.py --preset paper                    # Sec. 4: ResNet-18, 1000 + 1000 epochs, CIFAR-10 vs Table 1's sets
-    python ccl.py --preset paper --simclr-weights runs/simclr/simclr.pt   # the joint stage from a SimCLR model
+    python ccl.py                  # digits 0-5 in, 6-9 out: ~CCL_TIME
+    python ccl.py --lam 0          # its SimCLR setting: the same run without the cluster losses
+    python ccl.py --no-ccl | --no-cil | --cluster-layer projection | --n-aug 10    # Tables 2-3; CSI's test views
+    python ccl.py --preset paper   # Sec. 4: CIFAR-10, ResNet-18, 1000 + 1000 epochs, LARS: a multi-GPU job
+
+CCL_RESULT
 
 Use it in your code:
 
     import torch, common, ccl
-    from types import SimpleNamespace
-    s = SimpleNamespace(arch="resnet18", width=4, init="pytorch", size=16, score_layer="embedding", score_k=3,
-                        n_aug=2)                                           # the run's settings
-    model = ccl.build_model(s)
+    model = common.Encoder("resnet18", width=4)                           # the encoder CCL trains
     x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)        # unlabelled training images
     step = ccl.CCLStep(common.SimCLRAugment(16, blur=True), x, clusters=3, start=0)   # the joint stage
-    step.update(model, epoch=0)                                           # K-means on the features of all of x
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    idx = torch.arange(16)                                                # a batch: its rows of x
-    loss, terms = step(model, x[idx], idx, epoch=0)                       # Eq. 8 and its terms (Eq. 3, 4, 6)
-    loss.backward()
-    opt.step()
-    state = ccl.score_state(model.eval(), x, s)                           # the training images' features
-    scores = ccl.score(model, state, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), s)
-    print({name: v.shape for name, v in scores.items()})                  # score_cos, score_var: 8 each
-
-Stages: --epochs counts both; the first --cluster-start epochs are the warm-up stage, the rest the joint stage.
---schedule restart gives each stage its own learning-rate warm-up and cosine (the warm-up stage is saved as
-<out>/simclr.pt, and --simclr-weights starts the joint stage from such a model instead); --schedule single runs one
-schedule over both. Cluster centres, assignments and concentrations live in the checkpoint: --resume keeps them,
-and refuses a changed cluster setting.
-
-Runs: the digits default takes ~25 s of CPU time on one thread of an Intel Xeon (about a minute of wall time on a
-shared 2-core machine); --n-aug T adds one augmentation call per image (~6 ms per image for T = 10 at 32 px on that
-thread); --preset paper is a multi-GPU job.
+    for epoch in range(2):
+        step.update(model, epoch)                                         # K-means on the features of all of x
+        for idx in torch.randperm(len(x)).split(16):                      # a batch: its rows of x
+            loss, terms = step(model, x[idx], idx, epoch)                 # Eq. 8 and its terms (Eq. 3, 4, 6)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    views = dict(layer="embedding", aug=ccl.ensemble_augment(16), n_aug=4)   # h of 4 CSI views (n_aug=0: clean)
+    train_f = ccl.features(model, x, **views)
+    test_f = ccl.features(model, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), **views)
+    print(ccl.score_cos(train_f, test_f), ccl.score_var(train_f, test_f, k=3))   # 8 scores each, higher = ID
 """
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -100,26 +86,20 @@ def cluster_center_loss(h, centers, assign, phi, form="softmax"):
 
 
 @common.float32
-def supcon(z, labels, tau=0.1):
-    """Supervised contrastive loss (Khosla et al. 2020, Eq. 2, L_out): for each anchor, the mean over its positives
-    (same label, not itself) of -log softmax over all other views. Anchors without a positive contribute nothing;
-    the mean is over anchors that have one (0 if none do). Under torch.distributed, over the views of all ranks.
+def cluster_instance_loss(h, assign, tau=0.5):
+    """Eq. 6: SupCon (Khosla et al. 2020, Eq. 2, L_out) on the 2N views with cluster ids as labels: for each anchor,
+    the mean over its positives (the other views of its cluster) of -log softmax over all other views. An anchor
+    alone in its cluster contributes nothing (cannot happen when both views of an image share its id, as in
+    training); the mean is over anchors that have a positive. Under torch.distributed, over the views of all ranks.
     Branch-free (no `if`, no boolean indexing): no host sync."""
-    z, labels = F.normalize(common.all_gather(z), dim=1), common.all_gather(labels)
-    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))                     # the anchor itself: never a term
+    h, assign = F.normalize(common.all_gather(h), dim=1), common.all_gather(assign)
+    logits = (h @ h.T / tau).fill_diagonal_(float("-inf"))                     # the anchor itself: never a term
     log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).nan_to_num(neginf=0.0)
-    pos = (labels[:, None] == labels[None, :]).fill_diagonal_(False)
+    pos = (assign[:, None] == assign[None, :]).fill_diagonal_(False)
     n_pos = pos.sum(1)
     per_anchor = -(log_prob * pos).sum(1) / n_pos.clamp_min(1)
     has = (n_pos > 0).float()
     return (per_anchor * has).sum() / has.sum().clamp_min(1)
-
-
-def cluster_instance_loss(h, assign, tau=0.5):
-    """Eq. 6: SupCon on the 2N views with cluster ids as labels: the views of the same cluster are positives,
-    all other views the denominator. A view alone in its cluster contributes nothing (cannot happen when both
-    views of an image share its id, as in training)."""
-    return supcon(h, assign, tau)
 
 
 def ccl_loss(l_self, l_ccl, l_cil, lam):
@@ -130,7 +110,23 @@ def ccl_loss(l_self, l_ccl, l_cil, lam):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training step: CCLStep, the step of Eq. 8 with its clustering state (Sec. 3.3).
+# Training step: ccl_step, the step of Eq. 8 given the clusters; CCLStep, the step with its clustering state
+# (Sec. 3.3), as common.train calls it.
+
+def ccl_step(net, xb, aug, assign, centers, phi, tau=0.5, lam=0.5, layer="embedding", form="softmax", use_ccl=True,
+             use_cil=True):
+    """Eq. 8 on a batch of B uint8 images xb with their cluster ids assign (B), the clusters' centres (R x d) and
+    temperatures phi (R): two augmented views of each image (each its own draw), L_self on z, the cluster losses on
+    h (layer 'embedding') or z -> (loss, {term: value})."""
+    h, z = net(aug(torch.cat([xb, xb])))              # row i and i + B: the two views of image i
+    l_self = common.nt_xent(z, tau)                                           # Eq. 2-3
+    feats = h if layer == "embedding" else z
+    assign = assign.repeat(2)                                                 # both views share the image's id
+    l_ccl = cluster_center_loss(feats, centers, assign, phi, form) if use_ccl else None
+    l_cil = cluster_instance_loss(feats, assign, tau) if use_cil else None
+    logs = {name: t for name, t in (("self", l_self), ("ccl", l_ccl), ("cil", l_cil)) if t is not None}
+    return ccl_loss(l_self, l_ccl, l_cil, lam), logs
+
 
 def is_cluster_epoch(epoch, start, every):
     """True before the (0-based) epochs that re-run K-means: start, start + every, ... (every 0: start only)."""
@@ -151,7 +147,8 @@ def cluster(encoder, x, layer, k, alpha, phi_mean, seed):
 
 
 class CCLStep:
-    """CCL's training step, step(net, xb, idx, epoch) -> (loss, {term: value}), and its clustering state.
+    """CCL's training step as common.train calls it, step(net, xb, idx, epoch) -> (loss, {term: value}), with its
+    clustering state: SimCLR before the joint stage, ccl_step in it.
 
     aug: the training augmentation; x: the uint8 training images (K-means clusters all of them); start: the first
     epoch of the joint stage (epochs before it train L_self alone, Sec. 4); every: the K-means interval (0: once).
@@ -181,16 +178,10 @@ class CCLStep:
               f"phi {self.phi.min():.3f}..{self.phi.max():.3f}", flush=True)
 
     def __call__(self, net, xb, idx, epoch):
-        h, z = net(self.aug(torch.cat([xb, xb])))    # two views, each its own draw: row i and i + N one image
-        l_self = common.nt_xent(z, self.tau)                                      # Eq. 2-3
         if not self.clustering or epoch < self.start:
-            return l_self, {}                       # warm-up stage: L_self alone, weight 1 (Sec. 4)
-        feats = h if self.layer == "embedding" else z
-        assign = self.assign[idx].repeat(2)                                       # both views share the image's id
-        l_ccl = cluster_center_loss(feats, self.centers, assign, self.phi, self.form) if self.use_ccl else None
-        l_cil = cluster_instance_loss(feats, assign, self.tau) if self.use_cil else None
-        logs = {name: t for name, t in (("self", l_self), ("ccl", l_ccl), ("cil", l_cil)) if t is not None}
-        return ccl_loss(l_self, l_ccl, l_cil, self.lam), logs
+            return common.simclr_step(net, xb, self.aug, self.tau), {}   # warm-up stage: L_self alone (Sec. 4)
+        return ccl_step(net, xb, self.aug, self.assign[idx], self.centers, self.phi, self.tau, self.lam, self.layer,
+                        self.form, self.use_ccl, self.use_cil)
 
     def state_dict(self):
         return {"centers": self.centers, "assign": self.assign, "phi": self.phi}
@@ -243,62 +234,51 @@ def ensemble_augment(size):
     return common.SimCLRAugment(size, scale=(CSI_TEST_CROP_SCALE, CSI_TEST_CROP_SCALE), flip=False, blur=False)
 
 
-def ensemble_views(x, aug, n_aug, first=0):
-    """n_aug augmented views of each image -> N x n_aug x 3 x size x size. The views of the image at position
-    first + i are the n_aug rows of one draw from a generator seeded with that position: they depend on the
-    position alone, never on the other images or the global RNG. So the training images, the ID test images and
-    every OOD set see the same views at the same position, as in CSI (which reseeds before each of its views and
-    draws per image within a batch), and scoring a set again repeats them exactly. One augmentation call per image:
-    one generator cannot hand each image a stream of its own in a batched draw."""
-    return torch.stack([aug(img.expand(n_aug, -1, -1, -1), generator=torch.Generator(x.device).manual_seed(first + i))
-                        for i, img in enumerate(x)])
-
-
 @torch.no_grad()
-def features(model, x, layer="projection", n_aug=0, aug=None, batch_size=256):
-    """h or z of the images x (on the model's device), float32; with n_aug > 0, CSI's test-time ensemble: the mean
-    of the un-normalised features of each image's n_aug views (ensemble_views)."""
+def features(model, x, layer="projection", aug=None, n_aug=0, batch_size=256):
+    """h or z of the uint8 images x (on the model's device), float32; with an augmentation aug and n_aug > 0,
+    CSI's test-time ensemble: the mean of the un-normalised features of each image's n_aug views, which follow
+    from the image's pixels alone (common.views_per_image): an image's features never depend on the others."""
     pick = 0 if layer == "embedding" else 1
     if n_aug == 0:
-        return common.embed(model, x)[pick]
-    out = []
-    for i in range(0, len(x), batch_size):
-        views = ensemble_views(x[i:i + batch_size], aug, n_aug, first=i)
-        f = common.embed(model, views.flatten(0, 1))[pick]                  # image-major: the views of one image
-        out.append(f.view(len(views), n_aug, -1).mean(1))
-    return torch.cat(out)
+        return common.embed(model, x, batch_size)[pick]
+    views = lambda xb: common.views_per_image(xb, aug, n_aug).flatten(0, 1)  # image-major: the views of one image
+    f = common.embed(model, x, max(1, batch_size // n_aug), views)[pick]
+    return f.view(len(x), n_aug, -1).mean(1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring a trained model: build_model, score_state and score, the functions a saved run is scored with later;
-# main() scores through them too, so the run's numbers and a later scoring are the same code.
+# The Scorer's adapters: the run's settings s in, the functions above called. A saved run scores new images later
+# through them; main() scores through them too, so the run's numbers and a later scoring are the same code.
 
 def build_model(s):
     """The untrained encoder of run settings s (arch, width, init): state_dict() of a trained one loads strictly."""
     return common.Encoder(s.arch, width=s.width, init=s.init)
 
 
-@torch.no_grad()
+def run_features(model, x, s):
+    """features() of the images x as run settings s score them (s.score_layer, s.n_aug CSI views)."""
+    return features(model, x, s.score_layer, ensemble_augment(s.size) if s.n_aug else None, s.n_aug)
+
+
 def score_state(model, train_x, s):
-    """What score() needs beside the weights: the features of the training images (uint8, on the model's device)
-    on s.score_layer, through the same ensemble as the test images, in float32 (autocast off)."""
-    with torch.autocast(train_x.device.type, enabled=False):
-        return {"train_features": features(model, train_x, s.score_layer, s.n_aug, ensemble_augment(s.size))}
+    """What score() needs beside the weights: the training images' run_features."""
+    return {"train_features": run_features(model, train_x, s)}
 
 
-@torch.no_grad()
 def score(model, state, x, s):
-    """Eq. 9-10 for the uint8 images x (N x 3 x s.size x s.size, on the model's device) -> {"score_cos": N,
-    "score_var": N}, float32, higher = more in-distribution. Autocast is switched off: features, cosines and norms
-    in float32 whatever the caller runs under."""
-    with torch.autocast(x.device.type, enabled=False):
-        test_f = features(model, x, s.score_layer, s.n_aug, ensemble_augment(s.size))
-        train_f = state["train_features"]
-        return {"score_cos": score_cos(train_f, test_f), "score_var": score_var(train_f, test_f, s.score_k)}
+    """Eq. 9-10 for the uint8 images x (on the model's device) -> {"score_cos": N, "score_var": N}, float32,
+    higher = more in-distribution; state = {"train_features": run_features of the training images}."""
+    test_f, train_f = run_features(model, x, s), state["train_features"]
+    return {"score_cos": score_cos(train_f, test_f), "score_var": score_var(train_f, test_f, s.score_k)}
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages: the warm-up stage (SimCLR), the joint stage (Eq. 8) -> the trained model.
+# Stages: the warm-up stage (SimCLR), the joint stage (Eq. 8) -> the trained model. --epochs counts both; the first
+# --cluster-start epochs are the warm-up stage. --schedule restart gives each stage its own learning-rate warm-up and
+# cosine (the warm-up stage is saved as <out>/simclr.pt, and --simclr-weights starts the joint stage from such a
+# model instead); --schedule single runs one schedule over both. Cluster centres, assignments and concentrations
+# live in the checkpoint: --resume keeps them, and refuses a changed cluster setting.
 
 def warmup_stage(model, x, aug, args):
     """Sec. 3.3 "when to cluster": SimCLR alone for --cluster-start epochs, its own schedule, saved as <out>/simclr.pt;
@@ -507,16 +487,8 @@ def check_sizes(args, n):
 # ----------------------------------------------------------------------------------------------
 # Main: warm-up stage -> joint stage -> scores.
 
-@harness.entry_point
-def main(argv=None):
-    args = harness.parse_args(build_parser(), PRESETS, argv)
-    if args.score:                                   # a finished run scores new images: no training flag applies
-        return harness.score_later(args, "ccl")
-    check_args(args)
-    t_start = time.time()
-    device = harness.setup(args, "ccl", may_change=("score_layer", "score_k", "n_aug"))
-    data = harness.load_data(args)
-    harness.check_data(args, data)
+@harness.script_main("ccl", build_parser, PRESETS, check_args, may_change=("score_layer", "score_k", "n_aug"))
+def main(args, data, device, t_start):
     x = data.train_x.to(device)
     check_sizes(args, len(x))
     model = build_model(args).to(device)

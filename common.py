@@ -81,21 +81,25 @@ class SimCLRAugment(nn.Module):
     jitter, hue = jitter / 4, applied in that fixed order; torchvision shuffles the order per call)
     -> grayscale (p_gray) -> optional Gaussian blur (p 0.5, sigma 0.1..2, kernel ~ size / 10 as in SimCLR).
 
-    forward(x, generator=None, same_for_batch=False): x uint8 or float in [0, 1], any device; returns float
+    forward(x, generator=None, same_for_batch=False, u=None): x uint8 or float in [0, 1], any device; returns float
     B x 3 x size x size in [0, 1]. same_for_batch draws one parameter set for the whole batch (CSI's test-time
     ensemble applies identical augmentations to every test image); to repeat that set across batches, pass a
-    generator seeded afresh for each batch."""
+    generator seeded afresh for each batch. u: the B x N_RANDOM uniform numbers to use instead of a draw."""
 
     def __init__(self, size=32, scale=(0.08, 1.0), jitter=0.4, p_jitter=0.8, p_gray=0.2, blur=False, flip=True):
         super().__init__()
         self.size, self.scale, self.jitter, self.p_jitter, self.p_gray = size, scale, jitter, p_jitter, p_gray
         self.blur, self.flip = blur, flip
 
-    def forward(self, x, generator=None, same_for_batch=False):
+    N_RANDOM = 31                 # uniform numbers per image: forward's `u` is B x N_RANDOM
+
+    def forward(self, x, generator=None, same_for_batch=False, u=None):
         x = to_float(x)
         B, dev = len(x), x.device
-        # every random number of the batch in one draw (one launch), then handed out column by column
-        u = torch.rand(1 if same_for_batch else B, 31, device=dev, generator=generator).expand(B, 31)
+        # every random number of the batch in one draw (one launch), then handed out column by column; `u` given
+        # (B x N_RANDOM in [0, 1)): those numbers instead, e.g. seeded per image (views_per_image)
+        if u is None:
+            u = torch.rand(1 if same_for_batch else B, self.N_RANDOM, device=dev, generator=generator).expand(B, -1)
         x = self.crop_flip(x, u[:, 0:10], u[:, 10:20], u[:, 20:22], u[:, 22])
         j = self.jitter
         if j > 0 and self.p_jitter > 0:
@@ -147,6 +151,52 @@ class SimCLRAugment(nn.Module):
 # encoder on one split or both; with the flip removed it cleared it on both. On grey digits the jitter is a
 # brightness and contrast jitter (saturation, hue and grayscale leave grey pixels as they are), which keeps the
 # network from separating digits by their ink level. See the README for the table.
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time views that follow from the image: each image's random numbers come from a hash of its own pixels, so
+# its views, and every score of them, are the same in any folder, at any position and in any batch. Integer
+# tensor arithmetic on the images' device: no host sync, one augmentation call for every view of a batch.
+
+MASK32 = 2 ** 32 - 1
+
+
+def mix32(h):
+    """murmur3's 32-bit finaliser on an int64 tensor of values in [0, 2^32) -> the same, well mixed. Exact on any
+    device: each product by a 32-bit constant is taken in 16-bit halves of the constant (no int64 overflow)."""
+    def mul(h, c):
+        return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+    h = h ^ (h >> 16)
+    h = mul(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = mul(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def image_seeds(x):
+    """One 32-bit seed per image from its pixels alone: uint8 images N x ... (floats in [0, 1] are taken at 8 bits)
+    -> int64 N on x's device. A position-weighted sum of the pixel values, mixed: images that differ anywhere
+    get unrelated seeds."""
+    pixels = x if x.dtype == torch.uint8 else (x.float() * 255).round().clamp(0, 255)
+    pixels = pixels.reshape(len(x), -1).long()
+    weights = mix32(torch.arange(1, pixels.shape[1] + 1, device=x.device))
+    return mix32(((pixels + 1) * weights).sum(1) & MASK32)       # < 2^40 per term: exact below 2^23 values
+
+
+def seeded_uniform(seeds, n):
+    """n uniform numbers in [0, 1) per seed -> float32 len(seeds) x n: number j of seed s is mix32 of (s, j)."""
+    counter = mix32(torch.arange(1, n + 1, device=seeds.device))
+    h = mix32(mix32((seeds[:, None] + counter[None]) & MASK32) ^ counter[None])
+    return (h >> 8).float() / 2 ** 24                                          # 24 bits: exact in float32
+
+
+def views_per_image(x, aug, n_views):
+    """n_views augmented views of each image -> float N x n_views x C x size x size: view t of an image is aug
+    with random numbers drawn from (the image's pixels, t) alone (image_seeds). aug: an augmentation that takes
+    its uniform numbers, aug(x, u=B x aug.N_RANDOM), as SimCLRAugment."""
+    u = seeded_uniform(image_seeds(x), n_views * aug.N_RANDOM).view(len(x) * n_views, aug.N_RANDOM)
+    views = aug(x.repeat_interleave(n_views, 0), u=u)                    # image-major: row i * n_views + t
+    return views.view(len(x), n_views, *views.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,15 +724,16 @@ def train(model, step, x, cfg):
 
 @torch.no_grad()
 def embed(model, x, batch_size=256, transform=None):
-    """Run `model` over uint8 images x in eval mode, batch by batch; `transform` (e.g. an augmentation) maps
-    each uint8 batch to floats first. Returns the concatenated outputs (a tuple if the model returns one)."""
+    """Run `model` over uint8 images x in eval mode, batch by batch, in float32 whatever the caller's autocast
+    (features are compared across runs and devices); `transform` (e.g. an augmentation) maps each uint8 batch to
+    floats first. Returns the concatenated outputs (a tuple if the model returns one)."""
     was_training = model.training
     model.eval()
     outs = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
-        xb = transform(xb) if transform is not None else to_float(xb)
-        out = model(xb)
+        with torch.autocast(x.device.type, enabled=False):
+            out = model(transform(xb) if transform is not None else to_float(xb))
         outs.append(tuple(o.float() for o in out) if isinstance(out, tuple) else out.float())
     model.train(was_training)
     if isinstance(outs[0], tuple):
@@ -775,10 +826,18 @@ def kmeans(x, k, iters=100, n_init=1, metric="euclidean", seed=0, tol=1e-4):
     return broadcast(best[1]), broadcast(best[2])   # under torchrun every rank uses rank 0's clustering
 
 
+def kmeans_labels(model, x, k, seed=0, n_init=1):
+    """Pseudo-labels of the uint8 images x: spherical K-means (cosine) on the model's embedding layer h (embed)
+    -> N cluster ids in 0 .. k - 1."""
+    return kmeans(embed(model, x)[0], k, n_init=n_init, metric="cosine", seed=seed)[1]
+
+
+@float32
 def knn(query, ref, k=1, metric="cosine"):
     """k nearest rows of ref for each row of query -> (values, indices), both len(query) x k, best first.
     values: cosine similarities (metric 'cosine') or negative euclidean distances ('euclidean'), so that larger
-    is always nearer. Chunked over the queries: at most a chunk x len(ref) block exists at once."""
+    is always nearer; float32 whatever the caller's autocast. Chunked over the queries: at most a chunk x len(ref)
+    block exists at once."""
     if k > len(ref):
         raise ValueError(f"kNN with k={k} needs at least k reference points, got {len(ref)}")
     query, ref = query.float(), ref.float()

@@ -270,12 +270,6 @@ def default_id_classes(dataset, n_classes):
     return "0-5" if dataset == "digits" else f"0-{n_classes - 1}"
 
 
-def select_classes(x, y, ids):
-    """Keep the images whose label is in ids (labels are kept as they are)."""
-    keep = torch.isin(y, torch.as_tensor(ids, dtype=y.dtype))
-    return x[keep], y[keep]
-
-
 def load_data(args):
     """The run's data from the shared flags: train/test images of the in-distribution classes and the OOD sets.
 
@@ -1007,6 +1001,35 @@ def setup(args, script, may_change=(), ood_check=True):
     return device
 
 
+def script_main(script, build_parser, presets=None, check_args=None, may_change=(), load=True, other_data=None):
+    """The opening every script's main() shares, as a decorator of the script's pipeline -> main(argv=None), wrapped
+    by entry_point: the command line parsed (presets beneath it); with --score, the finished run in --out scores
+    the images and that is all; else the script's check_args(args) (every flag, before any work) and, with load,
+    start_run, the pipeline then called as pipeline(args, data, device, t_start); without load, pipeline(args)."""
+    def decorate(pipeline):
+        @entry_point
+        @functools.wraps(pipeline)
+        def main(argv=None):
+            args = parse_args(build_parser(), presets, argv, other_data)
+            if args.score:                           # a finished run scores new images: no training flag applies
+                return score_later(args, script)
+            if check_args is not None:
+                check_args(args)
+            return pipeline(args, *start_run(args, script, may_change)) if load else pipeline(args)
+        return main
+    return decorate
+
+
+def start_run(args, script, may_change=()):
+    """A run's start, after its flags are checked: setup (the shared checks, seed, device, the run folder guarded
+    and recorded), then the run's data, loaded and checked against the run folder -> (data, device, t_start)."""
+    t_start = time.time()
+    device = setup(args, script, may_change)
+    data = load_data(args)
+    check_data(args, data)
+    return data, device, t_start
+
+
 @contextlib.contextmanager
 def rank0_first():
     """Rank 0 runs the block first (downloads, decodes, writes caches), then the other ranks read what it made."""
@@ -1247,20 +1270,17 @@ def score(model, state, x, s):
     return {"knn_h": common.knn_scores(state["train_h"], h), "knn_z": common.knn_scores(state["train_z"], z)}
 
 
-@entry_point
-def main(argv=None):
+def build_parser():
+    parser = argparse.ArgumentParser(description="SimCLR self-check of the shared module", parents=[arg_parser()])
+    parser.set_defaults(epochs=1, subset=256, width=8, batch_size=64)
+    return parser
+
+
+@script_main("harness", build_parser, other_data=dict(epochs=20, subset=0))
+def main(args, data, device, t_start):
     """SimCLR (tau 0.5) on the run's data, scored by cosine kNN on the embedding layer h and on the projection z,
     beside the sanity baselines: a self-check of this module, and with a method's training flags that method's
     plain SimCLR setting."""
-    parser = argparse.ArgumentParser(description="SimCLR self-check of the shared module", parents=[arg_parser()])
-    parser.set_defaults(epochs=1, subset=256, width=8, batch_size=64)
-    args = parse_args(parser, argv=argv, other_data=dict(epochs=20, subset=0))
-    if args.score:
-        return score_later(args, "harness")
-    t_start = time.time()
-    device = setup(args, "harness")
-    data = load_data(args)
-    check_data(args, data)
     model = build_model(args).to(device)
     aug = simclr_augment(args, blur=True)
     x = data.train_x.to(device)

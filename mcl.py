@@ -1,59 +1,39 @@
-"""Masked Contrastive Learning (MCL) with Self-Ensemble Inference (SEI): OOD detection by class-wise Gaussians.
+"""Masked Contrastive Learning (MCL) with Self-Ensemble Inference (SEI): OOD detection by class-wise Gaussians
+(Cho, Seol, Lee, "Masked Contrastive Learning for Anomaly Detection", IJCAI 2021; the paper's equation numbers).
 
-Cho, Seol, Lee, "Masked Contrastive Learning for Anomaly Detection", IJCAI 2021. Equation numbers are the paper's.
-Training (Sec. 2) is SimCLR whose temperature is a mask over pairs of views (the class-conditional mask, CCM, Eq. 3
-and 11): a view repels views of other classes at 1/tau, views of its own class and rotation only at alpha << 1/tau,
-and its own class at another rotation at beta in between. Stochastic positive attraction (SPA, Eq. 7-9) also pulls
-each view towards the same view of another image of its class and rotation, drawn at random. Every image enters the
-batch rotated 0/90/180/270 degrees, its rotation being the auxiliary label (Sec. 2.4), so the joint label is
-(class, rotation).
-Inference (Sec. 3): one Gaussian per (class, rotation) on L2-normalised features; a test image is seen in its 4
-rotations (and their mirror images: 8 views), each view scored by the Mahalanobis distance to its rotation's
-Gaussians (Eq. 12, 15), the views aggregated (Eq. 17-20); prediction = the nearest class, OOD score = its score
-(Eq. 13-14). The paper uses true class labels (`--labels true`); `--labels kmeans` replaces them with K-means
-clusters of a SimCLR warm-up (our unsupervised extension).
+Training is SimCLR whose temperature is a mask over pairs of views (CCM, Eq. 3, 11): other classes repel at 1/tau,
+the own class and rotation only at alpha << 1/tau, the own class at another rotation at beta; stochastic positive
+attraction (SPA, Eq. 7-9) pulls each view to a random image of its class and rotation; every image enters rotated
+0/90/180/270 degrees, the rotation an auxiliary label. Inference fits a Gaussian per (class, rotation) and scores
+an image by the Mahalanobis distances of its 4 rotations (x 2 mirrors), aggregated (Eq. 12-20), higher = ID.
 
-    python mcl.py                             # digits 0-5 vs 6-9 (inference: embedding layer, 4 views, w-avg)
+    python mcl.py                             # digits 0-5 vs 6-9: ~MCL_TIME
+    python mcl.py --no-ccm --no-spa --no-aux  # its SimCLR setting: NT-Xent at tau, the same inference
     python mcl.py --labels kmeans             # no class labels: K-means pseudo-labels after a SimCLR warm-up
-    python mcl.py --no-spa | --no-aux         # the ablations of Table 3
-    python mcl.py --no-ccm --no-spa --no-aux  # MCL's SimCLR setting: NT-Xent at tau, the same inference
-    python mcl.py --preset quick              # CIFAR-10 (torchvision's files under --data-root) 0-5 vs 6-9, CPU
-    python mcl.py --preset paper              # the paper's CIFAR-10 run (ResNet-34, 400 epochs, batch 256 x 4)
+    python mcl.py --preset paper              # CIFAR-10, ResNet-34, 400 epochs, batch 256 x 4: a GPU job
 
-Every run evaluates each SEI size up to --sei (1, 4, 8 views), the three aggregations and both feature layers (LF =
-the backbone's pooled feature h, PH = the projection head's z, Table 6) with score() from one pass over each set's
-views, prints that grid (every reading's metrics in results.json, each reading a column of the CSVs) and reports the
-configured reading (--feature-layer, --sei, --sei-agg) beside the sanity baselines (raw-pixel and untrained-encoder
-nearest neighbour).
-
-Cost: a default digits run (the training images of digits 0-5 at 16 x 16, width-8 ResNet-18, 10 epochs of 4
-rotations x 2 views, then 4-view SEI and the two baselines) takes about 35 s of CPU time on one thread of a 2-core
-AMD EPYC; --labels kmeans adds a warm-up of the same length.
+MCL_RESULT
 
 Use it in your code:
 
-    import types
-    import torch
-    import common
-    import mcl
-
-    s = types.SimpleNamespace(arch="resnet18", width=4, init="pytorch", proj_dim=8, proj_hidden=None, sei=4)
-    model = mcl.build_model(s)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    import torch, common, mcl
+    model = common.Encoder("resnet18", proj_dim=8, width=4)               # backbone h, projection z
     x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)          # 8 images of classes 0 and 1
     y = torch.tensor([0, 1] * 4)
-    loss, logs = mcl.mcl_step(model, x, y, common.SimCLRAugment(16))       # 4 rotations x 2 views, Eq. 10
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(2):
+        loss, logs = mcl.mcl_step(model, x, y, common.SimCLRAugment(16))   # 4 rotations x 2 views, Eq. 10
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     state = mcl.score_state(model, x, y, n_classes=2)                     # Gaussians per (class, rotation)
-    scores = mcl.score(model, state, x, s)                                # {reading: 8 scores}, higher = ID
-    print(loss.item(), scores["lf sei4 w-avg"])
+    readings = mcl.sei_readings(model, state["gaussians"], x, max_views=4)   # {reading: (class, score)}
+    pred, score = readings["lf sei4 w-avg"]                               # h, 4 rotations, Eq. 19-20
+    print(loss.item(), pred, score)                                       # higher score = in-distribution
 """
 import argparse
 import math
 import os
-import time
 import warnings
 
 import torch
@@ -210,7 +190,11 @@ def mcl_step(net, xb, y, aug, n_rot=N_ROT, tau=0.2, alpha=0.05, beta=2.5, spa_we
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores: class-conditional Gaussians, Mahalanobis distances, self-ensemble (Sec. 3).
+# Scores: class-conditional Gaussians, Mahalanobis distances, self-ensemble (Sec. 3). Every run evaluates each SEI
+# size up to --sei (1, 4, 8 views), the three aggregations and both feature layers (LF = the backbone's pooled
+# feature h, PH = the projection head's z, Table 6) from one pass over each set's views, prints that grid (every
+# reading's metrics in results.json, each reading a column of the CSVs) and reports the configured reading
+# (--feature-layer, --sei, --sei-agg) beside the sanity baselines. Prediction = the nearest class (Eq. 13-14).
 
 
 def sei_views(xb, n_views):
@@ -272,6 +256,7 @@ def reading_name(layer, n, how):
     return f"{layer} sei{n} {how if n > 1 else '-'}"
 
 
+@torch.no_grad()
 def sei_readings(model, gaussians, x, max_views):
     """Every SEI reading up to max_views views of the uint8 images x (on the model's device), from one pass over
     their views -> {reading name: (predicted class, score)}."""
@@ -324,7 +309,7 @@ def kmeans_labels(model, x, aug, cfg, n_classes, n_rot, tau, seed):
     feature h of the training images -> pseudo-labels (N,)."""
     common.train(model, lambda net, xb, idx, epoch: mcl_step(net, xb, torch.zeros_like(idx), aug, n_rot, tau,
                                                              1 / tau, 1 / tau, 0.0), x, cfg)
-    labels = common.kmeans(common.embed(model, x)[0], n_classes, metric="cosine", seed=seed)[1]  # ours: cosine on h
+    labels = common.kmeans_labels(model, x, n_classes, seed)                   # ours: cosine on h
     print(f"K-means: {n_classes} clusters of sizes {torch.bincount(labels, minlength=n_classes).tolist()}", flush=True)
     return labels
 
@@ -542,16 +527,9 @@ def check_args(args):
 # Main: labels -> MCL training -> Gaussians per (class, rotation) -> SEI readings.
 
 
-@harness.entry_point
-def main(argv=None):
-    args = harness.parse_args(build_parser(), PRESETS, argv)
-    if args.score:                                   # a finished run scores new images: no training flag applies
-        return harness.score_later(args, "mcl")
-    check_args(args)
-    device = harness.setup(args, "mcl", may_change=("sei", "sei_agg", "feature_layer", "fit_fraction", "ridge"))
-    t_start = time.time()
-    data = harness.load_data(args)
-    harness.check_data(args, data)
+@harness.script_main("mcl", build_parser, PRESETS, check_args,
+                     may_change=("sei", "sei_agg", "feature_layer", "fit_fraction", "ridge"))
+def main(args, data, device, t_start):
     x = data.train_x.to(device)
     ids = torch.as_tensor(data.id_classes)
     to_index = lambda y: torch.searchsorted(ids, y).to(device)                  # class ids -> 0 .. C - 1

@@ -1,57 +1,40 @@
 """OECL: Outlier-Exposure Contrastive Learning, and self-OECL (Le-Gia & Ahn, "Understanding Normalization in
 Contrastive Representation Learning and Out-of-Distribution Detection"; public code nguoikhongnao/real_OECL).
 
-SimCLR only looks at the directions of its projections z, so their norms are free; the paper observes that
-training gives in-distribution (ID) images a larger ||z|| than anything else, and OECL makes this explicit:
-NT-Xent on the L2-normalised projections of ID views, plus alpha times the mean norm of the UN-normalised
-projections of outlier views, pushing outliers to the origin (Eq. 12). The OOD score is the norm of the
-projection of a test image, alone (Eq. 14) or of its mean over augmentations (Eq. 15), E||z||^2 beside them
-(App. C). Outliers are an external set (OECL, --oe SPEC) or the training images themselves rotated by 180 and
-270 degrees (self-OECL, --self-oe, Eq. 13), the 0 and 90 degree rotations being ID instances.
+SimCLR leaves the norms of its projections z free, and training gives in-distribution images the larger ||z||;
+OECL makes it explicit: NT-Xent on the normalised ID projections plus alpha x the mean norm of the un-normalised
+outlier projections (Eq. 12). Outliers: an external set (--oe SPEC) or the training images rotated by 180/270
+degrees (self-OECL, Eq. 13). Score: ||z|| (Eq. 14), of the mean z over augmentations (Eq. 15), E||z||^2 (App. C).
 
-    python oecl.py                                      # self-OECL, digits 0-5 vs 6-9
-    python oecl.py --alpha 0                            # the same run without the outlier term
-    python oecl.py --oe digits --oe-classes 6-7         # OECL; outliers: training digits 6-7, evaluated on 8-9
-    python oecl.py --preset quick --data-root DIR       # CIFAR-10 (torchvision's files under DIR) 0-5 vs 6-9
-    python oecl.py --preset paper --oe npy:PATH.npy     # CIFAR-10 one-vs-rest, every class, 500 epochs
-    python oecl.py --preset paper --self-oe             # self-OECL's row of Table I: 1000 epochs, 128 images a step
-    python oecl.py --protocol leave-one-out --all-classes   # every class held out in turn, per-class AUROC
+    python oecl.py                                # self-OECL, digits 0-5 vs 6-9: ~OECL_TIME
+    python oecl.py --alpha 0                      # its SimCLR setting: the same run without the outlier term
+    python oecl.py --oe digits --oe-classes 6-7   # OECL; outliers: training digits 6-7, evaluated on 8-9
+    python oecl.py --preset paper --oe npy:PATH.npy   # CIFAR-10 one-vs-rest, every class, 500 epochs: GPU jobs
 
-A digits run with the defaults (self-OECL, 10 epochs) takes ~40 s of CPU time on one thread of a 2-core Intel Xeon;
---preset paper is a multi-GPU job (500 or 1000 epochs per class). On digits, a rotation by 180 degrees turns a 6
-into a 9 and leaves 0, 1 and 8 nearly unchanged: with those classes in-distribution, self-OECL's outliers look like
-in-distribution digits, the failure on rotation-invariant data that Sec. V-A describes (the README has the numbers).
+OECL_RESULT
 
 Use it in your code:
-    import torch
-    import oecl
-    s = oecl.build_parser().parse_args(["--width", "4", "--size", "16", "--n-aug", "4"])   # every setting
-    model, aug = oecl.build_model(s), oecl.augmentation(s)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    import torch, common, oecl
+    model = common.Encoder("resnet18", bn_in_head=True, width=4)           # ResNet + BatchNorm MLP head (App. I)
+    aug = common.SimCLRAugment(16)                                          # training and Eq. 15's augmentation
     x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)           # ID images, uint8
     outliers = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)    # any outlier set
-    loss, logs = oecl.oecl_step(model, x, outliers, aug, tau=0.5, alpha=1.0)   # Eq. 12, one batch
-    # or, with no outlier set: loss, logs = oecl.self_oecl_step(model, x, aug)  (Eq. 13)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    model.eval()
-    scores = oecl.score(model, oecl.score_state(model), x, s)   # higher = more in-distribution
-    print({name: v.shape for name, v in scores.items()})        # ensemble (Eq. 15), norm (14), mean_sq_norm
-
-Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
-usual substitutes: the 300K random images of Hendrycks et al.'s Outlier Exposure code (a debiased 80MTI subset,
-`npy:300K_random_images.npy`), CIFAR-100 (`cifar100`), or any folder of images (`folder:PATH`). When the outliers
-come from the in-distribution data set (`--oe digits`), they are classes outside --id-classes (--oe-classes, by
-default all of them), and those classes leave the evaluated OOD set: a test set whose classes were trained on as
-outliers would measure exposure, not detection. `--oe digits` without --oe-classes or --ood exposes every
-held-out digit and leaves no OOD set to evaluate: it ends with an error.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for step in range(2):
+        loss, logs = oecl.oecl_step(model, x, outliers, aug, tau=0.5, alpha=1.0)   # Eq. 12, one batch
+        # or, with no outlier set: loss, logs = oecl.self_oecl_step(model, x, aug)  (Eq. 13)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    new = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    scores = oecl.ensemble_scores(model, new, aug, n_aug=4)               # higher = more in-distribution
+    print({name: v[:3] for name, v in scores.items()})                    # ensemble (Eq. 15), norm (14), mean_sq_norm
 """
 import argparse
 import copy
 import os
 import re
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -123,38 +106,24 @@ def norm_score(z):
     return z.float().norm(dim=1)
 
 
-def image_seed(seed, position):
-    """The seed of the test-time augmentations of the image at `position`: one per (seed, position) pair for
-    positions below 1,000,003 and seeds below 4,294, within the 32 bits that the CPU generator keeps."""
-    return (seed * 1_000_003 + position) % 2 ** 32
-
-
 @torch.no_grad()
-def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
-    """The three scores of App. C over the clean view and n_aug random training augmentations of each image:
-    'norm' ||z(x)|| (Eq. 14), 'ensemble' ||mean_t z(t(x))|| (Eq. 15; the public code counts the clean view among
-    the t) and 'mean_sq_norm' mean_t ||z(t(x))||^2 (App. C; ambiguity: over the same views, the clean one
-    included). The augmentations of the image at position i draw from a generator seeded with (seed, i), so an
-    image's scores depend on its position alone, not on how the set is cut into chunks. Chunks of
+def ensemble_scores(model, x, aug=None, n_aug=0, batch_size=512):
+    """The three scores of App. C over the clean view and n_aug views of each uint8 image by the augmentation aug
+    (the training one, Eq. 15): 'norm' ||z(x)|| (Eq. 14), 'ensemble' ||mean_t z(t(x))|| (Eq. 15; the public code
+    counts the clean view among the t) and 'mean_sq_norm' mean_t ||z(t(x))||^2 (App. C; ambiguity: over the same
+    views, the clean one included) -> {name: N float32}. An image's views follow from its pixels alone
+    (common.views_per_image), so its scores never depend on its position or companions. Chunks of
     batch_size // (1 + n_aug) images; all the views of a chunk go through the network together."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=x.device)
     chunk = max(1, batch_size // (1 + n_aug))
-    out = {"ensemble": [], "norm": [], "mean_sq_norm": []}
+    def views(xb):                                   # image-major: the clean view, then the n_aug augmented ones
+        clean = common.to_float(xb)[:, None]
+        return torch.cat([clean, common.views_per_image(xb, aug, n_aug)] if n_aug else [clean], 1).flatten(0, 1)
+    out = []
     for i in range(0, len(x), chunk):
-        xb = x[i:i + chunk]
-        views = [common.to_float(xb)]
-        if n_aug:                                                   # n_aug x len(xb): row t * len(xb) + j
-            per_image = [augment(img.expand(n_aug, -1, -1, -1), generator=gen.manual_seed(image_seed(seed, i + j)))
-                         for j, img in enumerate(xb.split(1))]
-            views.append(torch.stack(per_image, 1).flatten(0, 1))
-        z = model(torch.cat(views))[1].float().view(1 + n_aug, len(xb), -1)    # z[t, j]: view t of image j
-        out["ensemble"].append(norm_score(z.mean(0)))
-        out["norm"].append(norm_score(z[0]))
-        out["mean_sq_norm"].append(z.pow(2).sum(2).mean(0))
-    model.train(was_training)
-    return {k: torch.cat(v) for k, v in out.items()}
+        z = common.embed(model, x[i:i + chunk], len(x), views)[1]
+        z = z.view(-1, 1 + n_aug, z.shape[1])                                  # z[j, t]: view t of image j
+        out.append(torch.stack([norm_score(z.mean(1)), norm_score(z[:, 0]), z.pow(2).sum(2).mean(1)], 1))
+    return dict(zip(("ensemble", "norm", "mean_sq_norm"), torch.cat(out).unbind(1)))
 
 
 def build_model(s):
@@ -173,17 +142,23 @@ def score_state(model):
     return {}
 
 
-@torch.no_grad()
 def score(model, state, x, s):
-    """The scores of uint8 images x (N x 3 x s.size x s.size) -> {'ensemble', 'norm', 'mean_sq_norm': N float32
-    scores}, higher = more in-distribution: ensemble_scores with s.n_aug augmentations seeded by s.seed, in
-    float32 whatever autocast the caller runs under."""
-    with torch.autocast(x.device.type, enabled=False):
-        return ensemble_scores(model, x, augmentation(s), s.n_aug, seed=s.seed)
+    """The Scorer's adapter: ensemble_scores of the uint8 images x with s.n_aug views of the run's augmentation
+    -> {'ensemble', 'norm', 'mean_sq_norm': N float32 scores}, higher = more in-distribution."""
+    return ensemble_scores(model, x, augmentation(s) if s.n_aug else None, s.n_aug)
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages: outliers, training, one run (training, then scoring), the --all-classes protocol.
+# Stages: outliers, training, one run (training, then scoring), the --all-classes protocol (`python oecl.py
+# --protocol leave-one-out --all-classes`: every class held out in turn, per-class AUROC).
+#
+# Outlier sets. The paper's CIFAR outliers, 80 Million Tiny Images, were withdrawn by their authors (2020). The
+# usual substitutes: the 300K random images of Hendrycks et al.'s Outlier Exposure code (a debiased 80MTI subset,
+# `npy:300K_random_images.npy`), CIFAR-100 (`cifar100`), or any folder of images (`folder:PATH`). When the outliers
+# come from the in-distribution data set (`--oe digits`), they are classes outside --id-classes (--oe-classes, by
+# default all of them), and those classes leave the evaluated OOD set: a test set whose classes were trained on as
+# outliers would measure exposure, not detection. `--oe digits` without --oe-classes or --ood exposes every
+# held-out digit and leaves no OOD set to evaluate: it ends with an error.
 
 def exposed_classes(labels, id_classes, oe_classes=None):
     """The classes of the in-distribution data set that serve as outliers when --oe is that data set: --oe-classes
@@ -219,10 +194,16 @@ def without_classes(data, exposed):
     return SimpleNamespace(**{**vars(data), "ood": ood, "ood_y": ood_y, "ood_names": names})
 
 
+def select_classes(x, y, ids):
+    """Keep the images whose label is in ids (labels are kept as they are)."""
+    keep = torch.isin(y, torch.as_tensor(ids, dtype=y.dtype))
+    return x[keep], y[keep]
+
+
 def load_outliers(args, data, device):
-    """The --oe images (training split) on the device -> (outliers, data). --oe-classes selects classes of a
-    labelled set; when --oe is the in-distribution data set, the outliers are exposed_classes (never an ID class)
-    and leave the evaluated OOD set (without_classes)."""
+    """The --oe images (training split) on the device -> (outliers, data, the outlier class ids or None for the
+    whole set). --oe-classes selects classes of a labelled set; when --oe is the in-distribution data set, the
+    outliers are exposed_classes (never an ID class) and leave the evaluated OOD set (data, without_classes)."""
     x, y, _ = harness.load_dataset(args.oe, True, args.data_root, True, args.size)
     if (args.oe_classes or args.oe == args.dataset) and y.min() < 0:
         raise ValueError(f"--oe {args.oe} has no labels, so no class of it can be chosen as outliers"
@@ -233,7 +214,7 @@ def load_outliers(args, data, device):
     else:
         ids = harness.parse_classes(args.oe_classes) if args.oe_classes else None
     if ids is not None:
-        x, _ = harness.select_classes(x, y, ids)
+        x, _ = select_classes(x, y, ids)
     if len(x) == 0:
         raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
     return x.to(device), data, ids
@@ -255,10 +236,7 @@ def train_stage(args, x, oe_x, device):
 
 def run(args):
     """One configuration: train, score, report -> the results dict (also <out>/results.json)."""
-    t_start = time.time()
-    device = harness.setup(args, "oecl", may_change=("n_aug",))
-    data = harness.load_data(args)
-    harness.check_data(args, data)
+    data, device, t_start = harness.start_run(args, "oecl", may_change=("n_aug",))
     oe_x, data, oe_ids = load_outliers(args, data, device) if not args.self_oe else (None, data, None)
     outliers = f"{args.oe}" + (f" classes {harness.format_classes(oe_ids)}" if oe_ids else "")
     print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
@@ -457,12 +435,8 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------
 # Main: the command line, then one run or one run per class.
 
-@harness.entry_point
-def main(argv=None):
-    args = harness.parse_args(build_parser(), PRESETS, argv)
-    if args.score:                                   # a finished run scores new images: no training flag applies
-        return harness.score_later(args, "oecl")
-    args = check_args(args)
+@harness.script_main("oecl", build_parser, PRESETS, check_args, load=False)
+def main(args):
     return run_protocol(args) if args.all_classes else run(args)
 
 

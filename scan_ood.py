@@ -1,56 +1,40 @@
 """SCAN-OOD: out-of-distribution detection without class labels via SCAN pseudo-labels (Cohen, Abutbul, Hoshen).
 
-Unlabelled multi-class anomaly detection = unsupervised clustering + supervised multi-class OOD detection.
-Clustering is SCAN (Van Gansbeke et al.) in three stages: (1) pretext: SimCLR on the in-distribution training images,
-then each image's nearest neighbours; (2) scan: clustering heads trained so that an image and a mined neighbour get
-the same confident cluster while the mean prediction stays spread over all clusters (SCAN loss); (3) selflabel:
-fine-tuning on the confident predictions (> 0.99) of the un-augmented images, with strong augmentation. Two OOD
-detectors follow (higher score = in-distribution): the self-supervised one (Sec. 3.1), kNN (k = 1, cosine) on the
-SCAN network's penultimate features; and the pre-trained one (Sec. 3.2), an ImageNet ResNet fine-tuned on the
-pseudo-labels (Eq. 2) for 5 epochs, its end-of-epoch weights averaged, kNN on its penultimate features (DN2, the
-un-adapted features, is reported beside it).
+Unlabelled multi-class OOD detection = clustering + multi-class OOD detection. Clustering is SCAN (Van Gansbeke et
+al.): (1) pretext: SimCLR, then each image's nearest neighbours; (2) scan: clustering heads trained so that an image
+and a mined neighbour get the same confident cluster while the mean prediction stays spread (SCAN loss); (3)
+selflabel: fine-tuning on the confident predictions. Detectors (higher = in-distribution): kNN on the SCAN network's
+features (Sec. 3.1), or an ImageNet ResNet fine-tuned on the pseudo-labels with weight averaging (Sec. 3.2, Eq. 2).
 
-    python scan_ood.py                                   # self-supervised variant, digits 0-5 in, 6-9 out
+    python scan_ood.py                                   # self-supervised variant, digits 0-5 vs 6-9: ~SCAN_TIME
     python scan_ood.py --labels kmeans                   # K-means pseudo-labels instead of SCAN (paper Sec. 5)
-    python scan_ood.py --preset quick --data-root DIR    # CIFAR-10 (torchvision's files under DIR), classes 0-5 vs 6-9
-    python scan_ood.py --preset paper                    # CIFAR-10 vs CIFAR-100/SVHN/LSUN, SCAN's settings + ResNet-152
-    python scan_ood.py --backbone resnet18 --weights random --adapt-size 64   # exercises the pre-trained path only
+    python scan_ood.py --preset paper                    # CIFAR-10, SCAN's settings + ImageNet ResNet-152: GPU jobs
+
+SCAN_RESULT
 
 Use it in your code:
 
-    import torch
-    from types import SimpleNamespace
-    import scan_ood
+    import torch, scan_ood
     x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)      # unlabelled training images
-    s = SimpleNamespace(arch="resnet18", width=4, init="torchvision", clusters=3, backbone=None, labels="scan",
-                        ood_score="knn", knn_k=1)                        # the settings score() reads
-    net = scan_ood.build_model(s)                                        # a CIFAR ResNet-18 and one head of K = 3
+    net = scan_ood.ClusterNet("resnet18", clusters=3, heads=1, width=4)  # a CIFAR ResNet-18 and one head of K = 3
     neighbors = scan_ood.mine_neighbors(x.flatten(1).float(), 5)         # in practice: of the SimCLR projections
     strong = scan_ood.StrongAugment(n_ops=4, cutout=8)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    idx = torch.arange(32)                                               # one batch of the SCAN stage
-    loss, parts = scan_ood.scan_step(net, x[idx], idx, x, neighbors, strong, entropy_weight=5.0)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    labels = scan_ood.features(net, x)[1].argmax(1)                      # the pseudo-labels of the training images
-    state = scan_ood.score_state(net, x, labels, s)
+    for idx in torch.randperm(len(x)).split(32):                         # one epoch of the SCAN stage
+        loss, parts = scan_ood.scan_step(net, x[idx], idx, x, neighbors, strong, entropy_weight=5.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train_h, logits = scan_ood.features(net, x)                          # penultimate features, cluster logits
+    reference = scan_ood.score_reference("knn", train_h)                 # or "mahalanobis", logits.argmax(1)
     new = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
-    scores = scan_ood.score(net, state, new, s)["scan_features"]         # higher = in-distribution
-
-The final model's score (the SCAN features, or with --backbone the pre-trained variant) is score()'s: build_model,
-score_state and score rebuild it and score new images from a finished run alone. Every run also reports the
-intermediate variants (the pretext-only SimCLR kNN score; with --backbone the SCAN features and DN2), the cluster
-accuracy (Hungarian matching, for information: labels never train anything) and the sanity baselines. Checkpoints:
-<out>/{pretext,scan,selflabel,adapt}.pt; --resume loads the finished stages and continues the unfinished one. The
-digits default takes ~42 s of CPU time (one thread of a 2-core Intel Xeon); its wall time grows with what else shares
-the machine.
+    scores = scan_ood.score_features("knn", reference, *scan_ood.features(net, new))   # higher = in-distribution
+    print(scores)
 """
 import argparse
 import copy
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -413,14 +397,16 @@ class AdaptStep:
 # ----------------------------------------------------------------------------------------------
 # Scores (higher = in-distribution): kNN (Sec. 3.1, 3.2, 4.3), Mahalanobis and MSP (Eq. 1) for Tab. 5; the final
 # model's scores behind build_model, score_state and score, which main and a later scorer of the run folder share.
+# Every run also reports the intermediate variants (the pretext-only SimCLR kNN score; with --backbone the SCAN
+# features and DN2), the cluster accuracy (Hungarian matching, for information: labels never train anything) and
+# the sanity baselines. Checkpoints: <out>/{pretext,scan,selflabel,adapt}.pt; --resume loads the finished stages
+# and continues the unfinished one.
 
-@torch.no_grad()
 def features(net, x, view=None):
-    """(penultimate features h, logits of the first head) of uint8 images x, batch by batch in eval mode, in float32
-    without autocast whatever the caller's (scores are compared across runs and devices); `view` maps a uint8 batch
-    to the network's input. A common.Encoder (the pretext network) gives its projection in place of logits."""
-    with torch.autocast(x.device.type, enabled=False):
-        h, out = common.embed(net, x, transform=view)
+    """(penultimate features h, logits of the first head) of uint8 images x: common.embed's float32 features;
+    `view` maps a uint8 batch to the network's input. A common.Encoder (the pretext network) gives its projection
+    in place of logits."""
+    h, out = common.embed(net, x, transform=view)
     return h, (out[:, 0] if out.dim() == 3 else out)
 
 
@@ -588,7 +574,7 @@ def kmeans_stage(pretext, x, K, args, data):
     diagnostics). ambiguity: Sec. 5 does not say which features K-means clusters: the pretext backbone's
     (spherical, 3 restarts). The K-means labels themselves are the pseudo-labels of the scores and of the
     pre-trained variant (Sec. 5: "the labels obtained by K means clustering")."""
-    labels = common.kmeans(common.embed(pretext, x)[0], K, metric="cosine", seed=args.seed, n_init=3)[1]
+    labels = common.kmeans_labels(pretext, x, K, args.seed, n_init=3)
     net = ClusterNet(args.arch, K, 1, args.width, init=args.init).to(x.device)
     net.backbone.load_state_dict(pretext.backbone.state_dict())
     aug = strong_augment(args)
@@ -937,16 +923,9 @@ def n_clusters(args, data, n):
 # ----------------------------------------------------------------------------------------------
 # Main: pretext -> SCAN -> self-labelling (or K-means labels) -> pre-trained variant -> the final model's scores.
 
-@harness.entry_point
-def main(argv=None):
-    args = harness.parse_args(build_parser(), PRESETS, argv)
-    if args.score:                                   # a finished run scores new images: no training flag applies
-        return harness.score_later(args, "scan_ood")
-    check_args(args)
-    t_start = time.time()
-    device = harness.setup(args, "scan_ood", may_change=("ood_score", "knn_k", "no_average", "recompute_bn"))
-    data = harness.load_data(args)
-    harness.check_data(args, data)
+@harness.script_main("scan_ood", build_parser, PRESETS, check_args,
+                     may_change=("ood_score", "knn_k", "no_average", "recompute_bn"))
+def main(args, data, device, t_start):
     x = data.train_x.to(device)
     check_sizes(args, len(x))
     K = args.clusters = n_clusters(args, data, len(x))                   # recorded resolved: build_model reads it

@@ -5,7 +5,6 @@ contract), the docstring's example, presets, bad input, the digits pipeline's co
 import json
 import math
 import os
-import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +15,7 @@ import bench
 import ccl
 import common
 import harness
+from conftest import assert_scores_follow_the_image
 
 
 def cos(a, b):
@@ -140,19 +140,20 @@ def literal_supcon(z, labels, tau):
 def test_supcon_matches_literal_values_and_gradients(tau):
     z = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 1, 2, 0, 3, 0, 1, 1, 2, 0, 4])                 # 4: a view with no positive
-    ours, ref = ccl.supcon(z, labels, tau), literal_supcon(z, labels, tau)
+    ours, ref = ccl.cluster_instance_loss(z, labels, tau), literal_supcon(z, labels, tau)
     assert torch.allclose(ours.double(), ref, atol=1e-5)
     g1, = torch.autograd.grad(ours, z)
     g2, = torch.autograd.grad(ref, z)
     assert torch.allclose(g1.double(), g2, atol=1e-5)
-    assert torch.allclose(common.nt_xent(z, tau), ccl.supcon(z, torch.arange(12) % 6, tau))  # SimCLR = SupCon on ids
+    simclr = common.nt_xent(z, tau)                                    # SimCLR = SupCon on image ids
+    assert torch.allclose(simclr, ccl.cluster_instance_loss(z, torch.arange(12) % 6, tau))
 
 
 def test_supcon_stable_in_bf16_and_without_positives():
     z = (100 * torch.randn(64, 16)).bfloat16()
-    assert torch.isfinite(ccl.supcon(z, torch.arange(64) % 3, 0.05))
+    assert torch.isfinite(ccl.cluster_instance_loss(z, torch.arange(64) % 3, 0.05))
     zg = torch.randn(4, 3, requires_grad=True)
-    loss = ccl.supcon(zg, torch.arange(4), 0.1)
+    loss = ccl.cluster_instance_loss(zg, torch.arange(4), 0.1)
     loss.backward()
     assert loss.item() == 0 and torch.isfinite(zg.grad).all()
 
@@ -160,15 +161,15 @@ def test_supcon_stable_in_bf16_and_without_positives():
 def test_supcon_runs_in_float32_under_bf16_autocast():
     z = torch.randn(32, 16, requires_grad=True)
     labels = torch.arange(32) % 5
-    ref = ccl.supcon(z, labels, 0.1)
+    ref = ccl.cluster_instance_loss(z, labels, 0.1)
     g_ref, = torch.autograd.grad(ref, z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ccl.supcon(z, labels, 0.1)                  # without the float32 guard z @ z.T would run in bf16
-        from_bf16 = ccl.supcon(z.bfloat16(), labels, 0.1)  # a bf16 input: the loss of its float32 value
+        out = ccl.cluster_instance_loss(z, labels, 0.1)    # without the float32 guard z @ z.T would run in bf16
+        from_bf16 = ccl.cluster_instance_loss(z.bfloat16(), labels, 0.1)  # a bf16 input: the loss of its float32 value
     g, = torch.autograd.grad(out, z)
     assert out.dtype == torch.float32 and from_bf16.dtype == torch.float32
     assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-5)
-    assert torch.allclose(from_bf16, ccl.supcon(z.bfloat16().float(), labels, 0.1), atol=1e-5)
+    assert torch.allclose(from_bf16, ccl.cluster_instance_loss(z.bfloat16().float(), labels, 0.1), atol=1e-5)
 
 
 def test_total_loss_eq7_eq8_and_ablations():
@@ -206,7 +207,7 @@ def test_ccl_step_makes_no_host_sync(form):
 def test_supcon_makes_no_host_sync():
     z, labels = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])   # made outside: a copy from Python data
     with bench.DispatchCounter() as c:
-        ccl.supcon(z, labels)
+        ccl.cluster_instance_loss(z, labels)
     assert c.syncs == 0, c.sync_ops
 
 
@@ -258,15 +259,16 @@ def test_scores_match_brute_force_and_chunk(monkeypatch):
 
 def literal_csi_features(model, x, layer, n_aug):
     """CSI's test-time ensemble (evals/ood_pre.py), one image at a time: n_aug views of CSI's (colour jitter 0.4,
-    p 0.8; grayscale p 0.2; a crop of 54% of the image; no flip, no blur), drawn for the image from a generator
-    seeded with its position, each view through the model on its own; the mean of their un-normalised features."""
+    p 0.8; grayscale p 0.2; a crop of 54% of the image; no flip, no blur), drawn for the image from the uniform
+    numbers its pixels seed, each view through the model on its own; the mean of their un-normalised features."""
     csi_views = common.SimCLRAugment(16, scale=(0.54, 0.54), jitter=0.4, p_jitter=0.8, p_gray=0.2, flip=False,
                                      blur=False)
     pick = 0 if layer == "embedding" else 1
     out = []
     for i in range(len(x)):
-        views = csi_views(x[i:i + 1].expand(n_aug, -1, -1, -1), generator=torch.Generator().manual_seed(i))
-        out.append(torch.stack([model(views[t:t + 1])[pick][0] for t in range(n_aug)]).mean(0))
+        u = common.seeded_uniform(common.image_seeds(x[i:i + 1]), n_aug * 31).view(n_aug, 31)
+        views = [csi_views(x[i:i + 1], u=u[t:t + 1]) for t in range(n_aug)]
+        out.append(torch.stack([model(v)[pick][0] for v in views]).mean(0))
     return torch.stack(out)
 
 
@@ -276,22 +278,23 @@ def test_test_time_ensemble_matches_a_literal_per_image_loop_of_csi(layer):
     model = common.Encoder("resnet18", width=2).eval()
     x = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
     rng = torch.get_rng_state()
-    ours = ccl.features(model, x, layer, n_aug=3, aug=ccl.ensemble_augment(16), batch_size=3)  # chunks of 3, 3, 1
+    ours = ccl.features(model, x, layer, aug=ccl.ensemble_augment(16), n_aug=3, batch_size=9)  # chunks of 3, 3, 1
     assert torch.equal(torch.get_rng_state(), rng)                      # the global RNG is never drawn from
     with torch.no_grad():
         torch.testing.assert_close(ours, literal_csi_features(model, x, layer, 3), atol=1e-5, rtol=1e-4)
 
 
-def test_test_time_views_depend_on_the_image_and_its_position_alone():
+def test_test_time_views_depend_on_the_image_alone():
     torch.manual_seed(0)
     model = common.Encoder("resnet18", width=2).eval()
     x, other = torch.randint(0, 256, (2, 6, 3, 16, 16), dtype=torch.uint8)
-    other[2] = x[2]                                                     # another set, one image in common
-    feats = lambda imgs, **kw: ccl.features(model, imgs, "projection", n_aug=2, aug=ccl.ensemble_augment(16), **kw)
+    other[4] = x[2]                                                     # another set, one image in common elsewhere
+    feats = lambda imgs, **kw: ccl.features(model, imgs, "projection", aug=ccl.ensemble_augment(16), n_aug=2, **kw)
     f = feats(x)
     torch.testing.assert_close(feats(x, batch_size=4), f)               # whatever the chunks
-    torch.testing.assert_close(feats(x[:3]), f[:3])                     # a slice from the start: its own numbers
-    torch.testing.assert_close(feats(other)[2], f[2])                   # the same position: the same views
+    torch.testing.assert_close(feats(x[2:3]), f[2:3])                   # alone
+    torch.testing.assert_close(feats(other)[4], f[2])                   # another position, other companions
+    torch.testing.assert_close(feats(x.flip(0)), f.flip(0))             # any order
     assert not torch.allclose(f, ccl.features(model, x, "projection"))  # the views are not the clean images
     h, z = common.embed(model, x)
     torch.testing.assert_close(ccl.features(model, x, "embedding"), h)
@@ -328,6 +331,7 @@ def test_a_saved_run_scores_images_as_the_run_did(tmp_path, monkeypatch):
     for name, values in again.items():
         assert values.dtype == torch.float32
         torch.testing.assert_close(values, run_scores[name][:5], atol=1e-5, rtol=1e-5)
+    assert_scores_follow_the_image(ccl.main, tmp_path)                  # CSI's views follow from each image
 
 
 def test_scoring_runs_in_float32_under_autocast():
@@ -345,17 +349,9 @@ def test_scoring_runs_in_float32_under_autocast():
         torch.testing.assert_close(got[name], want[name])
 
 
-def test_the_docstring_example_runs(capsys):
-    block = ccl.__doc__.split("Use it in your code:\n", 1)[1]
-    lines = []
-    for line in block.splitlines():
-        if line.strip() and not line.startswith("    "):               # the first unindented line ends it
-            break
-        lines.append(line)
-    code = textwrap.dedent("\n".join(lines))
-    assert "ccl.score(" in code and "loss.backward()" in code
-    exec(code, {})
-    assert "score_cos" in capsys.readouterr().out
+def test_the_docstring_example_runs(run_use_it):
+    namespace = run_use_it(ccl)
+    assert namespace["test_f"].shape[0] == 8 and torch.isfinite(namespace["loss"])
 
 
 # ---------------------------------------------------------------- schedules, resume, presets, bad input

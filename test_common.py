@@ -73,6 +73,38 @@ def test_rotate90_per_sample():
     assert torch.equal(common.rotate90(x, 2), torch.rot90(x, 2, (2, 3)))
 
 
+def test_views_per_image_follow_from_the_pixels_alone_with_no_host_sync():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8)
+    aug = common.SimCLRAugment(8)
+    with bench.DispatchCounter() as c:
+        views = common.views_per_image(x, aug, 5)
+    assert c.syncs == 0, c.sync_ops
+    assert views.shape == (6, 5, 3, 8, 8) and 0 <= views.min() and views.max() <= 1
+    torch.manual_seed(1)                                                # the global RNG plays no part
+    others = torch.randint(0, 256, (3, 3, 12, 12), dtype=torch.uint8)
+    again = common.views_per_image(torch.cat([others, x.flip(0)]), aug, 5)[3:].flip(0)   # other places, companions
+    assert torch.equal(again, views) and torch.equal(common.views_per_image(x[2:3], aug, 5)[0], views[2])
+    assert not torch.equal(views[0, 0], views[0, 1])                    # each view its own draw
+    changed = x.clone()
+    changed[0, 2, 11, 11] ^= 1                                          # one bit of one pixel: unrelated views
+    assert common.image_seeds(changed)[0] != common.image_seeds(x)[0]
+    assert torch.equal(common.image_seeds(x.float() / 255), common.image_seeds(x))   # floats at 8 bits
+    u = common.seeded_uniform(torch.arange(2000), 31)                   # uniform numbers: mean 1/2, var 1/12
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+
+
+def test_mix32_is_murmur3s_finaliser():
+    def literal(h):
+        h ^= h >> 16
+        h = h * 0x85EBCA6B % 2 ** 32
+        h ^= h >> 13
+        h = h * 0xC2B2AE35 % 2 ** 32
+        return h ^ (h >> 16)
+    values = [0, 1, 12345, 2 ** 31, 2 ** 32 - 1] + torch.randint(0, 2 ** 32, (50,)).tolist()
+    assert common.mix32(torch.tensor(values)).tolist() == [literal(v) for v in values]
+
+
 # ---------------------------------------------------------------------------------------------- backbones
 
 def test_encoder_shapes_and_standard_parameter_count():

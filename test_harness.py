@@ -14,6 +14,7 @@ from PIL import Image
 
 import common
 import harness
+from conftest import assert_scores_follow_the_image
 
 ERROR = (ValueError, OSError, FloatingPointError)   # what the building blocks and the harness raise
 
@@ -36,12 +37,9 @@ def test_digits_split_is_deterministic_disjoint_and_32px():
     assert len(flat(xtr) & flat(xte)) < 5                                   # (a few identical digits exist)
 
 
-def test_parse_and_select_classes():
+def test_parse_classes():
     assert harness.parse_classes("0-2,4-5") == [0, 1, 2, 4, 5] and harness.parse_classes("3") == [3]
     assert harness.format_classes([0, 1, 2, 4, 5, 7]) == "0-2,4-5,7"
-    x, y = torch.arange(10)[:, None], torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
-    xs, ys = harness.select_classes(x, y, [1, 3])
-    assert ys.tolist() == [1, 3, 1, 3] and xs[:, 0].tolist() == [1, 3, 6, 8]
     for bad in ("a-b", "5-2", "", "1,,2", "-3"):
         with pytest.raises(ERROR, match="--id-classes .*expected class ids"):
             harness.parse_classes(bad)
@@ -586,6 +584,11 @@ def test_a_run_scores_every_image_and_scores_new_images_later_from_its_folder_al
     assert "holds no finished run" in selfcheck(tmp_path, "--out", str(tmp_path / "nowhere"), "--score", "digits")
     assert "--tpr 0.5: expected no --tpr with --score" in selfcheck(tmp_path, "--out", str(out), "--score", "digits",
                                                                       "--tpr", "0.5")
+
+
+def test_plain_simclr_scores_follow_the_image_and_score_reproduces_its_csvs(tmp_path):
+    assert isinstance(selfcheck(tmp_path, "--out", str(tmp_path / "run"), "--subset", "64"), dict)
+    assert_scores_follow_the_image(harness.main, tmp_path / "run")
 
 
 def csv_name_of(path):

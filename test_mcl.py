@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import textwrap
 import types
 
 import pytest
@@ -15,6 +14,7 @@ import bench
 import common
 import harness
 import mcl
+from conftest import assert_scores_follow_the_image
 
 TAU, ALPHA, BETA = 0.2, 0.05, 2.5
 
@@ -479,16 +479,9 @@ def test_a_rebuilt_model_reproduces_the_runs_scores(tmp_path):
         for ood, values in m.items():
             for name, v in values.items():
                 assert v == pytest.approx(out["metrics"][key][ood][name], abs=1e-5), (key, ood, name)
+    assert_scores_follow_the_image(mcl.main, tmp_path)
 
 
-def test_the_use_it_in_your_code_block_runs():
-    lines = mcl.__doc__.split("\n")
-    start = lines.index("Use it in your code:") + 1
-    block = []
-    for line in lines[start:]:
-        if line and not line.startswith("    "):
-            break
-        block.append(line)
-    code = textwrap.dedent("\n".join(block))
-    assert "mcl.score(" in code and "mcl.mcl_step(" in code
-    exec(compile(code, "mcl-docstring", "exec"), {})
+def test_the_use_it_in_your_code_block_runs(run_use_it):
+    namespace = run_use_it(mcl)
+    assert namespace["score"].shape == (8,) and torch.isfinite(namespace["score"]).all()

@@ -2,7 +2,6 @@
 public code's order: augment, then rotate), the batch composition of both steps and of the paper preset, host
 syncs, and short end-to-end runs on the embedded digits."""
 import math
-import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +12,7 @@ import bench
 import common
 import harness
 import oecl
+from conftest import assert_scores_follow_the_image
 
 TINY = ["--size", "16", "--width", "4", "--batch-size", "32"]   # seconds per run on a CPU
 
@@ -81,36 +81,43 @@ def test_ensemble_scores_match_a_loop_over_views():
         if isinstance(p, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
             p.running_mean.uniform_(-0.5, 0.5), p.running_var.uniform_(0.5, 2)
     x = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
-    aug, seen = common.SimCLRAugment(16), []
-    recording = lambda xb, generator=None: seen.append(aug(xb, generator=generator)) or seen[-1]
+    aug = common.SimCLRAugment(16)
     n_aug, batch = 3, 12                                                 # chunks of 12 // 4 = 3 images: 3 + 3 + 1
-    s = oecl.ensemble_scores(model, x, recording, n_aug, batch_size=batch)
-    assert len(seen) == len(x) and all(v.shape == (n_aug, 3, 16, 16) for v in seen)   # n_aug views per image
+    s = oecl.ensemble_scores(model, x, aug, n_aug, batch_size=batch)
     with torch.no_grad():
         for i in range(len(x)):                                          # one image, one view at a time
-            zs = [model(common.to_float(x[i:i + 1]))[1][0]] + [model(seen[i][t:t + 1])[1][0] for t in range(n_aug)]
+            views = common.views_per_image(x[i:i + 1], aug, n_aug)[0]   # the image's own views
+            zs = [model(common.to_float(x[i:i + 1]))[1][0]] + [model(views[t:t + 1])[1][0] for t in range(n_aug)]
             mean_z = sum(zs) / len(zs)
             assert torch.allclose(s["norm"][i], zs[0].norm(), rtol=1e-4)
             assert torch.allclose(s["ensemble"][i], mean_z.norm(), rtol=1e-4)
             assert torch.allclose(s["mean_sq_norm"][i], sum(z.pow(2).sum() for z in zs) / len(zs), rtol=1e-4)
-    no_aug = oecl.ensemble_scores(model, x, aug, 0)                    # no augmentation: all three are ||z||
+    no_aug = oecl.ensemble_scores(model, x)                              # no augmentation: all three are ||z||
     assert torch.allclose(no_aug["ensemble"], s["norm"]) and torch.allclose(no_aug["mean_sq_norm"], s["norm"] ** 2)
 
 
-def test_ensemble_scores_depend_on_the_image_position_alone():
+def test_ensemble_scores_depend_on_the_image_alone():
+    """An image's views follow from its pixels: the same scores at any position, in any chunking, with any
+    companions, whatever the global RNG; a changed pixel changes its views."""
     torch.manual_seed(0)
     model = common.Encoder("resnet18", bn_in_head=True, width=4).eval()
     x = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8)
     aug = common.SimCLRAugment(16)
-    whole = oecl.ensemble_scores(model, x, aug, 4, batch_size=1000, seed=3)   # one chunk
+    whole = oecl.ensemble_scores(model, x, aug, 4, batch_size=1000)          # one chunk
     torch.manual_seed(1)                                                      # the global RNG plays no part
+    others = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     for batch in (5, 10, 15):                                                 # chunks of 1, 2, 3 images
-        cut = oecl.ensemble_scores(model, x, aug, 4, batch_size=batch, seed=3)
+        cut = oecl.ensemble_scores(model, x, aug, 4, batch_size=batch)
         assert all(torch.allclose(cut[k], whole[k], rtol=1e-5) for k in whole)
-    first = oecl.ensemble_scores(model, x[:4], aug, 4, seed=3)                # a prefix: the same positions
-    assert all(torch.allclose(first[k], whole[k][:4], rtol=1e-5) for k in whole)
-    other = oecl.ensemble_scores(model, x, aug, 4, seed=4)
-    assert not torch.equal(other["ensemble"], whole["ensemble"])             # the seed does choose the draws
+    order = torch.randperm(9)
+    shuffled = oecl.ensemble_scores(model, torch.cat([others, x[order]]), aug, 4)   # other positions, companions
+    alone = oecl.ensemble_scores(model, x[4:5], aug, 4)
+    for k in whole:
+        assert torch.allclose(shuffled[k][5:], whole[k][order], rtol=1e-5)
+        assert torch.allclose(alone[k], whole[k][4:5], rtol=1e-5)
+    changed = x.clone()
+    changed[0, 0, 0, 0] ^= 1                                                  # one bit of one pixel
+    assert oecl.ensemble_scores(model, changed[:1], aug, 4)["ensemble"] != whole["ensemble"][0]
 
 
 class Recorder(torch.nn.Module):
@@ -220,6 +227,12 @@ def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings
     assert "n_aug" not in run["settings"]                               # evaluation only: may change on --resume
 
 
+def test_select_classes_keeps_the_chosen_labels_in_order():
+    x, y = torch.arange(10)[:, None], torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    xs, ys = oecl.select_classes(x, y, [1, 3])
+    assert ys.tolist() == [1, 3, 1, 3] and xs[:, 0].tolist() == [1, 3, 6, 8]
+
+
 def test_outliers_from_the_id_data_set_never_include_id_or_evaluated_classes():
     labels = torch.arange(10).repeat(3)
     assert oecl.exposed_classes(labels, [0, 1, 2, 3, 4, 5]) == [6, 7, 8, 9]       # default: all held-out classes
@@ -280,18 +293,12 @@ def test_a_saved_run_scores_as_the_run_did(tmp_path, monkeypatch):
     for k, v in again.items():                                           # seen[0]: the ID test set, scored whole
         assert v.dtype == torch.float32 and v.shape == (6,)
         assert torch.allclose(v, seen[0][k][:6], rtol=1e-5, atol=1e-6), k
+    assert_scores_follow_the_image(oecl.main, tmp_path)                 # Eq. 15's views follow from each image
 
 
-def test_use_it_in_your_code_block_runs():
-    lines = oecl.__doc__.split("\n")
-    block = []
-    for line in lines[lines.index("Use it in your code:") + 1:]:
-        if line and not line.startswith("    "):
-            break
-        block.append(line)
-    code = textwrap.dedent("\n".join(block))
-    assert 10 <= len(code.strip().splitlines()) <= 20, code
-    exec(compile(code, "oecl.__doc__ (Use it in your code)", "exec"), {})
+def test_use_it_in_your_code_block_runs(run_use_it):
+    scores = run_use_it(oecl)["scores"]
+    assert set(scores) == {"ensemble", "norm", "mean_sq_norm"} and all(v.shape == (8,) for v in scores.values())
 
 
 def test_outliers_of_another_size_and_count(tmp_path):

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import re
-import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +22,7 @@ import bench
 import common
 import harness
 import scan_ood
+from conftest import assert_scores_follow_the_image
 
 
 def grads(fn, *inputs):
@@ -478,6 +478,7 @@ def test_digits_end_to_end_scorer_contract_and_resume(tmp_path, monkeypatch):
     assert saved["config"]["selflabel_batch_size"] == 128 and saved["metrics"] == res["metrics"]
     res2 = scan_ood.main(argv + ["--resume"])
     assert res2["metrics"] == res["metrics"] and res2["cluster_accuracy"] == res["cluster_accuracy"]
+    assert_scores_follow_the_image(scan_ood.main, out)
 
 
 def test_pretrained_variant_on_a_random_weight_backbone(tmp_path, monkeypatch):
@@ -494,6 +495,7 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path, monkeypatch):
     assert set(res["metrics"]) == {"simclr_knn", "kmeans_features", "dn2", "pretrained", "pretrained_bn"}
     assert res["main_variant"] == "pretrained"
     assert_scorer_reproduces(calls[0], res)
+    assert_scores_follow_the_image(scan_ood.main, tmp_path / "run")     # through the pre-trained network's view
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -534,16 +536,9 @@ def test_stage_flags_are_checked_only_when_their_stage_runs():
         scan_ood.check_sizes(args, 60)
 
 
-def test_use_it_in_your_code_block_runs():
+def test_use_it_in_your_code_block_runs(run_use_it):
     """The module docstring's example (the indented lines after `Use it in your code:`) runs as is."""
-    lines = scan_ood.__doc__.split("\n")
-    block = []
-    for line in lines[lines.index("Use it in your code:") + 1:]:
-        if line.strip() and not line.startswith("    "):
-            break
-        block.append(line)
-    namespace = {}
-    exec(textwrap.dedent("\n".join(block)), namespace)
+    namespace = run_use_it(scan_ood)
     scores = namespace["scores"]
     assert scores.shape == (8,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
     assert torch.isfinite(namespace["loss"])
