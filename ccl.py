@@ -5,12 +5,15 @@ pulled to its cluster centre (Eq. 4, per-cluster temperature phi, Eq. 5) and to 
 batch (Eq. 6), mixed with L_self by Eq. 7-8. A test image scores its cosine to the nearest training image times its
 norm (score_cos, Eq. 9), or that over the spread of its K nearest (score_var, Eq. 10), higher = in-distribution.
 
-    python ccl.py                  # digits 0-5 in, 6-9 out: ~CCL_TIME
+    python ccl.py                  # digits 0-5 in, 6-9 out: ~13 s of CPU, one thread of a 2-core AMD EPYC
     python ccl.py --lam 0          # its SimCLR setting: the same run without the cluster losses
     python ccl.py --no-ccl | --no-cil | --cluster-layer projection | --n-aug 10    # Tables 2-3; CSI's test views
     python ccl.py --preset paper   # Sec. 4: CIFAR-10, ResNet-18, 1000 + 1000 epochs, LARS: a multi-GPU job
 
-CCL_RESULT
+Result on digits, AUROC % over --seed 0-4, mean ± std (README's table: `OMP_NUM_THREADS=1 python ccl.py [--lam 0]
+--id-classes SPLIT --seed S`): score_var / score_cos 93.2 ± 1.9 / 88.6 ± 5.8 with 0-5 in (87.7 / 84.0 with the odd
+digits in, 84.3 / 91.3 with 4-9 in); its SimCLR setting (--lam 0) 92.2 / 85.9; beside the same runs' baselines,
+raw pixels' nearest neighbour 98.5 and an untrained encoder's 82.9 ± 8.7: no learned score beats raw pixels here.
 
 Use it in your code:
 
@@ -225,6 +228,8 @@ def score_var(train_z, test_z, k=10):
 # follow CSI's evaluation (evals/ood_pre.py, models/classifier.py): the mean of the features of --n-aug views made
 # of colour jitter, grayscale and a crop of exactly 54% of the image (--resize_factor 0.54 --resize_fix); no flip
 # and no blur, unlike the training augmentation of Sec. 3.1. --n-aug 0 (the digits default) scores the clean images.
+# CSI reseeds its generator before each view, so its views follow an image's position in the batch; ours follow the
+# image's own pixels (common.views_per_image), so that a score depends on the image alone.
 CSI_TEST_CROP_SCALE = 0.54        # public code: CSI's README, --resize_factor 0.54 --resize_fix
 
 

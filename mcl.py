@@ -7,12 +7,15 @@ attraction (SPA, Eq. 7-9) pulls each view to a random image of its class and rot
 0/90/180/270 degrees, the rotation an auxiliary label. Inference fits a Gaussian per (class, rotation) and scores
 an image by the Mahalanobis distances of its 4 rotations (x 2 mirrors), aggregated (Eq. 12-20), higher = ID.
 
-    python mcl.py                             # digits 0-5 vs 6-9: ~MCL_TIME
+    python mcl.py                             # digits 0-5 vs 6-9: ~21 s of CPU, one thread of a 2-core AMD EPYC
     python mcl.py --no-ccm --no-spa --no-aux  # its SimCLR setting: NT-Xent at tau, the same inference
     python mcl.py --labels kmeans             # no class labels: K-means pseudo-labels after a SimCLR warm-up
     python mcl.py --preset paper              # CIFAR-10, ResNet-34, 400 epochs, batch 256 x 4: a GPU job
 
-MCL_RESULT
+Result on digits, AUROC % over --seed 0-4, mean ± std (README's table: `OMP_NUM_THREADS=1 python mcl.py
+--id-classes SPLIT --seed S`): the embedding layer h, 4 rotations, w-avg 95.8 ± 1.0 with 0-5 in (97.8 ± 1.2 with the
+odd digits in, 91.5 ± 2.0 with 4-9 in; seed 0 again on a 2-core AMD EPYC: 93.4); its SimCLR setting 96.0 ± 0.8;
+beside raw pixels' nearest neighbour 98.5 and an untrained encoder's 82.9 ± 8.7.
 
 Use it in your code:
 

@@ -6,11 +6,14 @@ and a mined neighbour get the same confident cluster while the mean prediction s
 selflabel: fine-tuning on the confident predictions. Detectors (higher = in-distribution): kNN on the SCAN network's
 features (Sec. 3.1), or an ImageNet ResNet fine-tuned on the pseudo-labels with weight averaging (Sec. 3.2, Eq. 2).
 
-    python scan_ood.py                                   # self-supervised variant, digits 0-5 vs 6-9: ~SCAN_TIME
-    python scan_ood.py --labels kmeans                   # K-means pseudo-labels instead of SCAN (paper Sec. 5)
-    python scan_ood.py --preset paper                    # CIFAR-10, SCAN's settings + ImageNet ResNet-152: GPU jobs
+    python scan_ood.py                    # self-supervised variant, digits 0-5 vs 6-9: ~21 s of CPU (one thread)
+    python scan_ood.py --labels kmeans    # K-means pseudo-labels instead of SCAN (paper Sec. 5)
+    python scan_ood.py --preset paper     # CIFAR-10, SCAN's settings + ImageNet ResNet-152: GPU jobs
 
-SCAN_RESULT
+Result on digits, AUROC % over --seed 0-4, mean ± std (README's table: `OMP_NUM_THREADS=1 python scan_ood.py
+--id-classes SPLIT --seed S`): kNN on the SCAN features 96.4 ± 2.1 with 0-5 in (94.2 ± 2.4 with the odd digits in,
+92.7 ± 1.6 with 4-9 in; seed 0 again on a 2-core AMD EPYC: 97.0); its pretext SimCLR 95.2 ± 0.3; beside raw
+pixels' nearest neighbour 98.5 and an untrained encoder's 82.9 ± 8.7. Timed on one thread of a 2-core AMD EPYC.
 
 Use it in your code:
 
