@@ -307,22 +307,21 @@ def warmup_stage(model, x, aug, args):
         return common.load_weights(model, args.simclr_weights)
     if args.cluster_start == 0:
         return model
-    cfg = common.TrainConfig.from_args(args, os.path.join(args.out, "simclr.pt"), epochs=args.cluster_start)
-    return common.train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, args.tau), x, cfg)
+    train = harness.trainer(args, "warm-up", "simclr.pt", epochs=args.cluster_start)
+    return train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, args.tau), x)
 
 
 def train_ccl(model, x, aug, args):
     """Both stages -> the trained model. single: one schedule over --epochs, the step switching at --cluster-start;
     restart: the warm-up stage, then the joint stage with a learning-rate warm-up and cosine of its own."""
-    checkpoint = os.path.join(args.out, "checkpoint.pt")
     if args.schedule == "single":
-        return common.train(model, make_step(aug, x, args, start=args.cluster_start), x,
-                            common.TrainConfig.from_args(args, checkpoint))
+        train = harness.trainer(args, "warm-up + joint", "checkpoint.pt")
+        return train(model, make_step(aug, x, args, start=args.cluster_start), x)
     model = warmup_stage(model, x, aug, args)
     if args.epochs == args.cluster_start:                # a SimCLR run (--lam 0) that is all warm-up stage
         return model
-    joint = common.TrainConfig.from_args(args, checkpoint, epochs=args.epochs - args.cluster_start)
-    return common.train(model, make_step(aug, x, args, start=0), x, joint)
+    train = harness.trainer(args, "joint", "checkpoint.pt", epochs=args.epochs - args.cluster_start)
+    return train(model, make_step(aug, x, args, start=0), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,8 +468,9 @@ PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour di
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[harness.arg_parser()])
     g = parser.add_argument_group("ccl")
-    g.add_argument("--cluster-start", type=int, default=10,
-                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
+    g.add_argument("--cluster-start", type=int, default=None,
+                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000; "
+                        "default: half of --epochs)")
     g.add_argument("--cluster-every", type=int, default=3,
                    help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
     # ambiguity: Sec. 4 / Table 4 say "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50
@@ -519,6 +519,7 @@ def check_args(args):
                      "one cluster, and Eq. 4 needs other centres")
     harness.check(args.clusters >= 2, "--clusters", args.clusters,
                  "an integer >= 2 (Eq. 4 needs other centres)")
+    harness.follow_epochs(args, "ccl", "cluster_start", lambda epochs: epochs // 2)
     harness.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
     harness.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
     harness.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")

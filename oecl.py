@@ -242,7 +242,9 @@ def load_outliers(args, data, device):
 def train_stage(args, x, oe_x, device):
     """The encoder (ResNet + MLP head with BatchNorm, App. I) trained with OECL or self-OECL -> model."""
     model, aug = build_model(args).to(device), augmentation(args)
-    cfg = common.TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt"))
+    n_rot = len(args.id_rotations.split(",")) + len(args.oe_rotations.split(","))
+    train = harness.trainer(args, "oecl" if oe_x is not None else "self-oecl", "checkpoint.pt",
+                            views=4 if oe_x is not None else 2 * n_rot)      # per ID image, outliers included
     alpha = lambda epoch: alpha_at(epoch, args.alpha, args.oe_warmup)
     if oe_x is not None:
         step = lambda net, xb, idx, epoch: oecl_step(net, xb, oe_x, aug, args.tau, alpha(epoch))
@@ -250,7 +252,7 @@ def train_stage(args, x, oe_x, device):
         rot = lambda text: tuple(int(r) // 90 for r in text.split(","))
         step = lambda net, xb, idx, epoch: self_oecl_step(net, xb, aug, args.tau, alpha(epoch),
                                                           rot(args.id_rotations), rot(args.oe_rotations))
-    return common.train(model, step, x, cfg)
+    return train(model, step, x)
 
 
 def run(args):

@@ -449,6 +449,18 @@ def test_presets_resolve_and_flags_override():
     assert args.scan_epochs == 3 and args.sources["scan_epochs"] == "command line" and args.epochs == 500
 
 
+def test_stage_epochs_follow_epochs_unless_typed_or_set_by_a_preset():
+    def stages(*argv):
+        args = harness.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, list(argv))
+        scan_ood.check_args(args)
+        return args.epochs, args.scan_epochs, args.selflabel_epochs
+    assert stages() == (20, 10, 5)                                           # the digits default, as it was
+    assert stages("--epochs", "2") == (2, 1, 1)
+    assert stages("--epochs", "2", "--scan-epochs", "3", "--selflabel-epochs", "0") == (2, 3, 0)
+    assert stages("--preset", "quick") == (12, 4, 3) == stages("--preset", "quick", "--epochs", "12")
+    assert stages("--preset", "quick", "--epochs", "2") == (2, 4, 3)          # a preset's stage lengths win
+
+
 def record_final_scores(monkeypatch):
     """Wraps scan_ood.score: its first call in main (the in-distribution test images) is kept with a copy of the
     model's weights and the score state."""
