@@ -330,7 +330,11 @@ def test_only_the_runs_own_files_and_exact_temporary_files_are_ever_removed(tmp_
     assert (run / harness.REPLACED / "mine.pt").read_bytes() == b"kept"
 
 
-def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("torch_says", [
+    "PytorchStreamWriter failed writing file data/3: file write failed: No space left on device",
+    "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"])      # what torch.save(path) says
+def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(tmp_path, monkeypatch, torch_says):
+    import shutil
     assert run_selfcheck(tmp_path)[0] is None
     finished = folder_files(tmp_path / "run")
     save = torch.save
@@ -338,12 +342,13 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(
     def full_disk(obj, f, *args, **kwargs):
         if str(f).endswith(".pt.tmp" + str(os.getpid())):
             open(f, "wb").write(b"the first bytes")                 # a partial file, as a full disk leaves
-            raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
-                               "data/3: file write failed: No space left on device")
+            raise RuntimeError(torch_says)
         return save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 ** 30, 2 ** 30 - 2 ** 20, 2 ** 20))
     message, files = run_selfcheck(tmp_path, "--overwrite")
-    one_line_error(message, "cannot write", "checkpoint.pt", "No space left on device")
+    one_line_error(message, "cannot write", "checkpoint.pt: no space left on the device", "--resume")
+    assert "enforce" not in message and "unexpected pos" not in message
     assert files == finished                                         # no temporary file, the old run back in place
 
 
@@ -379,32 +384,77 @@ def test_resume_with_nothing_to_resume_is_one_line_and_makes_nothing(tmp_path):
 
 
 def test_a_lock_is_taken_over_from_a_dead_process_and_from_a_reused_pid(tmp_path):
+    """A lock of a process that is gone is taken over; a live one, and anything that is not a lock of these scripts
+    (an empty or half-written file, a user's file named lock, a folder, a link), is refused and stays as it was."""
     out = str(tmp_path / "run")
     run = {"script": "test", "settings": {}}
     os.makedirs(out)
     live = os.getppid()
     start = harness._process_start(live)
-    for text, taken in ((f"{DEAD_PID}\n", True), (f"{DEAD_PID} 5\n", True), ("garbage", True), ("", True),
-                        (f"{live}\n", False), (f"{live} {start}\n", start is None or False)):
-        (tmp_path / "run" / "lock").write_text(text)
+    lock = tmp_path / "run" / "lock"
+    for text, taken in ((f"{DEAD_PID}\n", True), (f"{DEAD_PID} 5\n", True), (f"{live}\n", False),
+                        (f"{live} {start}\n", start is None or False), ("garbage", None), ("", None), ("123", None)):
+        lock.write_text(text)
         if taken:
             harness.guard_run_folder(out, run, resume=False, overwrite=False)
-            assert (tmp_path / "run" / "lock").read_text().split()[0] == str(os.getpid())
+            assert lock.read_text().split()[0] == str(os.getpid())
             harness._release.pop(os.path.abspath(out))()
-            assert not (tmp_path / "run" / "lock").exists()
+            assert not lock.exists()
         else:
-            with pytest.raises(ERROR, match=f"another run \\(process {live}\\) is writing there"):
+            match = "lock is not a lock file of these scripts" if taken is None else \
+                f"another run \\(process {live}\\) is writing there"
+            with pytest.raises(ERROR, match=match):
                 harness.guard_run_folder(out, run, resume=False, overwrite=False)
-    os.remove(tmp_path / "run" / "lock")
-    os.mkdir(tmp_path / "run" / "lock")                             # not a lock file: named, never removed
+            assert lock.read_text() == text and not [n for n in os.listdir(out) if n.startswith("lock.")]
+    os.remove(lock)
+    os.mkdir(lock)                                                  # not a lock file: named, never removed
     with pytest.raises(ERROR, match="lock is not a lock file of these scripts: move it away"):
         harness.guard_run_folder(out, run, resume=False, overwrite=False)
-    assert os.path.isdir(tmp_path / "run" / "lock")
-    os.rmdir(tmp_path / "run" / "lock")
+    assert os.path.isdir(lock)
+    os.rmdir(lock)
     if start is not None:                                           # Linux: the start time tells a reused PID
-        (tmp_path / "run" / "lock").write_text(f"{live} {int(start) + 1}\n")
+        lock.write_text(f"{live} {int(start) + 1}\n")
         harness.guard_run_folder(out, run, resume=False, overwrite=False)
         harness._release.pop(os.path.abspath(out))()
+
+
+def _start_at_once(out, go, done, results):
+    """A process that guards `out` the moment every contender is ready, reports, and holds the lock until all did."""
+    go.wait()
+    try:
+        harness.guard_run_folder(out, {"script": "test", "settings": {}}, resume=False, overwrite=False)
+        results.put("ok")
+    except ERROR as e:
+        results.put(str(e))
+    results.close()
+    results.join_thread()                                           # sent before os._exit
+    done.wait()
+    for release in list(harness._release.values()):
+        release()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("before", ["no folder", "an empty folder", "a dead process's lock"])
+def test_of_runs_started_at_the_same_moment_exactly_one_proceeds(tmp_path, before):
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    n = 5
+    for trial in range(3):
+        out = str(tmp_path / f"run{trial}")
+        if before != "no folder":
+            os.makedirs(out)
+        if before == "a dead process's lock":
+            (tmp_path / f"run{trial}" / "lock").write_text(f"{DEAD_PID} 1\n")
+        go, done, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_start_at_once, args=(out, go, done, results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        said = sorted(results.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(60)
+        assert said[-1] == "ok" and said[-2] != "ok", said                     # "--out ..." sorts before "ok"
+        assert all("is writing there" in m or "at the same moment" in m for m in said[:-1]), said
+        assert not os.path.exists(os.path.join(out, "lock"))
 
 
 def test_resume_refuses_training_images_that_changed(tmp_path):
@@ -580,12 +630,29 @@ def test_a_run_scores_every_image_and_scores_new_images_later_from_its_folder_al
     scores, is_ood = scorer(harness.load_dataset(f"folder:{tmp_path / 'new'}", root=str(tmp_path))[0])
     assert torch.allclose(scores["knn_h"], torch.tensor([float(r["knn_h"]) for r in new]), atol=1e-6)
     assert is_ood["knn_h"].tolist() == [r["ood_knn_h"] == "1" for r in new]
+    # a new threshold at score time, from the run's own ID test scores; the run's files stay as they are
+    run_files = folder_files(out / "scores") | {f: (out / f).read_bytes() for f in before}
+    id_knn_h = torch.tensor([float(r["knn_h"]) for r in rows])
+    for tpr in ("0.5", "0.99", "0.9"):
+        selfcheck(tmp_path, "--out", str(out), "--score", f"folder:{tmp_path / 'new'}", "--tpr", tpr)
+        side = json.loads((out / "scored" / csv_name_of(tmp_path / "new")).with_suffix(".json").read_text())
+        assert side["tpr"] == float(tpr) and side["set"] == f"folder:{tmp_path / 'new'}" and side["images"] == 20
+        assert side["thresholds"] == harness.Scorer.load(str(out), tpr=float(tpr)).thresholds
+        assert abs(side["thresholds"]["knn_h"] - common.threshold_at(id_knn_h, float(tpr))) < 1e-6
+        flags = [r["ood_knn_h"] == "1" for r in csv.DictReader(open(out / "scored" / csv_name_of(tmp_path / "new")))]
+        assert flags == [float(r["knn_h"]) < side["thresholds"]["knn_h"] for r in new]
+    assert side["thresholds"] == res["thresholds"]                                    # the run's own TPR: its own
+    assert run_files == folder_files(out / "scores") | {f: (out / f).read_bytes() for f in before}
+    scorer = harness.Scorer.load(str(out))
+    assert scorer.set_tpr(0.5)["knn_h"] >= scorer.set_tpr(0.99)["knn_h"] and scorer.tpr == 0.99
+    with pytest.raises(ValueError, match="tpr 1.5: expected a fraction in"):
+        scorer.set_tpr(1.5)
+    assert "--tpr 0.0: expected a fraction in (0, 1]" in selfcheck(tmp_path, "--out", str(out), "--score", "digits",
+                                                                   "--tpr", "0")
     os.remove(out / "scorer.pt")
     assert "a run that is not finished yet (no scorer.pt): finish it with --resume" in selfcheck(
         tmp_path, "--out", str(out), "--score", "digits")
     assert "holds no finished run" in selfcheck(tmp_path, "--out", str(tmp_path / "nowhere"), "--score", "digits")
-    assert "--tpr 0.5: expected no --tpr with --score" in selfcheck(tmp_path, "--out", str(out), "--score", "digits",
-                                                                      "--tpr", "0.5")
 
 
 def csv_name_of(path):
@@ -602,7 +669,7 @@ def test_an_unlabeled_folder_trains_and_asks_for_an_ood_set_before_any_work(tmp_
     res = selfcheck(tmp_path, "--dataset", f"folder:{tmp_path / 'flat'}", "--ood", "interp:digits",
                     "--out", str(tmp_path / "r"), "--epochs", "1")
     assert set(res["metrics"]["knn_h"]) == {"interp:digits"}
-    assert len(list(open(tmp_path / "r" / "scores" / "interp_digits.csv"))) == 1 + 260
+    assert len(list(open(tmp_path / "r" / "scores" / harness.csv_name("interp:digits")))) == 1 + 260
 
 
 def test_ood_sets_of_in_distribution_images_are_refused_and_repeated_flags_add_up(tmp_path):
