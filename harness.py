@@ -920,7 +920,8 @@ def _release_lock(out):
         return
     lock = os.path.join(out, LOCK)
     with contextlib.suppress(OSError):
-        if os.stat(lock).st_ino == os.fstat(fd).st_ino or _read_lock(lock) == (os.getpid(), _process_start(os.getpid())):
+        mine = (os.getpid(), _process_start(os.getpid()))
+        if os.stat(lock).st_ino == os.fstat(fd).st_ino or _read_lock(lock) == mine:
             os.remove(lock)
     os.close(fd)
 
@@ -990,7 +991,7 @@ def guard_run_folder(out, run, resume, overwrite):
         unreadable = [n for n in foreign if n.endswith(".pt")]
         if not own and unreadable:
             raise ValueError(f"--resume: {out} holds no checkpoint of {run['script']}.py that can be read: "
-                             f"{_unreadable(unreadable)}")
+                             f"{_unreadable(out, unreadable)}")
         if not own:
             raise ValueError(f"--resume: {out} holds no checkpoint of {run['script']}.py "
                              f"({', '.join(ours) or 'no run files'}), so there is nothing to resume: check --out, "
@@ -1000,7 +1001,7 @@ def guard_run_folder(out, run, resume, overwrite):
         listed = set(_listed_checkpoints(saved)) - set(own)
         if listed & set(unreadable):
             raise ValueError(f"--resume: a checkpoint of the run in {out} cannot be read: "
-                             f"{_unreadable(sorted(listed & set(unreadable)))}")
+                             f"{_unreadable(out, sorted(listed & set(unreadable)))}")
         gone = sorted(listed)
         if gone:
             raise ValueError(f"--resume: {', '.join(gone)} of the run in {out} is gone (it was there when the run "
@@ -1041,7 +1042,8 @@ def _foreign_names(out, ours, resume):
     record = os.path.join(out, "run.json")
     run_there = bool(ours) or _is_record_file(record)
     names = []
-    if not resume and os.path.lexists(record) and (os.path.islink(record) or not os.path.isfile(record) or not run_there):
+    if not resume and os.path.lexists(record) and (os.path.islink(record) or not os.path.isfile(record)
+                                                   or not run_there):
         names.append("run.json")
     for folder in CSV_FOLDERS:
         path = os.path.join(out, folder)
@@ -1052,9 +1054,10 @@ def _foreign_names(out, ours, resume):
     return names
 
 
-def _unreadable(names):
+def _unreadable(out, names):
     """The way out for checkpoints that are damaged or were replaced by other files."""
-    return (f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} damaged or not a checkpoint of these scripts; "
+    return (f"{', '.join(os.path.join(out, n) for n in names)} {'is' if len(names) == 1 else 'are'} damaged or not "
+            f"a checkpoint of these scripts; "
             f"restore {'it' if len(names) == 1 else 'them'}, or move {'it' if len(names) == 1 else 'them'} away and "
             f"start afresh with --overwrite")
 
@@ -1119,7 +1122,8 @@ def _no_space(e):
             old = os.path.getsize(m[1]) if os.path.isfile(m[1]) else 0
             if free < max(old, 64 * 2 ** 20):
                 return f"{what}: no space left on the device ({free / 2 ** 20:.0f} MiB free); free some space, {then}"
-            return f"{what}: torch could not write the file ({free / 2 ** 20:.0f} MiB free there: a disk or quota error?)"
+            return (f"{what}: torch could not write the file ({free / 2 ** 20:.0f} MiB free there: a disk or quota "
+                    f"error?)")
     return None
 
 
