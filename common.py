@@ -82,9 +82,10 @@ class SimCLRAugment(nn.Module):
     -> grayscale (p_gray) -> optional Gaussian blur (p 0.5, sigma 0.1..2, kernel ~ size / 10 as in SimCLR).
 
     forward(x, generator=None, same_for_batch=False): x uint8 or float in [0, 1], any device; returns float
-    B x 3 x size x size in [0, 1]. same_for_batch draws one parameter set for the whole batch (CSI's test-time
-    ensemble applies identical augmentations to every test image); to repeat that set across batches, pass a
-    generator seeded afresh for each batch."""
+    B x 3 x size x size in [0, 1]. same_for_batch draws one parameter set for the whole batch (every image gets
+    the same crop, flip and colours); to repeat that set across batches, pass a generator seeded afresh for each
+    batch. Test-time views as CSI's are per-image draws (the default): CSI reseeds before each view, which repeats
+    a draw only for an image at the same position in its batch."""
 
     def __init__(self, size=32, scale=(0.08, 1.0), jitter=0.4, p_jitter=0.8, p_gray=0.2, blur=False, flip=True):
         super().__init__()

@@ -399,6 +399,16 @@ def print_grid(metrics, accuracy, ood_names):
 #                           (both views of every     image and step, shared
 #                           other image); App. A:    by its two views: view v
 #                           the mean over the set    attracts its view v
+#     BatchNorm             not stated               nn.DataParallel on every  the statistics of the whole batch (one
+#     statistics                                     visible GPU: each GPU's   process, or SyncBatchNorm under
+#                                                    slice of the 2,048 views  torchrun): the same on any GPU count
+#                                                    (512 on 4 GPUs)
+#     input scaling         not stated               none: ToTensor's [0, 1]   (x - 0.5) / 0.5 in common.Encoder (a
+#                                                                              pretrained net: ImageNet statistics):
+#                                                                              BatchNorm follows the first convolution,
+#                                                                              so a global scale and shift of the
+#                                                                              input change only the zero-padded
+#                                                                              border; one scaling serves every script
 #     precision             not stated               fp32 (no autocast)        training under bf16 autocast on CUDA
 #                                                                              (common's --amp auto; --amp off: fp32)
 #                                                                              for tensor-core speed; the losses run in

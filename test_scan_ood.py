@@ -144,6 +144,33 @@ def test_scan_step_keeps_the_epoch_and_head_of_lowest_held_out_loss():
                                common.embed(nets[best // 2], held_x)[1][:, best % 2])
 
 
+# ---------------------------------------------------------------------------------------------- pretext loss
+
+def scan_pretext_loss_literal(first, second, tau):
+    """SCAN's pretext SimCLRLoss, one anchor at a time: the rows of the first view are the anchors, each contrasted
+    with the other 2B - 1 rows of both views, its positive the same image's second view; the mean over B anchors."""
+    rows = torch.cat([first, second])
+    b, loss = len(first), 0
+    for i in range(b):
+        logits = torch.stack([first[i] @ rows[j] / tau for j in range(2 * b) if j != i])
+        loss = loss - (first[i] @ second[i] / tau - torch.logsumexp(logits, 0)) / b
+    return loss
+
+
+def test_pretext_loss_is_scans_averaged_over_both_view_orders():
+    # the deviations row "pretext loss anchors": ours equals the mean of SCAN's loss over both orders of the views;
+    # one order alone has the same expectation but its own gradient
+    z = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    views = lambda z: F.normalize(z, dim=1).chunk(2)           # SCAN's head L2-normalises its output
+    ours, g_ours = grads(lambda z: common.nt_xent(z, 0.1), z)
+    both, g_both = grads(lambda z: (scan_pretext_loss_literal(*views(z), 0.1)
+                                    + scan_pretext_loss_literal(*views(z)[::-1], 0.1)) / 2, z)
+    one, g_one = grads(lambda z: scan_pretext_loss_literal(*views(z), 0.1), z)
+    torch.testing.assert_close(ours, both)
+    torch.testing.assert_close(g_ours[0], g_both[0])
+    assert (g_one[0] - g_ours[0]).norm() > 0.1 * g_ours[0].norm()
+
+
 # ---------------------------------------------------------------------------------------------- neighbours
 
 def test_mine_neighbors_matches_brute_force():
