@@ -660,7 +660,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         c = load_plain(path, "checkpoint", device)
     except ValueError as e:
-        raise ValueError(f"{e}; move it away to start afresh") from None
+        raise ValueError(f"{e}; restore it, or move it away to start afresh") from None
     if not isinstance(c, dict) or not {"model", "epoch", "run"} <= set(c):
         raise ValueError(f"{path} is not a checkpoint of these scripts (no model / epoch / run entries)")
     return c

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -29,6 +30,11 @@ import torch
 import torch.nn.functional as F
 
 import common
+
+try:
+    import fcntl                # the run folder's lock is held with flock where there is one (not on Windows)
+except ImportError:
+    fcntl = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +400,8 @@ def arg_parser():
     g.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs (and at the end)")
     g.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and untrained-encoder baselines")
     g.add_argument("--tpr", type=float, default=0.95,
-                   help="the decision threshold accepts this share of the in-distribution test images")
+                   help="the decision threshold accepts this share of the in-distribution test images (with "
+                        "--score: thresholds set anew from the run's ID test scores)")
     g.add_argument("--score", nargs="+", action="extend", default=None, metavar="SPEC",
                    help="no training: score these images (specs as --dataset) with the finished run in --out, one "
                         "CSV per set in <out>/scored/")
@@ -529,8 +536,6 @@ def check_shared(args, resolve=True):
         check_spec(spec, "--score")
     check(0 < args.tpr <= 1, "--tpr", args.tpr, "a fraction in (0, 1]: the share of ID test images accepted")
     if args.score:                 # scoring with a finished run: its own settings apply, no training flag matters
-        check(getattr(args, "sources", {}).get("tpr") != "command line", "--tpr", args.tpr,
-              "no --tpr with --score: the run's thresholds apply, set on its ID test images when it trained")
         return
     check_spec(args.dataset, "--dataset")
     check(not args.dataset.startswith(("npy:", "interp:")) and args.dataset not in ODIN_SETS, "--dataset",
@@ -613,6 +618,7 @@ MAY_CHANGE = ("epochs", "resume", "overwrite", "out", "device", "save_every", "n
 RUN_FILES = ("results.json",)   # what a run writes beside run.json and its checkpoints (*.pt recording their run)
 REPLACED = "replaced-run"       # where --overwrite keeps the old run until the new one has written something
 CSV_FOLDERS = ("scores", "scored")   # a run's CSVs (finish, --score): they go and come back with its files
+LOCK = "lock"                   # <pid> <start time>: the one process writing the run folder
 TEMP_FILE = re.compile(r"(.+)\.tmp(\d+)")   # write_atomic's temporary file: <name>.tmp<pid>
 
 
@@ -639,19 +645,22 @@ def _pid_alive(pid, start=None):
     return start is None or now is None or now == start
 
 
-def _ours_by_name(name):
-    return name == "run.json" or name in RUN_FILES or name.endswith(".pt")
+def _ours_by_name(name, csv=False):
+    if csv:                                                    # in scores/ and scored/: the CSVs and their thresholds
+        return name.endswith((".csv", ".json"))
+    return name in ("run.json", LOCK) or name in RUN_FILES or name.endswith(".pt")
 
 
-def remove_orphans(folder):
+def remove_orphans(folder, csv=False):
     """Remove the temporary files that write_atomic left behind in `folder` when its process was killed: exactly
-    `<name>.tmp<pid>`, a plain file, <name> a file of these scripts (run.json, results.json, *.pt), its process gone.
-    Anything else is the user's and stays (notes.tmp.txt, draft.tmpl, a folder cache.tmp); so does a live
-    process's file (a concurrent run's cache write), and the file of a dead process whose PID is in use again."""
+    `<name>.tmp<pid>`, a plain file, <name> a file of these scripts (run.json, results.json, lock, *.pt; with `csv`,
+    in a folder of CSVs: *.csv, *.json), its process gone. Anything else is the user's and stays (notes.tmp.txt,
+    draft.tmpl, a folder cache.tmp); so does a live process's file (a concurrent run's cache write), and the file of
+    a dead process whose PID is in use again."""
     with contextlib.suppress(OSError):                         # an unreadable or read-only folder: nothing to do
         for entry in os.scandir(folder):
             m = TEMP_FILE.fullmatch(entry.name)
-            if m and _ours_by_name(m[1]) and entry.is_file(follow_symlinks=False) and not _pid_alive(int(m[2])):
+            if m and _ours_by_name(m[1], csv) and entry.is_file(follow_symlinks=False) and not _pid_alive(int(m[2])):
                 with contextlib.suppress(OSError):
                     os.remove(entry.path)
 
@@ -674,12 +683,14 @@ def recorded_run(path, checkpoint=False):
 
 
 def _is_results(path):
-    """Whether `path` is a results.json of these scripts (a JSON object naming its method), not a file of the user's."""
+    """Whether `path` is a results.json of these scripts (a JSON object naming its method and config), not a file of
+    the user's."""
     try:
         with open(path) as f:
-            return "method" in json.load(f)
-    except (OSError, ValueError, TypeError):
+            r = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("config"), dict)
 
 
 def _run_files(out):
@@ -709,9 +720,9 @@ def read_record(path):
     try:
         with open(path) as f:
             record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable ({getattr(e, 'strerror', None) or type(e).__name__}): restore it, or "
-                         f"start afresh with --overwrite") from None
+    except (OSError, ValueError, RecursionError) as e:     # RecursionError: JSON nested thousands deep
+        why = "nested too deeply" if isinstance(e, RecursionError) else getattr(e, "strerror", None) or type(e).__name__
+        raise ValueError(f"{path} is not readable ({why}): restore it, or start afresh with --overwrite") from None
     if not _is_record(record):
         raise ValueError(f"{path} is not a run record of these scripts (expected {{\"script\": ..., \"settings\": {{...}}}}, "
                          f"got {json.dumps(record)[:40]}): restore it, or start afresh with --overwrite")
@@ -724,9 +735,11 @@ def _settle_replaced(out):
     in place of the new run.json, so that a run that stopped before writing anything leaves the old one intact.
     -> whether the old run came back."""
     old = os.path.join(out, REPLACED)
-    if not os.path.isdir(old):
+    if not os.path.isdir(old) or os.path.islink(old):
         return False
-    names = list(_run_files(old)[0]) + (["run.json"] if os.path.isfile(os.path.join(old, "run.json")) else [])
+    names = list(_run_files(old)[0]) + (["run.json"] if _is_record_file(os.path.join(old, "run.json")) else [])
+    if not names:
+        return False                                              # a folder of the user's by that name: not touched
     new_run_wrote = any(_run_files(out)[0])
     for name in names:
         if new_run_wrote:
@@ -735,9 +748,8 @@ def _settle_replaced(out):
             os.replace(os.path.join(old, name), os.path.join(out, name))
     for folder in (f for f in CSV_FOLDERS if os.path.isdir(os.path.join(old, f))):
         if new_run_wrote:                                         # the old run's CSVs, and nothing of the user's
-            for entry in os.scandir(os.path.join(old, folder)):
-                if entry.name.endswith(".csv") and entry.is_file(follow_symlinks=False):
-                    os.remove(entry.path)
+            for name in _csv_files(os.path.join(old, folder)):
+                os.remove(os.path.join(old, folder, name))
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(old, folder))
         elif not os.path.exists(os.path.join(out, folder)):
@@ -748,6 +760,22 @@ def _settle_replaced(out):
     with contextlib.suppress(OSError):
         os.rmdir(old)                                             # kept if someone put other files there
     return not new_run_wrote
+
+
+def _is_record_file(path):
+    """Whether `path` is a plain file holding a run record of these scripts."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    try:
+        return _is_record(read_record(path))
+    except ValueError:
+        return False
+
+
+def _csv_files(folder):
+    """The files of a run's CSV folder that these scripts wrote: <set>.csv and the <set>.json of its thresholds."""
+    entries = {e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)}
+    return sorted(n for n in entries if n.endswith(".csv") or n.endswith(".json") and n[:-5] + ".csv" in entries)
 
 
 def _listed_checkpoints(record):
@@ -770,33 +798,143 @@ def _record_checkpoints(out):
         save_results(record, {**saved, "checkpoints": names})
 
 
-def _take_lock(out):
-    """Create out/lock holding `<pid> <start time>`; a lock of a process that is gone (or of an unrelated process
-    that got its PID since) is taken over. ValueError when a live run holds it."""
-    lock = os.path.join(out, "lock")
-    for _ in range(2):
+def _read_lock(path):
+    """-> (pid, start time or None) from a lock file of these scripts, None for anything else (a file of the user's,
+    an empty file, a link, a folder). A lock is written in full before it appears (_take_lock), so an empty or
+    half-written `lock` is never one of ours."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        with open(path, "rb") as f:
+            text = f.read(64).decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.fullmatch(r"(\d{1,12})(?: (\d*))?\n", text)
+    return (int(m[1]), m[2] or None) if m else None
+
+
+def _lock_holder(path):
+    """The PID of the live process holding the lock file `path`, or None when its process is gone. A lock is held
+    while its file is flock-ed (the kernel lets go when the process dies, however it dies); the PID and start time
+    in the file decide where there is no flock, and name the process."""
+    held = _read_lock(path)
+    if held is None:
+        return None
+    if fcntl is not None:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if not os.path.isfile(lock):
-                raise ValueError(f"--out {out}: {lock} is not a lock file of these scripts: move it away") from None
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return held[0]                                        # flock-ed: a live process holds it
+        finally:
+            os.close(fd)
+    return held[0] if held[0] != os.getpid() and _pid_alive(*held) else None
+
+
+_locks = {}     # run folder -> the open file descriptor of its lock, flock-ed while this process writes the folder
+
+
+def _take_lock(out):
+    """Take out/lock: exactly one of any number of processes starting at once gets it. The lock file is written in
+    full (`<pid> <start time>`) and flock-ed under a temporary name, then linked to out/lock, which fails when the
+    name exists: it never appears empty. A lock whose process is gone (its flock released) is replaced atomically
+    (rename) while holding the flock of the old file, so that two processes cannot both take it over. A `lock` that
+    is not a lock of these scripts (a file of the user's, an empty file, a folder) is never removed: refused.
+    ValueError when a live run holds it."""
+    lock = os.path.join(out, LOCK)
+    tmp = f"{lock}.tmp{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+        os.write(fd, f"{os.getpid()} {_process_start(os.getpid()) or ''}\n".encode())
+    except OSError as e:
+        raise OSError(f"--out {out}: the folder is not writable ({e.strerror or e})") from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)        # our own new file: nobody else holds it
+        for _ in range(10):
             try:
-                with open(lock) as f:
-                    pid, *start = f.read().split()
-                pid = int(pid)
-            except (OSError, ValueError):
-                pid, start = -1, []                               # unreadable or half-written: its writer is gone
-            if pid > 0 and pid != os.getpid() and _pid_alive(pid, start[0] if start else None):
-                raise ValueError(f"--out {out}: another run (process {pid}) is writing there; wait for it or use another --out")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(lock)                                   # a dead process's lock: take it over
-            continue
-        except OSError as e:
-            raise OSError(f"--out {out}: the folder is not writable ({e.strerror or e})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {_process_start(os.getpid()) or ''}\n")
-        return lock
-    raise ValueError(f"--out {out}: another run took the folder at the same moment; use another --out")
+                os.link(tmp, lock)                                # atomic: fails if `lock` exists
+                break
+            except FileExistsError:
+                pass
+            except OSError:                                       # no hard links here (FAT, some network disks)
+                if _take_lock_without_links(lock, tmp):
+                    break
+                continue
+            if _read_lock(lock) is None:
+                if not os.path.lexists(lock):
+                    continue                                      # released just now: try again
+                raise ValueError(f"--out {out}: {lock} is not a lock file of these scripts: move it away")
+            pid = _lock_holder(lock)
+            if pid is not None:
+                raise ValueError(f"--out {out}: another run (process {pid}) is writing there; wait for it or use "
+                                 f"another --out")
+            if _replace_dead_lock(lock, tmp):
+                break
+        else:
+            raise ValueError(f"--out {out}: other runs took the folder at the same moment; use another --out")
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _locks[os.path.abspath(out)] = fd
+    return lock
+
+
+def _replace_dead_lock(lock, tmp):
+    """Put our lock file `tmp` in place of the lock of a process that is gone -> whether it is done. The old file is
+    flock-ed first (a process that takes it over at the same moment holds that flock, so this fails) and must still
+    be the file named `lock`."""
+    try:
+        old = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False                                      # another process is taking it over: ask again
+        try:
+            if os.stat(lock).st_ino != os.fstat(old).st_ino:     # replaced meanwhile: ask again
+                return False
+        except FileNotFoundError:
+            return False
+        os.replace(tmp, lock)
+        return True
+    finally:
+        os.close(old)
+
+
+def _take_lock_without_links(lock, tmp):
+    """Where a folder cannot hold hard links: create `lock` exclusively and write it (a process starting in the same
+    instant may see it empty, which is refused, never taken over)."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(open(tmp).read())
+    return True
+
+
+def _release_lock(out):
+    """Remove out/lock if it is still the file this process holds, then let go of its flock."""
+    fd = _locks.pop(os.path.abspath(out), None)
+    if fd is None:
+        return
+    lock = os.path.join(out, LOCK)
+    with contextlib.suppress(OSError):
+        mine = (os.getpid(), _process_start(os.getpid()))
+        if os.stat(lock).st_ino == os.fstat(fd).st_ino or _read_lock(lock) == mine:
+            os.remove(lock)
+    os.close(fd)
 
 
 _release = {}   # run folder -> its release, called by finish() and entry_point (and at exit, whatever happens)
@@ -825,39 +963,42 @@ def compare_runs(saved, now, what):
 def guard_run_folder(out, run, resume, overwrite):
     """Make --out safe to write, before any work. Writes out/run.json (script and settings) -> nothing.
 
-    - One live process at a time: out/lock holds the PID and start time of its writer (taken over when that
-      process is gone).
+    - One live process at a time: out/lock, taken atomically (_take_lock): of N runs started at once, one goes on.
     - Temporary files of killed writes are removed by their exact name (remove_orphans); nothing else of the user's
-      is ever touched: the run's own files are run.json, a results.json naming its method and the *.pt files that
-      record a run of these scripts (checkpoints).
+      is ever touched: the run's own files are run.json, a results.json naming its method and config, the *.pt
+      files that record a run of these scripts (checkpoints, scorer.pt), its lock and the CSVs in scores/ and
+      scored/ beside them.
     - A run is never replaced by accident: a folder holding one is refused without --resume or --overwrite; a
-      folder holding a *.pt or results.json that these scripts did not write, always (a run could write a file of
-      that name). --overwrite moves the old run into out/replaced-run, which goes once the new run has written a
-      checkpoint or results.json, and comes back if the new run stops before.
+      folder holding a file of a name the run writes that these scripts did not write (a *.pt, results.json,
+      run.json, lock, a scores/ or scored/ folder of someone else's), always. --overwrite moves the old run into
+      out/replaced-run, which goes once the new run has written a checkpoint or results.json, and comes back if
+      the new run stops before; a file of the user's already there is never overwritten (refused).
     - --resume needs a run to resume: at least one checkpoint of this script in out, and every checkpoint that was
       there when the run last stopped (run.json lists them); its run.json, when there, must be a valid record of
       the same script and settings (refused here, before any data is loaded; train() checks each checkpoint
       again). Only after a kill -9, which leaves no list, a deleted checkpoint of a later stage beside one of an
-      earlier stage cannot be told from one never written: that stage starts afresh."""
+      earlier stage cannot be told from one never written: that stage starts afresh. A checkpoint that cannot be
+      read (damaged, or a file of other content in its place) is named, with the way out: move it away."""
     record = os.path.join(out, "run.json")
     if resume and not os.path.isdir(out):
         raise FileNotFoundError(f"--resume: there is no run folder {out} (check --out)")
+    if os.path.abspath(out) in _release:                               # an earlier run of this process, over
+        _release.pop(os.path.abspath(out))()
     created = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise OSError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    lock = _take_lock(out)
+    _take_lock(out)
     accepted = []                                                       # the run passed the checks below
 
     def release():                                                      # idempotent: finish, entry_point, exit
-        if os.path.exists(lock):
+        if os.path.abspath(out) in _locks:
             with contextlib.suppress(OSError, ValueError):
                 restored = _settle_replaced(out)
                 if accepted and not restored:             # a refused start, or the old run back: changes nothing
                     _record_checkpoints(out)
-        with contextlib.suppress(OSError):
-            os.remove(lock)
+        _release_lock(out)
         with contextlib.suppress(OSError):
             if created and set(os.listdir(out)) <= {"run.json"}:      # a run that wrote nothing leaves nothing
                 with contextlib.suppress(FileNotFoundError):
@@ -867,7 +1008,10 @@ def guard_run_folder(out, run, resume, overwrite):
     _release[os.path.abspath(out)] = release
     _settle_replaced(out)                                               # an --overwrite that was killed
     remove_orphans(out)
+    for folder in CSV_FOLDERS:
+        remove_orphans(os.path.join(out, folder), csv=True)
     ours, foreign = _run_files(out)
+    foreign += _foreign_names(out, ours, resume)
     if resume:
         own = {n: r for n, r in ours.items() if r is not None and r["script"] == run["script"]
                and recorded_run(os.path.join(out, n), checkpoint=True)}
@@ -875,16 +1019,27 @@ def guard_run_folder(out, run, resume, overwrite):
         if not own and others:
             raise ValueError(f"--resume: {out} holds a run of {', '.join(others)}.py, not of {run['script']}.py: "
                              f"check --out")
+        unreadable = [n for n in foreign if n.endswith(".pt")]
+        if not own and unreadable:
+            raise ValueError(f"--resume: {out} holds no checkpoint of {run['script']}.py that can be read: "
+                             f"{_unreadable(out, unreadable)}")
         if not own:
             raise ValueError(f"--resume: {out} holds no checkpoint of {run['script']}.py "
                              f"({', '.join(ours) or 'no run files'}), so there is nothing to resume: check --out, "
                              f"or drop --resume to start afresh")
         saved = read_record(record) if os.path.exists(record) else own[next(iter(own))]
         compare_runs(saved, run, f"the run in {out}")
-        gone = sorted(set(_listed_checkpoints(saved)) - set(own))
+        listed = set(_listed_checkpoints(saved)) - set(own)
+        if listed & set(unreadable):
+            raise ValueError(f"--resume: a checkpoint of the run in {out} cannot be read: "
+                             f"{_unreadable(out, sorted(listed & set(unreadable)))}")
+        gone = sorted(listed)
         if gone:
             raise ValueError(f"--resume: {', '.join(gone)} of the run in {out} is gone (it was there when the run "
                              f"last stopped): restore it, or start afresh with --overwrite")
+        if [n for n in foreign if not n.endswith(".pt")]:
+            raise ValueError(f"--out {out} holds {', '.join(n for n in foreign if not n.endswith('.pt'))}, not "
+                             f"written by these scripts, which only replace their own files: move it away")
         if not os.path.exists(record):
             save_results(record, {"script": saved["script"], "settings": saved["settings"]})
         accepted.append(True)
@@ -897,12 +1052,45 @@ def guard_run_folder(out, run, resume, overwrite):
             raise ValueError(f"--out {out} holds another run ({', '.join(ours)}): add --resume to continue it, "
                              f"--overwrite to replace it, or choose another --out")
         old = os.path.join(out, REPLACED)
+        names = list(ours) + (["run.json"] if os.path.exists(record) else []) + \
+            [f for f in CSV_FOLDERS if os.path.isdir(os.path.join(out, f))]
+        taken = [n for n in names if os.path.lexists(os.path.join(old, n))]
+        if (os.path.lexists(old) and not os.path.isdir(old)) or os.path.islink(old) or taken:
+            raise ValueError(f"--out {out}: --overwrite moves the old run into {old}, which holds "
+                             f"{', '.join(taken) or 'a file of that name'} of someone else's: move it away")
         os.makedirs(old, exist_ok=True)
-        for name in list(ours) + (["run.json"] if os.path.exists(record) else []) + \
-                [f for f in CSV_FOLDERS if os.path.isdir(os.path.join(out, f))]:
+        for name in names:
             os.replace(os.path.join(out, name), os.path.join(old, name))
     save_results(record, run)                                           # atomic JSON, as results.json
     accepted.append(True)
+
+
+def _foreign_names(out, ours, resume):
+    """Beside the foreign *.pt and results.json files (_run_files): the other names a run writes that exist in `out`
+    but that these scripts did not write. run.json that is no run record in a folder without a run of ours (in one
+    with a run, it is that run's damaged record: --overwrite moves it aside, --resume names it); scores/ or scored/
+    that is not a folder, or that holds files where there is no run of ours."""
+    record = os.path.join(out, "run.json")
+    run_there = bool(ours) or _is_record_file(record)
+    names = []
+    if not resume and os.path.lexists(record) and (os.path.islink(record) or not os.path.isfile(record)
+                                                   or not run_there):
+        names.append("run.json")
+    for folder in CSV_FOLDERS:
+        path = os.path.join(out, folder)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            names.append(folder)
+        elif os.path.isdir(path) and not run_there and os.listdir(path):
+            names.append(f"{folder}/{sorted(os.listdir(path))[0]}")
+    return names
+
+
+def _unreadable(out, names):
+    """The way out for checkpoints that are damaged or were replaced by other files."""
+    return (f"{', '.join(os.path.join(out, n) for n in names)} {'is' if len(names) == 1 else 'are'} damaged or not "
+            f"a checkpoint of these scripts; "
+            f"restore {'it' if len(names) == 1 else 'them'}, or move {'it' if len(names) == 1 else 'them'} away and "
+            f"start afresh with --overwrite")
 
 
 def data_fingerprint(x, y):
@@ -940,6 +1128,36 @@ def _stdout_to_devnull():
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _no_space(e):
+    """The line for a write that failed because the disk is full, or None. An OSError says so (ENOSPC, EDQUOT);
+    torch.save to a path only says that its writer failed ("unexpected pos", "file write failed"): then the disk
+    is full when what is free there, after the partial file went, is less than the file it replaces or 64 MiB."""
+    import errno
+    import shutil
+    chain, c = [], e
+    while c is not None and len(chain) < 10:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    m = re.match(r"cannot write (.+?) \(", str(e))
+    what = f"cannot write {m[1]}" if m else str(e).split(" (")[0]
+    run_file = m and (m[1].endswith(".pt") or os.path.basename(m[1]) in ("run.json", "results.json"))
+    then = "then --resume the run (from its last checkpoint)" if run_file else "then run the command again"
+    if any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(c)
+           for c in chain):
+        return f"{what}: no space left on the device; free some space, {then}"
+    torch_writer = any(isinstance(c, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter", str(c))
+                       for c in chain)
+    if m and torch_writer:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(m[1]))).free
+            old = os.path.getsize(m[1]) if os.path.isfile(m[1]) else 0
+            if free < max(old, 64 * 2 ** 20):
+                return f"{what}: no space left on the device ({free / 2 ** 20:.0f} MiB free); free some space, {then}"
+            return (f"{what}: torch could not write the file ({free / 2 ** 20:.0f} MiB free there: a disk or quota "
+                    f"error?)")
+    return None
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -959,12 +1177,15 @@ def entry_point(main):
         try:
             result = main(*args, **kwargs)
             sys.stdout.flush()                          # a closed pipe shows here, not at exit
+            for release in list(_release.values()):    # a folder that no finish() released (oecl's per-class root)
+                release()
+            _release.clear()
             return result
         except BrokenPipeError:
             _stdout_to_devnull()
             stop = SystemExit("error: the output pipe was closed (its reader quit), so the run stopped")
         except (ValueError, OSError, FloatingPointError) as e:
-            stop = SystemExit(f"error: {e}")
+            stop = SystemExit(f"error: {_no_space(e) or e}")
         except KeyboardInterrupt:
             print("interrupted: the run stopped; --resume continues it from its last checkpoint", file=sys.stderr)
             stop = SystemExit(130)
@@ -1175,8 +1396,8 @@ def finish(args, method, scorer, data, device, t_start, report=None, more_metric
     <out>/results.json = {method, config, settings, metrics {score: {ood set: metrics}}, thresholds, tpr,
     baselines, seconds, device, **extra}. more_metrics: metrics of other models of the run (a pipeline's earlier
     stages), reported and saved beside. Returns the results dict."""
-    s_id = scorer.scores(data.test_x)
-    scorer.tpr, scorer.thresholds = args.tpr, {k: common.threshold_at(v, args.tpr) for k, v in s_id.items()}
+    s_id = scorer.id_scores = scorer.scores(data.test_x)
+    scorer.set_tpr(args.tpr)
     s_ood = {name: scorer.scores(x) for name, x in data.ood.items()}
     metrics = {k: {name: common.ood_metrics(s_id[k], s[k]) for name, s in s_ood.items()} for k in s_id}
     baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed)
@@ -1212,19 +1433,22 @@ class Scorer:
         scorer = common.Scorer.load("runs/ccl-digits")
         scores, is_ood = scorer(x)        # x: uint8 N x 3 x H x W (resized to the run's --size); {score name: N}
         scorer.thresholds                 # {score name: t}; is_ood = score < t
+        scorer.set_tpr(0.99)              # new thresholds from the run's own ID test scores
 
     `script` names the method module that defines build_model(s) (the untrained model from the run's settings s)
     and score(model, state, x, s) -> {score name: N scores}; `state` holds the tensors those scores need
-    (reference features, Gaussians, ...). The run computes its own metrics through the same scores()."""
+    (reference features, Gaussians, ...); `id_scores` the run's scores of its ID test images, which the thresholds
+    are quantiles of. The run computes its own metrics through the same scores()."""
 
     FILE = "scorer.pt"
     SCRIPTS = ("ccl", "mcl", "oecl", "scan_ood", "harness")
+    CHECKED = ("script", "settings", "model", "state", "thresholds", "tpr", "id_scores")   # what the checksum covers
 
-    def __init__(self, script, settings, model, state, thresholds=None, tpr=0.95):
+    def __init__(self, script, settings, model, state, thresholds=None, tpr=0.95, id_scores=None):
         if script not in self.SCRIPTS:
             raise ValueError(f"unknown script {script!r} (known: {', '.join(self.SCRIPTS)})")
         self.script, self.settings, self.model, self.state = script, dict(settings), model, state
-        self.thresholds, self.tpr = dict(thresholds or {}), tpr
+        self.thresholds, self.tpr, self.id_scores = dict(thresholds or {}), tpr, dict(id_scores or {})
 
     @classmethod
     def from_args(cls, script, args, model, state):
@@ -1249,6 +1473,16 @@ class Scorer:
         self.model.train(was_training)
         return {k: v.float().cpu() for k, v in out.items()}
 
+    def set_tpr(self, tpr):
+        """Thresholds that accept the fraction `tpr` of the run's ID test scores (common.threshold_at, as the run
+        set its own) -> {score name: threshold}; they replace scorer.thresholds and scorer.tpr."""
+        if not self.id_scores:
+            raise ValueError("this scorer keeps no ID test scores to set a threshold from (the run sets them)")
+        if not (isinstance(tpr, (int, float)) and 0 < tpr <= 1):
+            raise ValueError(f"tpr {tpr!r}: expected a fraction in (0, 1]: the share of ID test images accepted")
+        self.tpr, self.thresholds = tpr, {k: common.threshold_at(v, tpr) for k, v in self.id_scores.items()}
+        return self.thresholds
+
     def __call__(self, x):
         """-> (scores, is_ood): {score name: N scores}, {score name: N booleans, True = OOD at the threshold}."""
         if not self.thresholds:
@@ -1257,35 +1491,127 @@ class Scorer:
         return scores, {k: v < self.thresholds[k] for k, v in scores.items()}
 
     def save(self, out):
-        common.save_atomic({"script": self.script, "settings": self.settings, "model": self.model.state_dict(),
-                     "state": self.state, "thresholds": self.thresholds, "tpr": self.tpr,
-                     "run": {"script": self.script, "settings": self.settings}},       # a file of this run's
-                    os.path.join(out, self.FILE))
+        """out/scorer.pt (atomic): what scoring needs, a SHA-256 over all of it, and the run record."""
+        content = {"script": self.script, "settings": self.settings, "model": self.model.state_dict(),
+                   "state": self.state, "thresholds": self.thresholds, "tpr": self.tpr, "id_scores": self.id_scores}
+        common.save_atomic({**content, "checksum": checksum(content),
+                            "run": {"script": self.script, "settings": self.settings}},       # a file of this run's
+                           os.path.join(out, self.FILE))
 
     @classmethod
-    def load(cls, out, device="cpu"):
-        """The Scorer of the finished run in folder `out` (load_plain: the file never runs code)."""
+    def load(cls, out, device="cpu", tpr=None):
+        """The Scorer of the finished run in folder `out` (load_plain: the file never runs code), its content
+        checked against the SHA-256 it was saved with; `tpr`: thresholds set anew from the run's ID test scores."""
         path = os.path.join(out, cls.FILE)
         if not os.path.exists(path):
-            started = os.path.isdir(out) and any(n.endswith(".pt") for n in os.listdir(out))
-            raise FileNotFoundError(f"{out} holds {'a run that is not finished yet' if started else 'no finished run'}"
-                                    f" (no {cls.FILE}){': finish it with --resume' if started else ''}")
-        c = common.load_plain(path, "scorer file", device)
+            raise FileNotFoundError(_no_scorer(out))
+        c = common.load_plain(path, "scorer file", "cpu")
         if not isinstance(c, dict) or not {"script", "settings", "model", "state", "thresholds"} <= set(c):
             raise ValueError(f"{path} is not a scorer file of these scripts")
-        scorer = cls(c["script"], c["settings"], None, c["state"], c["thresholds"], c.get("tpr", 0.95))
+        if not isinstance(c.get("checksum"), str) or not set(cls.CHECKED) <= set(c):
+            raise ValueError(f"{path} has no checksum: it was written by an earlier version of these scripts (or "
+                             f"edited); train the run again with this version")
+        if checksum({k: c[k] for k in cls.CHECKED}) != c["checksum"]:
+            raise ValueError(f"{path} does not match the checksum it was saved with: the file changed after the run "
+                             f"wrote it (damaged, or edited); restore it, or write it anew from the run's last "
+                             f"checkpoint: the run's command with --resume")
+        scorer = cls(c["script"], c["settings"], None, _to_device(c["state"], device), c["thresholds"], c["tpr"],
+                     c["id_scores"])
         model = scorer.module.build_model(SimpleNamespace(**c["settings"]))
         scorer.model = common.load_weights(model, c["model"]).to(device).eval()
+        if tpr is not None:
+            scorer.set_tpr(tpr)
         return scorer
 
 
+def checksum(obj):
+    """SHA-256 (hex) of nested dicts, lists, tensors, strings and numbers: each tensor's dtype, shape and bytes,
+    every key and value with its type, dict keys in sorted order. Equal content, equal checksum."""
+    h = hashlib.sha256()
+
+    def feed(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)};".encode())
+            for k in sorted(o, key=repr):
+                feed(k)
+                feed(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L{len(o)};".encode())
+            for v in o:
+                feed(v)
+        elif isinstance(o, str):
+            b = o.encode("utf-8", "surrogatepass")
+            h.update(f"S{len(b)};".encode() + b)
+        else:                                   # None, bool, int, float: the type and repr tell them apart
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+    feed(obj)
+    return h.hexdigest()
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _no_scorer(out):
+    """Why folder `out` has no scorer.pt, and where a finished run is: a run not finished yet, one whose --overwrite
+    stopped early (the old run waits in replaced-run/), a folder of per-class runs (oecl.py --all-classes)."""
+    if not os.path.isdir(out):
+        return f"{out} holds no finished run (no {Scorer.FILE}): there is no such folder"
+    holder = _lock_holder(os.path.join(out, LOCK))
+    if holder is not None:
+        return f"{out} holds no finished run yet: process {holder} is writing it now (no {Scorer.FILE} yet)"
+    old = os.path.join(out, REPLACED)
+    if os.path.isfile(os.path.join(old, Scorer.FILE)):
+        return (f"{out} holds no finished run: an --overwrite there stopped before its new run finished, and the "
+                f"run it replaces is intact in {old}: score with --out {old} (a run started in {out} puts it back "
+                f"unless the new run wrote a checkpoint)")
+    runs = sorted((e.name for e in os.scandir(out) if e.is_dir() and os.path.isfile(os.path.join(e.path, Scorer.FILE))),
+                  key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+    if runs:
+        return (f"{out} holds no run of its own but the finished runs of {len(runs)} folders in it ("
+                f"{', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): score with one of them, e.g. "
+                f"--out {os.path.join(out, runs[0])}")
+    started = any(n.endswith(".pt") for n in os.listdir(out))
+    return (f"{out} holds {'a run that is not finished yet' if started else 'no finished run'} (no {Scorer.FILE})"
+            f"{': finish it with --resume' if started else ''}")
+
+
+CSV_NAME_MAX = 100      # characters of a set's name kept readable in its CSV's file name
+
+
 def csv_name(set_name):
-    """A set's CSV file name: its name with every character but letters, digits, '.', '-' made '_'."""
-    return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in set_name).strip("_") + ".csv"
+    """A set's CSV file name, one per set: its name with every character but ASCII letters, digits, '.', '-' made
+    '_'. The name of a set given by a path (a spec with ':') or too long ends in 12 hex digits of the SHA-256 of its
+    full text: folder:a/b and folder:a_b never share a CSV, and a 300-character path still makes a name that fits."""
+    readable = "".join(ch if ch.isascii() and (ch.isalnum() or ch in ".-") else "_" for ch in set_name).strip("_.")
+    if ":" not in set_name and 0 < len(readable) <= CSV_NAME_MAX:
+        return readable + ".csv"
+    digest = hashlib.sha256(set_name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{readable[:CSV_NAME_MAX]}-{digest}.csv".lstrip("-")
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")     # what makes a spreadsheet read a cell as a formula (OWASP)
+
+
+def csv_text(text):
+    """A text cell as spreadsheet software must not run it: a leading ' before =, +, -, @, tab or CR (OWASP's CSV
+    injection rule); the spreadsheet shows the text as it was, without the quote."""
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 def write_scores_csv(path, names, scores, thresholds):
-    """One row per image: its name, every score, then ood_<score> = 1 where the score is below its threshold."""
+    """One row per image: its name (csv_text), every score, then ood_<score> = 1 where the score is below its
+    threshold."""
     import csv
     keys = list(scores)
 
@@ -1296,7 +1622,8 @@ def write_scores_csv(path, names, scores, thresholds):
             columns = [scores[k].tolist() for k in keys]
             flags = [(scores[k] < thresholds[k]).int().tolist() for k in keys]
             for row in zip(names, *columns, *flags):
-                w.writerow([row[0]] + [f"{v:.9g}" for v in row[1:1 + len(keys)]] + list(row[1 + len(keys):]))
+                w.writerow([csv_text(str(row[0]))] + [f"{v:.9g}" for v in row[1:1 + len(keys)]] +
+                           list(row[1 + len(keys):]))
     common.write_atomic(path, write)
 
 
@@ -1312,23 +1639,32 @@ def print_decisions(scorer, sets, where):
 
 def score_later(args, script):
     """--score SPEC ...: the finished run of `script` in --out scores these images; writes a CSV per set,
-    <out>/scored/<csv_name(spec)>, and prints a line per set; reads nothing of the training data and changes no
-    other file of the run."""
+    <out>/scored/<csv_name(spec)>, with the thresholds it used beside it (<same name>.json), and prints a line per
+    set. The run's thresholds apply, or with --tpr T new ones accepting T of the run's ID test scores. Reads
+    nothing of the training data and changes no other file of the run."""
     device = get_device(args.device)
     args.out = args.out or default_out(script, args.dataset)
-    scorer = Scorer.load(args.out, device)
+    tpr = args.tpr if getattr(args, "sources", {}).get("tpr") == "command line" else None
+    scorer = Scorer.load(args.out, device, tpr)
     if scorer.script != script:
         raise ValueError(f"the run in {args.out} was made by {scorer.script}.py, not {script}.py: score with "
                          f"python {scorer.script}.py --out {args.out} --score ...")
     folder = os.path.join(args.out, "scored")
+    if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+        raise ValueError(f"--out {args.out}: {folder} is not a folder, and the CSVs go there: move it away")
     os.makedirs(folder, exist_ok=True)
+    remove_orphans(folder, csv=True)
     sets = {}
-    for spec in args.score:
+    for spec in dict.fromkeys(args.score):                     # a set given twice is scored once
         x, _, _, names = load_dataset(spec, False, args.data_root, True, scorer.settings["size"], names=True)
         sets[spec] = scores = scorer.scores(x)
-        write_scores_csv(os.path.join(folder, csv_name(spec)), names, scores, scorer.thresholds)
-    print_decisions(scorer, sets, "set by the run on its ID test images")
-    print(f"a CSV per set in {folder}", flush=True)
+        path = os.path.join(folder, csv_name(spec))
+        write_scores_csv(path, names, scores, scorer.thresholds)
+        save_results(path[:-len(".csv")] + ".json", {"set": spec, "images": len(x), "tpr": scorer.tpr,
+                                                     "thresholds": scorer.thresholds, "run": args.out})
+    where = "set anew from the run's ID test scores" if tpr is not None else "set by the run on its ID test images"
+    print_decisions(scorer, sets, where)
+    print(f"a CSV per set in {folder}, the thresholds beside each (.json)", flush=True)
     return sets
 
 

@@ -343,7 +343,99 @@ def test_only_the_runs_own_files_and_exact_temporary_files_are_ever_removed(tmp_
     assert (run / harness.REPLACED / "mine.pt").read_bytes() == b"kept"
 
 
-def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(tmp_path, monkeypatch):
+USER_FILES = {                      # a file of the user's under every name a run writes or reads in its folder
+    "lock": b"my lock notes", "run.json": b'{"mine": 1}', "results.json": b'{"method": "mine"}',
+    "scorer.pt": b"my scorer", "checkpoint.pt": b"my checkpoint", os.path.join("scores", "id_test.csv"): b"a,b\n",
+    os.path.join("scored", "digits.csv"): b"c,d\n", "scores": b"a file", "scored": b"a file",
+    os.path.join(harness.REPLACED, "run.json"): b"{}", os.path.join(harness.REPLACED, "scorer.pt"): b"x",
+}
+
+
+@pytest.mark.parametrize("name", list(USER_FILES) + ["empty lock"])
+def test_files_of_the_user_under_the_names_a_run_writes_stay_byte_identical(tmp_path, name):
+    """Whatever the name, a file these scripts did not write is never removed or changed: the run is refused in one
+    line, or writes around it (a folder of the user's named replaced-run)."""
+    run = tmp_path / "run"
+    path = run / ("lock" if name == "empty lock" else name)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"" if name == "empty lock" else USER_FILES[name])
+    (run / "notes.txt").write_text("mine")
+    users = folder_files(run)
+    for argv in ((), ("--overwrite",), ("--resume",)):
+        message, files = run_selfcheck(tmp_path, *argv)
+        if message is not None:
+            one_line_error(message)
+        assert {k: files[k] for k in users} == users, (argv, message)
+        if message is None:                                         # wrote around it: its own files, then away
+            assert name.startswith(harness.REPLACED) and {"checkpoint.pt", "scorer.pt"} <= set(files)
+            for f in set(files) - set(users):
+                os.remove(run / f)
+        else:
+            assert set(files) == set(users), (argv, message)       # nothing of a refused run is left
+
+
+def test_overwrite_never_moves_the_old_run_over_a_users_file_in_replaced_run(tmp_path):
+    assert run_selfcheck(tmp_path)[0] is None
+    (tmp_path / "run" / harness.REPLACED).mkdir()
+    (tmp_path / "run" / harness.REPLACED / "checkpoint.pt").write_bytes(b"mine")
+    before = folder_files(tmp_path / "run")
+    one_line_error(run_selfcheck(tmp_path, "--overwrite")[0], "replaced-run, which holds checkpoint.pt of someone "
+                                                               "else's: move it away")
+    assert folder_files(tmp_path / "run") == before
+
+
+def test_temporary_files_of_killed_csv_writes_are_cleaned(tmp_path):
+    assert run_selfcheck(tmp_path)[0] is None
+    for folder in ("scores", "scored"):
+        os.makedirs(tmp_path / "run" / folder, exist_ok=True)
+        (tmp_path / "run" / folder / f"id_test.csv.tmp{DEAD_PID}").write_text("image,half a row")
+        (tmp_path / "run" / folder / f"digits.json.tmp{DEAD_PID}").write_text("{")
+        (tmp_path / "run" / folder / f"live.csv.tmp{os.getppid()}").write_text("a live writer's")
+        (tmp_path / "run" / folder / f"notes.txt.tmp{DEAD_PID}").write_text("the user's")
+    assert selfcheck(tmp_path, "--out", str(tmp_path / "run"), "--score", "digits")
+    assert not (tmp_path / "run" / "scored" / f"id_test.csv.tmp{DEAD_PID}").exists()
+    assert run_selfcheck(tmp_path, "--overwrite")[0] is None
+    left = {f for f in folder_files(tmp_path / "run") if ".tmp" in f}
+    assert left == {os.path.join(harness.REPLACED, f, n) for f in ("scores", "scored")           # moved aside with
+                    for n in (f"live.csv.tmp{os.getppid()}", f"notes.txt.tmp{DEAD_PID}")}, left  # the old run's CSVs
+
+
+@pytest.mark.parametrize("where", ["run.json", "results.json"])
+def test_json_nested_100000_deep_is_one_line(tmp_path, where):
+    assert run_selfcheck(tmp_path)[0] is None
+    (tmp_path / "run" / where).write_text("[" * 100_000 + "]" * 100_000)
+    before = folder_files(tmp_path / "run")
+    message = run_selfcheck(tmp_path, "--resume")[0]
+    one_line_error(message, "run.json is not readable (nested too deeply)" if where == "run.json" else
+                   "holds results.json, not written by these scripts")
+    assert folder_files(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "runs code", "empty"])
+def test_an_unreadable_checkpoint_on_resume_is_named_and_its_way_out_works(tmp_path, damage):
+    assert run_selfcheck(tmp_path)[0] is None
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    elif damage == "runs code":
+        torch.save({"model": RunsCode(str(tmp_path / "marker")), "epoch": 1, "run": {}}, ckpt)
+    else:
+        ckpt.write_bytes(b"")
+    before = folder_files(tmp_path / "run")
+    message = run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0]
+    one_line_error(message, f"{ckpt} is damaged or not a checkpoint of these scripts; restore it, or move it away "
+                            f"and start afresh with --overwrite")
+    assert folder_files(tmp_path / "run") == before and not (tmp_path / "marker").exists()
+    os.replace(ckpt, tmp_path / "moved.pt")                                    # the way out, as the line says
+    assert run_selfcheck(tmp_path, "--overwrite")[0] is None
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("torch_says", [
+    "PytorchStreamWriter failed writing file data/3: file write failed: No space left on device",
+    "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"])      # what torch.save(path) says
+def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(tmp_path, monkeypatch, torch_says):
+    import shutil
     assert run_selfcheck(tmp_path)[0] is None
     finished = folder_files(tmp_path / "run")
     save = torch.save
@@ -351,12 +443,14 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_keeps_the_old_run(
     def full_disk(obj, f, *args, **kwargs):
         if str(f).endswith(".pt.tmp" + str(os.getpid())):
             open(f, "wb").write(b"the first bytes")                 # a partial file, as a full disk leaves
-            raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
-                               "data/3: file write failed: No space left on device")
+            raise RuntimeError(torch_says)
         return save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 ** 30, 2 ** 30 - 2 ** 20,
+                                                                                      2 ** 20))   # 1 MiB free
     message, files = run_selfcheck(tmp_path, "--overwrite")
-    one_line_error(message, "cannot write", "checkpoint.pt", "No space left on device")
+    one_line_error(message, "cannot write", "checkpoint.pt: no space left on the device", "--resume")
+    assert "enforce" not in message and "unexpected pos" not in message
     assert files == finished                                         # no temporary file, the old run back in place
 
 
@@ -392,32 +486,77 @@ def test_resume_with_nothing_to_resume_is_one_line_and_makes_nothing(tmp_path):
 
 
 def test_a_lock_is_taken_over_from_a_dead_process_and_from_a_reused_pid(tmp_path):
+    """A lock of a process that is gone is taken over; a live one, and anything that is not a lock of these scripts
+    (an empty or half-written file, a user's file named lock, a folder, a link), is refused and stays as it was."""
     out = str(tmp_path / "run")
     run = {"script": "test", "settings": {}}
     os.makedirs(out)
     live = os.getppid()
     start = harness._process_start(live)
-    for text, taken in ((f"{DEAD_PID}\n", True), (f"{DEAD_PID} 5\n", True), ("garbage", True), ("", True),
-                        (f"{live}\n", False), (f"{live} {start}\n", start is None or False)):
-        (tmp_path / "run" / "lock").write_text(text)
+    lock = tmp_path / "run" / "lock"
+    for text, taken in ((f"{DEAD_PID}\n", True), (f"{DEAD_PID} 5\n", True), (f"{live}\n", False),
+                        (f"{live} {start}\n", start is None or False), ("garbage", None), ("", None), ("123", None)):
+        lock.write_text(text)
         if taken:
             harness.guard_run_folder(out, run, resume=False, overwrite=False)
-            assert (tmp_path / "run" / "lock").read_text().split()[0] == str(os.getpid())
+            assert lock.read_text().split()[0] == str(os.getpid())
             harness._release.pop(os.path.abspath(out))()
-            assert not (tmp_path / "run" / "lock").exists()
+            assert not lock.exists()
         else:
-            with pytest.raises(ERROR, match=f"another run \\(process {live}\\) is writing there"):
+            match = "lock is not a lock file of these scripts" if taken is None else \
+                f"another run \\(process {live}\\) is writing there"
+            with pytest.raises(ERROR, match=match):
                 harness.guard_run_folder(out, run, resume=False, overwrite=False)
-    os.remove(tmp_path / "run" / "lock")
-    os.mkdir(tmp_path / "run" / "lock")                             # not a lock file: named, never removed
+            assert lock.read_text() == text and not [n for n in os.listdir(out) if n.startswith("lock.")]
+    os.remove(lock)
+    os.mkdir(lock)                                                  # not a lock file: named, never removed
     with pytest.raises(ERROR, match="lock is not a lock file of these scripts: move it away"):
         harness.guard_run_folder(out, run, resume=False, overwrite=False)
-    assert os.path.isdir(tmp_path / "run" / "lock")
-    os.rmdir(tmp_path / "run" / "lock")
+    assert os.path.isdir(lock)
+    os.rmdir(lock)
     if start is not None:                                           # Linux: the start time tells a reused PID
-        (tmp_path / "run" / "lock").write_text(f"{live} {int(start) + 1}\n")
+        lock.write_text(f"{live} {int(start) + 1}\n")
         harness.guard_run_folder(out, run, resume=False, overwrite=False)
         harness._release.pop(os.path.abspath(out))()
+
+
+def _start_at_once(out, go, done, results):
+    """A process that guards `out` the moment every contender is ready, reports, and holds the lock until all did."""
+    go.wait()
+    try:
+        harness.guard_run_folder(out, {"script": "test", "settings": {}}, resume=False, overwrite=False)
+        results.put("ok")
+    except ERROR as e:
+        results.put(str(e))
+    results.close()
+    results.join_thread()                                           # sent before os._exit
+    done.wait()
+    for release in list(harness._release.values()):
+        release()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("before", ["no folder", "an empty folder", "a dead process's lock"])
+def test_of_runs_started_at_the_same_moment_exactly_one_proceeds(tmp_path, before):
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    n = 5
+    for trial in range(3):
+        out = str(tmp_path / f"run{trial}")
+        if before != "no folder":
+            os.makedirs(out)
+        if before == "a dead process's lock":
+            (tmp_path / f"run{trial}" / "lock").write_text(f"{DEAD_PID} 1\n")
+        go, done, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_start_at_once, args=(out, go, done, results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        said = sorted(results.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(60)
+        assert said[-1] == "ok" and said[-2] != "ok", said                     # "--out ..." sorts before "ok"
+        assert all("is writing there" in m or "at the same moment" in m for m in said[:-1]), said
+        assert not os.path.exists(os.path.join(out, "lock"))
 
 
 def test_resume_refuses_training_images_that_changed(tmp_path):
@@ -593,12 +732,29 @@ def test_a_run_scores_every_image_and_scores_new_images_later_from_its_folder_al
     scores, is_ood = scorer(harness.load_dataset(f"folder:{tmp_path / 'new'}", root=str(tmp_path))[0])
     assert torch.allclose(scores["knn_h"], torch.tensor([float(r["knn_h"]) for r in new]), atol=1e-6)
     assert is_ood["knn_h"].tolist() == [r["ood_knn_h"] == "1" for r in new]
+    # a new threshold at score time, from the run's own ID test scores; the run's files stay as they are
+    run_files = folder_files(out / "scores") | {f: (out / f).read_bytes() for f in before}
+    id_knn_h = torch.tensor([float(r["knn_h"]) for r in rows])
+    for tpr in ("0.5", "0.99", "0.9"):
+        selfcheck(tmp_path, "--out", str(out), "--score", f"folder:{tmp_path / 'new'}", "--tpr", tpr)
+        side = json.loads((out / "scored" / csv_name_of(tmp_path / "new")).with_suffix(".json").read_text())
+        assert side["tpr"] == float(tpr) and side["set"] == f"folder:{tmp_path / 'new'}" and side["images"] == 20
+        assert side["thresholds"] == harness.Scorer.load(str(out), tpr=float(tpr)).thresholds
+        assert abs(side["thresholds"]["knn_h"] - common.threshold_at(id_knn_h, float(tpr))) < 1e-6
+        flags = [r["ood_knn_h"] == "1" for r in csv.DictReader(open(out / "scored" / csv_name_of(tmp_path / "new")))]
+        assert flags == [float(r["knn_h"]) < side["thresholds"]["knn_h"] for r in new]
+    assert side["thresholds"] == res["thresholds"]                                    # the run's own TPR: its own
+    assert run_files == folder_files(out / "scores") | {f: (out / f).read_bytes() for f in before}
+    scorer = harness.Scorer.load(str(out))
+    assert scorer.set_tpr(0.5)["knn_h"] >= scorer.set_tpr(0.99)["knn_h"] and scorer.tpr == 0.99
+    with pytest.raises(ValueError, match="tpr 1.5: expected a fraction in"):
+        scorer.set_tpr(1.5)
+    assert "--tpr 0.0: expected a fraction in (0, 1]" in selfcheck(tmp_path, "--out", str(out), "--score", "digits",
+                                                                   "--tpr", "0")
     os.remove(out / "scorer.pt")
     assert "a run that is not finished yet (no scorer.pt): finish it with --resume" in selfcheck(
         tmp_path, "--out", str(out), "--score", "digits")
     assert "holds no finished run" in selfcheck(tmp_path, "--out", str(tmp_path / "nowhere"), "--score", "digits")
-    assert "--tpr 0.5: expected no --tpr with --score" in selfcheck(tmp_path, "--out", str(out), "--score", "digits",
-                                                                      "--tpr", "0.5")
 
 
 def test_plain_simclr_scores_follow_the_image_and_score_reproduces_its_csvs(tmp_path):
@@ -608,6 +764,125 @@ def test_plain_simclr_scores_follow_the_image_and_score_reproduces_its_csvs(tmp_
 
 def csv_name_of(path):
     return harness.csv_name(f"folder:{path}")
+
+
+def test_every_set_gets_its_own_csv_with_a_name_that_fits():
+    names = {harness.csv_name(n) for n in ("folder:a/b", "folder:a_b", "folder:a b", "folder:a/b/", "npy:a/b",
+                                            "interp:folder:a/b", "id_test", "classes 6-9", "digits")}
+    assert len(names) == 9 and {"id_test.csv", "classes_6-9.csv", "digits.csv"} <= names
+    assert harness.csv_name("folder:a/b").startswith("folder_a_b-")
+    long = "folder:" + "/".join(["a_rather_long_folder_name"] * 13)                   # 330 characters
+    assert len(long) >= 330 and len(harness.csv_name(long).encode()) <= 120
+    assert harness.csv_name(long) != harness.csv_name(long[:-1] + "x")
+    assert harness.csv_name("folder:ünï/\udcff") .isascii()                           # any bytes: a name that fits
+
+
+def test_sets_whose_names_differ_only_in_punctuation_keep_their_own_csv(tmp_path):
+    _digits_folder(tmp_path / "a" / "b", splits=("test",), classes=[1], flat=True, per_class=3)
+    _digits_folder(tmp_path / "a_b", splits=("test",), classes=[2], flat=True, per_class=4)
+    deep = tmp_path / "/".join(["a_rather_long_folder_name"] * 11)
+    _digits_folder(deep, splits=("test",), classes=[3], flat=True, per_class=2)
+    out = tmp_path / "run"
+    assert isinstance(selfcheck(tmp_path, "--out", str(out), "--subset", "32"), dict)
+    specs = [f"folder:{tmp_path / 'a' / 'b' / 'test'}", f"folder:{tmp_path / 'a_b' / 'test'}"]
+    selfcheck(tmp_path, "--out", str(out), "--score", *specs)                           # one command
+    selfcheck(tmp_path, "--out", str(out), "--score", specs[1], f"folder:{deep / 'test'}")   # and another
+    for spec, digit, n in zip(specs + [f"folder:{deep / 'test'}"], (1, 2, 3), (3, 4, 2)):
+        rows = list(csv.DictReader(open(out / "scored" / harness.csv_name(spec))))
+        assert [r["image"] for r in rows] == [f"{digit}_{i}.png" for i in range(n)]
+        assert json.loads((out / "scored" / harness.csv_name(spec)).with_suffix(".json").read_text())["set"] == spec
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):
+    assert [harness.csv_text(t) for t in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "a=b", "'=x", "1.png")] == \
+        ["'=1+1", "'+1", "'-1", "'@SUM(A1)", "'\tx", "'\rx", "a=b", "'=x", "1.png"]
+    names = ['=HYPERLINK("x.example","click").png', "+1.png", "-2.png", "@3.png", "\t4.png", "plain.png"]
+    os.makedirs(tmp_path / "imgs")
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / name, format="PNG")
+    out = tmp_path / "run"
+    assert isinstance(selfcheck(tmp_path, "--out", str(out), "--subset", "32"), dict)
+    selfcheck(tmp_path, "--out", str(out), "--score", f"folder:{tmp_path / 'imgs'}")
+    rows = list(csv.reader(open(out / "scored" / csv_name_of(tmp_path / "imgs"), newline="")))[1:]
+    assert sorted(r[0] for r in rows) == sorted(harness.csv_text(n) for n in names)
+    assert all(r[0][0] not in "=+-@\t\r" for r in rows) and any(r[0] == "plain.png" for r in rows)
+    assert all(float(v) == float(v) for r in rows for v in r[1:3])                  # the scores stay numbers
+
+
+def _flip_a_weight_byte(path):
+    """Flip one bit inside the largest tensor of a torch file, as a damaged disk or copy would: it still loads."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        n, m = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + n + m + info.file_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("change", ["a flipped byte", "settings edited", "settings empty", "state empty",
+                                    "thresholds edited", "no checksum"])
+def test_a_changed_scorer_file_is_refused_in_one_line_and_written_anew_by_resume(tmp_path, change):
+    out = tmp_path / "run"
+    argv = ("--out", str(out), "--subset", "32")
+    assert isinstance(selfcheck(tmp_path, *argv), dict)
+    path = out / "scorer.pt"
+    if change == "a flipped byte":
+        _flip_a_weight_byte(path)
+        assert torch.load(path, weights_only=True)                                   # torch loads it
+    else:
+        c = torch.load(path, weights_only=True)
+        if change == "settings edited":
+            c["settings"]["width"] = 4
+        elif change == "no checksum":
+            del c["checksum"]
+        else:
+            c[change.split()[0]] = {"knn_h": 0.5} if change == "thresholds edited" else {}
+        torch.save(c, path)
+    message = selfcheck(tmp_path, "--out", str(out), "--score", "digits")
+    one_line_error(message, str(path), "has no checksum" if change == "no checksum" else
+                   "does not match the checksum it was saved with")
+    with pytest.raises(ValueError, match="checksum"):
+        harness.Scorer.load(str(out))
+    if change != "no checksum":                                     # the way out the line gives
+        assert isinstance(selfcheck(tmp_path, *argv, "--resume"), dict)
+        assert isinstance(selfcheck(tmp_path, "--out", str(out), "--score", "digits"), dict)
+
+
+def test_score_says_where_the_runs_are(tmp_path):
+    """After an --overwrite that was killed before its run wrote anything (the old run waits in replaced-run/), and
+    in the root folder of oecl.py --all-classes (a run per class in it)."""
+    out = tmp_path / "run"
+    assert isinstance(selfcheck(tmp_path, "--out", str(out), "--subset", "32"), dict)
+    finished = folder_files(out)
+    os.makedirs(out / harness.REPLACED)
+    for name in os.listdir(out):
+        if name != harness.REPLACED:
+            os.replace(out / name, out / harness.REPLACED / name)
+    (out / "run.json").write_text(json.dumps({"script": "harness", "settings": {"lr": 9}}))
+    (out / "lock").write_text(f"{DEAD_PID} 1\n")
+    message = selfcheck(tmp_path, "--out", str(out), "--score", "digits")
+    one_line_error(message, "an --overwrite there stopped before its new run finished",
+                   f"intact in {out / harness.REPLACED}: score with --out {out / harness.REPLACED}")
+    assert isinstance(selfcheck(tmp_path, "--out", str(out / harness.REPLACED), "--score", "digits"), dict)
+    root = tmp_path / "root"
+    os.makedirs(root)
+    (root / "run.json").write_text(json.dumps({"script": "oecl-one-vs-rest", "settings": {}}))
+    for c in (0, 1, 2, 10):
+        shutil_copy(out / harness.REPLACED, root / f"class-{c}")
+    message = selfcheck(tmp_path, "--out", str(root), "--score", "digits")
+    one_line_error(message, "the finished runs of 4 folders in it (class-0, class-1, class-2, ...)",
+                   f"e.g. --out {root / 'class-0'}")
+    assert {k: v for k, v in folder_files(out / harness.REPLACED).items() if not k.startswith("scored")} == finished
+
+
+def shutil_copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
 
 
 def test_an_unlabeled_folder_trains_and_asks_for_an_ood_set_before_any_work(tmp_path):
@@ -620,7 +895,7 @@ def test_an_unlabeled_folder_trains_and_asks_for_an_ood_set_before_any_work(tmp_
     res = selfcheck(tmp_path, "--dataset", f"folder:{tmp_path / 'flat'}", "--ood", "interp:digits",
                     "--out", str(tmp_path / "r"), "--epochs", "1")
     assert set(res["metrics"]["knn_h"]) == {"interp:digits"}
-    assert len(list(open(tmp_path / "r" / "scores" / "interp_digits.csv"))) == 1 + 260
+    assert len(list(open(tmp_path / "r" / "scores" / harness.csv_name("interp:digits")))) == 1 + 260
 
 
 def test_ood_sets_of_in_distribution_images_are_refused_and_repeated_flags_add_up(tmp_path):
