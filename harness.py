@@ -751,8 +751,8 @@ def check_sizes(args):
     head = {k: getattr(args, k) for k in ("proj_dim", "proj_hidden") if getattr(args, k, None)}
     params, _ = encoder_size(args.arch, args.width, **head)
     with_head = params - encoder_size(args.arch, args.width)[0] if head else 0
-    flag, value = ("--proj-dim", args.proj_dim) if with_head > params / 2 and "proj_dim" in head else \
-        ("--width", args.width)
+    big = max(head, key=head.get) if head else None                  # the head's larger side names the flag
+    flag, value = (f"--{big.replace('_', '-')}", head[big]) if with_head > params / 2 else ("--width", args.width)
     check_memory(args, flag, value, 16 * params, f"the encoder's {params:,} parameters (with their gradients and "
                                                  f"optimizer state)")
     first = args.width if args.arch in common.CIFAR_ARCHS else 0
