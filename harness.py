@@ -721,7 +721,10 @@ def memory_bytes(device):
     """What the device can hold: a GPU's memory, else the machine's RAM."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):       # a system that does not say (Windows): no check
+        return float("inf")
 
 
 def check_memory(args, flag, value, need, what):
