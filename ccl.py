@@ -509,6 +509,8 @@ def check_args(args):
     harness.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
     harness.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")
     harness.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean images)")
+    harness.check_memory(args, "--n-aug", args.n_aug, args.n_aug * (3 + args.width) * args.size ** 2 * 4,
+                         f"the {args.n_aug} views of one image through the first layer")
     clustering = args.lam > 0 and not (args.no_ccl and args.no_cil)
     harness.check(args.cluster_start <= args.epochs, "--cluster-start", args.cluster_start,
                  f"at most --epochs {args.epochs} (--epochs counts both stages)")

@@ -107,20 +107,107 @@ def _load_torchvision(name, train, root, download):
     return x, y, classes
 
 
-def _decode(path):
-    from PIL import Image
+# The largest image decoded: 268 megapixels (16384 x 16384; 0.8 GB as 8-bit RGB). Pillow's own guard (a warning
+# beyond 89 megapixels, an error beyond 179) is for untrusted web uploads; this bound is the machine's memory. A larger
+# JPEG is decoded at a reduced scale (1/2 to 1/8: the size the run needs is far smaller); any other one is refused.
+MAX_PIXELS = 2 ** 28
+_PIL_OPEN = threading.Lock()            # Pillow's guard is a module global: lifted only around our own Image.open
+
+
+def shown(path):
+    """A file name as text that prints and writes anywhere: bytes that are not UTF-8 (which Python keeps as
+    surrogates) become \\xNN."""
     try:
-        with Image.open(path) as img:
-            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
-    except Exception:
-        raise ValueError(f"image will not decode: {path}")
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _regular(path):
+    """Whether `path` is a regular file (or a link to one): a named pipe, socket or device would block or never end
+    when read, so it is never opened."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _decode(path, size=None):
+    """An image file -> uint8 3 x H x W, as an image viewer shows it: the EXIF orientation applied, 16-bit grey
+    scaled to 8 bits, any mode made RGB. ValueError naming the file for anything else (not a regular file, not an
+    image, more than MAX_PIXELS, pixels of no fixed range). With `size` (the side it will be resized to), an image
+    over 16 megapixels is first box-reduced by an integer factor to a short side of at least 4 x size, so that the
+    antialiased resize never holds a float copy of gigabytes."""
+    from PIL import Image, ImageOps
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {shown(path)}")
+    if not _regular(path):
+        raise ValueError(f"{shown(path)} is not a regular file (a named pipe, socket or device)")
+    try:
+        with _PIL_OPEN:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    except Exception as e:
+        raise ValueError(f"image will not decode: {shown(path)} ({type(e).__name__})") from None
+    with img:
+        w, h = img.size
+        if w * h > MAX_PIXELS and img.format == "JPEG":
+            reduce = 2 ** math.ceil(math.log2(math.sqrt(w * h / MAX_PIXELS)))       # JPEG decodes at 1/2 .. 1/8
+            img.draft("RGB", (math.ceil(w / reduce), math.ceil(h / reduce)))
+        if img.size[0] * img.size[1] > MAX_PIXELS:
+            raise ValueError(f"{shown(path)} is {w} x {h} pixels ({w * h / 1e6:.0f} megapixels): more than the "
+                             f"{MAX_PIXELS / 1e6:.0f} megapixels decoded per image ({3 * MAX_PIXELS / 2 ** 30:.2f} GB "
+                             f"as RGB); downscale it")
+        try:
+            img = ImageOps.exif_transpose(img)
+            factor = min(img.size) // (4 * size) if size and img.size[0] * img.size[1] > 2 ** 24 else 1
+            return image_tensor(img.reduce(factor) if factor > 1 else img, shown(path))
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"image will not decode: {shown(path)} ({type(e).__name__})") from None
+
+
+def image_tensor(img, name="the image"):
+    """A PIL image -> uint8 3 x H x W. 16-bit grey (PNG, TIFF) is scaled to 8 bits (65535 -> 255), not clipped;
+    floating-point or 32-bit integer pixels, which have no fixed range, are refused (ValueError)."""
+    if img.mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.float32) / 257.0
+    elif img.mode in ("I", "F"):
+        raise ValueError(f"{name}: {'floating-point' if img.mode == 'F' else '32-bit integer'} pixels (mode "
+                         f"{img.mode}) have no fixed range; save it as an 8- or 16-bit image")
+    else:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    grey = torch.from_numpy(np.rint(a).clip(0, 255).astype(np.uint8))
+    return grey[None].expand(3, -1, -1).contiguous()
 
 
 def class_folders(path):
     """The class folders of an ImageFolder tree, sorted as numbers where every name is one (2 before 10), else as
     text: the class list of a data set, fixed by its training folders."""
     names = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
-    return sorted(names, key=int) if all(n.isdigit() for n in names) else sorted(names)
+    return sorted(names, key=int) if all(n.isdecimal() for n in names) else sorted(names)
+
+
+def _image_entries(folder, skipped):
+    """The image files directly in `folder`, sorted; entries that are not regular files (pipes, sockets, devices)
+    are left out and added to `skipped`."""
+    files = []
+    for name in sorted(os.listdir(folder)):
+        f = os.path.join(folder, name)
+        if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
+            (files if _regular(f) else skipped).append(f)
+    return files
+
+
+def _note_skipped(skipped):
+    if skipped:
+        what = "entry that is not a regular file" if len(skipped) == 1 else "entries that are not regular files"
+        print(f"note: skipped {len(skipped)} {what} (a named pipe, socket, device or broken link): "
+              f"{', '.join(shown(f) for f in skipped[:3])}{', ...' if len(skipped) > 3 else ''}", flush=True)
 
 
 def _image_files(path, classes=None):
@@ -130,37 +217,62 @@ def _image_files(path, classes=None):
     classes = found if classes is None else classes
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{path} has class folders that the training folder lacks: {', '.join(unknown[:5])}; "
-                         f"the classes are {', '.join(classes[:10])}{'...' if len(classes) > 10 else ''}")
+        raise ValueError(f"{shown(path)} has class folders that the training folder lacks: "
+                         f"{', '.join(map(shown, unknown[:5]))}; the classes are {', '.join(map(shown, classes[:10]))}"
+                         f"{'...' if len(classes) > 10 else ''}")
+    skipped = []
+    loose = _image_entries(path, skipped)
+    if found and loose:
+        raise ValueError(f"{shown(path)} holds images beside its class folders ({shown(os.path.basename(loose[0]))}"
+                         f"{', ...' if len(loose) > 1 else ''}), which would have no class: move them into a class "
+                         f"folder (or, to score a whole folder, give it to --score)")
     if found:
-        files = [(os.path.join(path, c, f), classes.index(c)) for c in classes if c in found
-                 for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMG_EXTENSIONS)]
+        files = [(f, classes.index(c)) for c in classes if c in found
+                 for f in _image_entries(os.path.join(path, c), skipped)]
     else:
-        files = [(os.path.join(path, f), -1) for f in sorted(os.listdir(path)) if f.lower().endswith(IMG_EXTENSIONS)]
+        files = [(f, -1) for f in loose]
+    _note_skipped(skipped)
     return files, classes
 
 
-def _load_folder(path, train, size, cache_dir, need_split=False):
+def _all_image_files(path):
+    """[(file, -1)] of every image under folder PATH, recursively (hidden entries and symbolic links to folders
+    left out), sorted by the path inside PATH: a folder scored whole, whatever its layout."""
+    files, skipped = [], []
+    for folder, dirs, _ in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += _image_entries(folder, skipped)
+    _note_skipped(skipped)
+    rel = lambda f: os.path.relpath(f, path).split(os.sep)
+    return [(f, -1) for f in sorted(files, key=rel)]
+
+
+def _load_folder(path, train, size, cache_dir, need_split=False, whole=False):
     """ImageFolder layout PATH/<class>/<image>, or a flat folder of images (unlabeled, y = -1). If PATH has train/
     and test/, `train` picks one, and the class list (the labels) of both is train/'s; need_split (the
     in-distribution data set) refuses a folder without them, since its test images would otherwise be its training
-    images. Decoded once, then cached as a tensor file whose name is a hash of every file's path, size and
+    images. whole (a set to score: --score, --ood): every image under PATH, recursively, unlabeled, whatever its
+    layout. Decoded once, then cached as a tensor file whose name is a hash of every file's path, size and
     modification time (so adding, removing or changing an image re-decodes). -> x, y, classes, names (each image's
     path inside the split folder)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data folder not found: {path}")
+        raise FileNotFoundError(f"data folder not found: {shown(path)}")
     classes = None
-    if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
+    if whole:
+        files, classes = _all_image_files(path), []
+    elif os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
         classes = class_folders(os.path.join(path, "train"))
         path = os.path.join(path, "train" if train else "test")
     elif need_split:
-        raise ValueError(f"folder:{path} has no train/ and test/ subfolders: the test images would be the training "
-                         f"images; split it into {path}/train/ and {path}/test/ (class folders inside are optional)")
-    files, classes = _image_files(path, classes)
+        raise ValueError(f"folder:{shown(path)} has no train/ and test/ subfolders: the test images would be the "
+                         f"training images; split it into {shown(path)}/train/ and {shown(path)}/test/ (class folders "
+                         f"inside are optional)")
+    if not whole:
+        files, classes = _image_files(path, classes)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}")
-    names = [os.path.relpath(f, path) for f, _ in files]
-    h = hashlib.sha1(f"{os.path.abspath(path)}|{size}|{classes}".encode())
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {shown(path)}")
+    names = [shown(os.path.relpath(f, path)) for f, _ in files]
+    h = hashlib.sha1(os.fsencode(f"{os.path.abspath(path)}|{size}|{classes}|{whole}"))
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         for key in pool.map(_cache_key, [f for f, _ in files], chunksize=256):
             h.update(key)
@@ -171,15 +283,15 @@ def _load_folder(path, train, size, cache_dir, need_split=False):
             d = torch.load(cache, weights_only=True)
             return d["x"], d["y"], d["classes"], names
         except Exception:
-            print(f"the cache {cache} is unreadable: decoding {path} again", flush=True)
+            print(f"the cache {cache} is unreadable: decoding {shown(path)} again", flush=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
-        imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0])[None], size)[0], files, chunksize=256))
+        imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0], size)[None], size)[0], files, chunksize=256))
     x, y = torch.stack(imgs), torch.tensor([f[1] for f in files]).long()
     try:
         os.makedirs(cache_dir, exist_ok=True)
         common.save_atomic({"x": x, "y": y, "classes": classes}, cache)
     except OSError as e:                      # a read-only data root still works, only without a cache
-        print(f"note: decoded {path} without caching it ({e.strerror or e})", flush=True)
+        print(f"note: decoded {shown(path)} without caching it ({e.strerror or e})", flush=True)
     return x, y, classes, names
 
 
@@ -192,7 +304,7 @@ def _cache_key(f):
         head = fh.read(65536)
         fh.seek(max(len(head), st.st_size - 65536))
         tail = fh.read(65536)
-    return f"{f}|{st.st_size}|{st.st_mtime_ns}|".encode() + hashlib.sha1(head + tail).digest()
+    return os.fsencode(f"{f}|{st.st_size}|{st.st_mtime_ns}|") + hashlib.sha1(head + tail).digest()
 
 
 def _load_npy(path):
@@ -223,15 +335,16 @@ def _load_odin(name, root, download):
     return folder
 
 
-def load_dataset(spec, train=True, root="data", download=True, size=32, need_split=False, names=False):
+def load_dataset(spec, train=True, root="data", download=True, size=32, need_split=False, names=False, whole=False):
     """Load a data set by spec (see DATASET_SPECS) -> (x uint8 N x 3 x size x size, y int64 (-1 unlabeled), classes),
     and with names=True a fourth item: each image's name (its path inside a folder, else its row index).
 
     Images of another size are resized to `size` once, here. Decoded folders are cached under `root`; need_split:
-    see _load_folder."""
+    see _load_folder. whole (a set to score, --score and --ood): a folder is every image under it, recursively, each
+    named by its path inside it, whatever its layout (train/ and test/ included)."""
     if spec.startswith("folder:") or spec in ODIN_SETS:
         folder = spec[len("folder:"):] if spec.startswith("folder:") else _load_odin(spec, root, download)
-        x, y, classes, files = _load_folder(folder, train, size, os.path.join(root, "cache"), need_split)
+        x, y, classes, files = _load_folder(folder, train, size, os.path.join(root, "cache"), need_split, whole)
         return (x, y, classes, files) if names else (x, y, classes)
     if spec == "digits":
         x, y, classes = _load_digits(train)
@@ -251,14 +364,21 @@ def load_dataset(spec, train=True, root="data", download=True, size=32, need_spl
     return (x, y, classes, [str(i) for i in range(len(x))]) if names else (x, y, classes)
 
 
-def parse_classes(text):
-    """'0-5' -> [0..5]; '3' -> [3]; '0-2,4-9' -> [0,1,2,4,...,9]. Anything else ends the run naming the flag."""
+def parse_classes(text, n_classes=None, flag="--id-classes", data=None):
+    """'0-5' -> [0..5]; '3' -> [3]; '0-2,4-9' -> [0,1,2,4,...,9] (ASCII digits). Anything else, or (given
+    n_classes) an id beyond the data's classes, is a ValueError naming the flag, before any list is built."""
     ids = []
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
-        if not (lo.isdigit() and (hi.isdigit() if dash else True)) or (dash and int(hi) < int(lo)):
-            raise ValueError(f"--id-classes {text!r}: expected class ids or ascending ranges, e.g. 0-5, 3 or 0-2,4-9")
-        ids += list(range(int(lo), int(hi if dash else lo) + 1))
+        if not (re.fullmatch(r"[0-9]+", lo) and (re.fullmatch(r"[0-9]+", hi) if dash else True)) \
+                or (dash and int(hi) < int(lo)):
+            raise ValueError(f"{flag} {text!r}: expected class ids or ascending ranges, e.g. 0-5, 3 or 0-2,4-9")
+        top = int(hi if dash else lo)
+        if n_classes is not None and top >= n_classes:
+            raise ValueError(f"{flag} {text}: expected classes of {data or 'the data set'}: 0-{n_classes - 1}")
+        if top - int(lo) >= 10 ** 6:
+            raise ValueError(f"{flag} {text}: a range of more than a million classes")
+        ids += list(range(int(lo), top + 1))
     return sorted(set(ids))
 
 
@@ -286,7 +406,8 @@ def load_data(args):
     cifar100, interp:cifar10). An OOD set whose images are mostly in-distribution images of the run is refused.
     Returns a namespace: train_x, train_y, test_x, test_y, test_names, ood {name: x}, ood_y {name: labels} (the
     held-out classes only), ood_names {name: each image's name}, classes, id_classes ([] for unlabeled data)."""
-    load = lambda spec, train, split=False: load_dataset(spec, train, args.data_root, True, args.size, split, True)
+    load = lambda spec, train, split=False, whole=False: load_dataset(spec, train, args.data_root, True, args.size,
+                                                                      split, True, whole)
     with rank0_first():   # under torchrun rank 0 downloads and decodes; the others then read its files and cache
         train_x, train_y, classes, _ = load(args.dataset, True, True)
         test_x, test_y, _, test_names = load(args.dataset, False, True)
@@ -294,10 +415,8 @@ def load_data(args):
     n_classes = (len(classes) or int(train_y.max()) + 1) if labeled else 0
     if not labeled and args.id_classes:
         raise ValueError(f"{args.dataset} has no class folders or labels, so --id-classes cannot select from it")
-    ids = parse_classes(args.id_classes or default_id_classes(args.dataset, n_classes)) if labeled else []
-    if ids and ids[-1] >= n_classes:
-        raise ValueError(f"--id-classes {format_classes(ids)} out of range: {args.dataset} has classes "
-                         f"0-{n_classes - 1}")
+    ids = parse_classes(args.id_classes or default_id_classes(args.dataset, n_classes), n_classes,
+                        data=args.dataset) if labeled else []
     named = lambda keep, names: [n for n, k in zip(names, keep.tolist()) if k]
     ood, ood_y, ood_names = {}, {}, {}   # ood_y: labels of the held-out classes (per-class results)
     if ids and len(ids) < n_classes:
@@ -308,15 +427,17 @@ def load_data(args):
         train_x, train_y = train_x[keep], train_y[keep]
         keep = torch.isin(test_y, torch.tensor(ids))
         test_x, test_y, test_names = test_x[keep], test_y[keep], named(keep, test_names)
-    empty = [f"class {classes[c] if classes else c}" for c in ids if not (train_y == c).any()]
-    if empty or not len(train_x) or not len(test_x):
-        raise ValueError(f"{args.dataset}: no {'training' if empty or not len(train_x) else 'test'} images for "
-                         f"{', '.join(empty) or 'the in-distribution classes'} (an empty class folder?)")
+    for split, labels, n in (("training", train_y, len(train_x)), ("test", test_y, len(test_x))):
+        empty = [f"class {classes[c] if classes else c}" for c in ids if not (labels == c).any()]
+        if empty or not n:       # an ID class without test images would be evaluated on the other classes alone
+            raise ValueError(f"{args.dataset}: no {split} images for "
+                             f"{', '.join(empty) or 'the in-distribution classes'} (an empty or missing class folder "
+                             f"in {'train' if split == 'training' else 'test'}/?)")
     specs = args.ood if args.ood is not None else (["svhn", "cifar100", "interp:cifar10"]
                                                    if args.dataset == "cifar10" and not ood else [])
     with rank0_first():
         for spec in specs:
-            ood[spec], _, _, ood_names[spec] = load(spec, False)
+            ood[spec], _, _, ood_names[spec] = load(spec, False, whole=True)     # a folder is scored whole
     for name, x in ood.items():
         if not len(x):
             raise ValueError(f"the OOD set {name} has no images (an empty class folder in test/?)")
@@ -330,20 +451,55 @@ def load_data(args):
                            ood=ood, ood_y=ood_y, ood_names=ood_names, classes=classes, id_classes=ids)
 
 
-def refuse_ood_sets_of_id_images(ood, specs, id_x, most=0.01):
-    """An --ood set in which more than `most` of the images are pixel for pixel in-distribution images of the run
-    (--ood digits on digits, the ID folder itself) would report AUROC ~50 for a wrong reason: ValueError naming it.
-    A few identical images (public sets share some) are only reported."""
+def refuse_ood_sets_of_id_images(ood, specs, id_x, most=0.01, flag="--ood"):
+    """An --ood set (or `flag`'s, e.g. --oe's outliers) in which more than `most` of the images are pixel for pixel
+    in-distribution images of the run (--ood digits on digits, the ID folder itself) would report AUROC ~50 for a
+    wrong reason: ValueError naming it. A few identical images (public sets share some) are only reported, and a set
+    with more than `most` near-duplicates of ID images (near_duplicate_share: re-saved as JPEG, say) is warned of."""
     digest = lambda img: hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
     id_digests = {digest(img) for img in id_x.cpu()}
     for spec in specs:
         same = sum(digest(img) in id_digests for img in ood[spec].cpu())
         if same > most * len(ood[spec]):
-            raise ValueError(f"--ood {spec}: {same} of its {len(ood[spec])} images are in-distribution images of this "
-                             f"run (the same pixels); give an OOD set without them")
+            raise ValueError(f"{flag} {spec}: {same} of its {len(ood[spec])} images are in-distribution images of this "
+                             f"run (the same pixels); give {'an OOD' if flag == '--ood' else 'a'} set without them")
         if same:
-            print(f"note: {same} of the {len(ood[spec])} images of --ood {spec} are also in-distribution images",
+            print(f"note: {same} of the {len(ood[spec])} images of {flag} {spec} are also in-distribution images",
                   flush=True)
+        near = near_duplicate_share(ood[spec], id_x)
+        if near > most:
+            print(f"warning: {flag} {spec}: about {100 * near:.0f}% of its images are near-duplicates of "
+                  f"in-distribution images of this run (8 x 8 thumbnails within {NEAR_DUPLICATE:g} of 255 RMS: the "
+                  f"same pictures re-saved or re-scaled); "
+                  f"{'its AUROC measures' if flag == '--ood' else 'outliers that are ID images teach'} nothing about "
+                  f"OOD detection", flush=True)
+
+
+NEAR_DUPLICATE = 4.0    # RMS distance (0-255) of 8 x 8 thumbnails; JPEG q75-q95 copies <= 3.1, distinct images >= 7.9
+                        # (digits and CIFAR-10 test images against their training images)
+
+
+def near_duplicate_share(x, id_x, sample=512, chunk=4096):
+    """The share of images of x (estimated on up to `sample` of them, evenly spaced) whose 8 x 8 thumbnail is within
+    NEAR_DUPLICATE of an ID image's: a cheap check (a second for CIFAR-10's 60,000) for copies that differ in pixels."""
+    if not len(x) or not len(id_x):
+        return 0.0
+    thumbs = lambda t: torch.cat([F.adaptive_avg_pool2d(t[i:i + chunk].float(), 8).flatten(1)
+                                  for i in range(0, len(t), chunk)])
+    picked = thumbs(x[torch.linspace(0, len(x) - 1, min(sample, len(x))).round().long()].cpu())
+    nearest = torch.full((len(picked),), float("inf"))
+    for i in range(0, len(id_x), chunk):
+        nearest = torch.minimum(nearest, torch.cdist(picked, thumbs(id_x[i:i + chunk].cpu())).min(1).values)
+    return float((nearest / math.sqrt(picked.shape[1]) <= NEAR_DUPLICATE).float().mean())
+
+
+def same_spec(a, b):
+    """Whether two data set specs name the same data: the same text, or folder: paths of one folder (a trailing
+    slash, ./, a symbolic link)."""
+    fa, fb = (s[len("folder:"):] if s.startswith("folder:") else None for s in (a, b))
+    if fa and fb and os.path.isdir(fa) and os.path.isdir(fb):
+        return os.path.samefile(fa, fb)
+    return a == b
 
 
 def simclr_augment(args, **paper):
@@ -452,6 +608,10 @@ def parse_args(parser, presets=None, argv=None, other_data=None):
     args.sources = {k: "command line" if k in typed else (f"preset {name}" if k in preset else
                                                           "default off digits" if k in off_digits else "default")
                     for k in vars(args) if k != "sources"}
+    for a in parser._actions:            # NaN or inf typed for a number: one line, whatever the flag
+        value = getattr(args, a.dest, None)
+        if a.type is float and isinstance(value, float) and not math.isfinite(value) and value != a.default:
+            raise ValueError(f"{a.option_strings[0]} {value}: expected a finite number")
     check_shared(args, resolve=False)   # the shared flags first: a script's own checks may rely on them
     return args
 
@@ -510,7 +670,7 @@ def planned_id_classes(args):
     """The run's in-distribution class ids from the flags and the data's class count alone, no image decoded: []
     for data without classes."""
     n = count_classes(args.dataset)
-    return parse_classes(args.id_classes or default_id_classes(args.dataset, n)) if n else []
+    return parse_classes(args.id_classes or default_id_classes(args.dataset, n), n, data=args.dataset) if n else []
 
 
 def check_spec(spec, flag):
@@ -547,8 +707,7 @@ def check_shared(args, resolve=True):
           f"nothing: {args.dataset} has no class folders, every training image is in-distribution")
     if n:
         text = args.id_classes if args.id_classes is not None else default_id_classes(args.dataset, n)
-        ids = parse_classes(text)
-        check(ids[-1] < n, "--id-classes", text, f"classes of {args.dataset}: 0-{n - 1}")
+        ids = parse_classes(text, n, data=args.dataset)
         if resolve:
             args.id_classes = format_classes(ids)
     check(args.size >= 8, "--size", args.size, "an integer >= 8")
@@ -557,7 +716,7 @@ def check_shared(args, resolve=True):
     check(args.width >= 1, "--width", args.width, "an integer >= 1")
     check(args.epochs >= 1, "--epochs", args.epochs, "an integer >= 1")
     check(args.batch_size >= 2, "--batch-size", args.batch_size, "an integer >= 2 (two images to contrast)")
-    check(args.lr > 0 and math.isfinite(args.lr), "--lr", args.lr, "a finite number > 0")
+    check(0 < args.lr <= FLOAT32_MAX, "--lr", args.lr, "a finite number > 0 (at most 3.4e38: the optimizer's float)")
     check(0 <= args.final_lr <= args.lr, "--final-lr", args.final_lr, f"a number in [0, --lr {args.lr}]")
     check(args.warmup_epochs >= 0, "--warmup-epochs", args.warmup_epochs, "an integer >= 0")
     check(0 <= args.momentum < 1, "--momentum", args.momentum, "a number in [0, 1)")
@@ -567,10 +726,66 @@ def check_shared(args, resolve=True):
     check(0 <= args.seed < 2 ** 32, "--seed", args.seed, "an integer in [0, 2^32 - 1] (NumPy's seeds are 32-bit)")
     check(not (args.resume and args.overwrite), "--resume", "--overwrite", "one of the two, not both")
     get_device(args.device)                             # a device this machine does not have: now, not at first use
+    check_sizes(args)
 
 
-def get_device(name="auto"):
-    """--device -> a torch.device this machine has; ValueError naming the flag for an unknown or absent one."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def memory_bytes(device):
+    """What the device can hold: a GPU's memory, else the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):       # a system that does not say (Windows): no check
+        return float("inf")
+
+
+def check_memory(args, flag, value, need, what):
+    """One line, before any work, for a setting that cannot fit: `need` bytes (a lower bound) for `what`."""
+    device = get_device(args.device)
+    have = memory_bytes(device)
+    memory = "GPU memory" if device.type == "cuda" else "memory"
+    check(need <= have, flag, value, f"a smaller value: {what} alone would need {need / 2 ** 30:,.1f} GiB, more than "
+                                     f"the {have / 2 ** 30:,.0f} GiB of {memory} of this machine")
+
+
+def encoder_size(arch, width, **head):
+    """(parameters, embedding width) of common.Encoder(arch, width, **head), counted on the meta device (no memory,
+    no time whatever the width); (0, 0) for settings it cannot build (their own checks name them)."""
+    try:
+        with torch.device("meta"):
+            model = common.Encoder(arch, width=width, **head)
+    except Exception:
+        return 0, 0
+    return sum(p.numel() for p in model.parameters()), model.feat_dim
+
+
+def check_sizes(args):
+    """Settings that cannot fit in memory, said before any image is decoded: the encoder (--width, a method's
+    --proj-dim: 16 bytes a parameter with its gradient and optimizer state) and one training batch (--size,
+    --batch-size: two float views of each image and the first layer's output)."""
+    head = {k: getattr(args, k) for k in ("proj_dim", "proj_hidden") if getattr(args, k, None)}
+    params, _ = encoder_size(args.arch, args.width, **head)
+    with_head = params - encoder_size(args.arch, args.width)[0] if head else 0
+    big = max(head, key=head.get) if head else None                  # the head's larger side names the flag
+    flag, value = (f"--{big.replace('_', '-')}", head[big]) if with_head > params / 2 else ("--width", args.width)
+    check_memory(args, flag, value, 16 * params, f"the encoder's {params:,} parameters (with their gradients and "
+                                                 f"optimizer state)")
+    first = args.width if args.arch in common.CIFAR_ARCHS else 0
+    typed = [getattr(args, "sources", {}).get(k) == "command line" for k in ("batch_size", "size")] == [True, False]
+    check_memory(args, *(("--batch-size", f"{args.batch_size} (at --size {args.size})") if typed else
+                         ("--size", f"{args.size} (with --batch-size {args.batch_size})")),
+                 2 * args.batch_size * (3 + first) * args.size ** 2 * 4,
+                 f"one batch of {args.batch_size} image pairs of {args.size} x {args.size} pixels")
+
+
+def get_device(name="auto", flag="--device"):
+    """--device -> a torch.device this machine has; ValueError naming the flag (or the function `flag` whose device
+    argument it is) for an unknown or absent one."""
+    said, use = (f"{flag} {name}", f"{flag} cpu") if flag.startswith("--") else (f"{flag}(device={name!r})",
+                                                                                  "device='cpu'")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -579,18 +794,18 @@ def get_device(name="auto"):
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+        raise ValueError(f"{said}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU that PyTorch {torch.__version__} can use; "
-                         f"use --device cpu (or auto)")
+        raise ValueError(f"{said}: this machine has no CUDA GPU that PyTorch {torch.__version__} can use; "
+                         f"use {use} (or auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+        raise ValueError(f"{said}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                          f"cuda:0-{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {name}: Apple's MPS is not available on this machine; use --device cpu (or auto)")
+        raise ValueError(f"{said}: Apple's MPS is not available on this machine; use {use} (or auto)")
     return device
 
 
@@ -1430,10 +1645,16 @@ class Scorer:
     """A finished run's model with what its scores need: scores (higher = in-distribution) and OOD decisions for
     uint8 images, from the run folder alone (no training flag, no training data):
 
-        scorer = common.Scorer.load("runs/ccl-digits")
-        scores, is_ood = scorer(x)        # x: uint8 N x 3 x H x W (resized to the run's --size); {score name: N}
-        scorer.thresholds                 # {score name: t}; is_ood = score < t
+        scorer = harness.Scorer.load("runs/ccl-digits")
+        scores, is_ood = scorer(x)        # x: images (below), resized to the run's --size; {score name: N}
+        scorer.thresholds                 # {score name: t}; is_ood = not score >= t (a NaN score is OOD)
         scorer.set_tpr(0.99)              # new thresholds from the run's own ID test scores
+
+    x, the images (as_images): a uint8 tensor N x 3 x H x W (or N x H x W x 3), a uint8 NumPy array N x H x W x 3
+    (or N x 3 x H x W), one such image without N, a PIL image, an image file's path, or a list of any of these
+    (sizes may differ). Integer images hold 0-255, float images 0-1 (torchvision's ToTensor); grey (1 channel) is
+    made RGB. Anything else (float 0-255, NaN, 4 channels, ...) is a ValueError that says what is expected: never a
+    silent wrong score.
 
     `script` names the method module that defines build_model(s) (the untrained model from the run's settings s)
     and score(model, state, x, s) -> {score name: N scores}; `state` holds the tensors those scores need
@@ -1463,9 +1684,13 @@ class Scorer:
 
     @torch.no_grad()
     def scores(self, x):
-        """{score name: float32 CPU tensor of len(x) scores}, in float32 whatever the caller's autocast."""
+        """{score name: float32 CPU tensor of one score per image}, in float32 whatever the caller's autocast."""
         device = next(self.model.parameters()).device
-        x = resize_uint8(torch.as_tensor(x), self.settings["size"]).to(device)
+        x = as_images(x, self.settings["size"]).to(device)
+        if not len(x):
+            if not self.thresholds:
+                raise ValueError("no images to score")
+            return {k: torch.empty(0) for k in self.thresholds}
         was_training = self.model.training
         self.model.eval()
         with torch.autocast(device.type, enabled=False):
@@ -1488,7 +1713,7 @@ class Scorer:
         if not self.thresholds:
             raise ValueError("this scorer has no thresholds yet (the run sets them on its ID test images)")
         scores = self.scores(x)
-        return scores, {k: v < self.thresholds[k] for k, v in scores.items()}
+        return scores, {k: declared_ood(v, self.thresholds[k]) for k, v in scores.items()}
 
     def save(self, out):
         """out/scorer.pt (atomic): what scoring needs, a SHA-256 over all of it, and the run record."""
@@ -1503,6 +1728,7 @@ class Scorer:
         """The Scorer of the finished run in folder `out` (load_plain: the file never runs code), its content
         checked against the SHA-256 it was saved with; `tpr`: thresholds set anew from the run's ID test scores."""
         path = os.path.join(out, cls.FILE)
+        device = get_device(str(device), "Scorer.load")     # a GPU this machine lacks: one line, not torch's
         if not os.path.exists(path):
             raise FileNotFoundError(_no_scorer(out))
         c = common.load_plain(path, "scorer file", "cpu")
@@ -1589,6 +1815,57 @@ def _no_scorer(out):
 CSV_NAME_MAX = 100      # characters of a set's name kept readable in its CSV's file name
 
 
+def declared_ood(scores, threshold):
+    """The decision: OOD where a score is below the threshold, or is not a finite number (a NaN or inf score says the
+    model could not score the image, never that it is in-distribution)."""
+    return ~(torch.isfinite(scores) & (scores >= threshold))
+
+
+def as_images(x, size):
+    """The images a Scorer accepts (see Scorer) -> uint8 N x 3 x size x size; ValueError for anything else."""
+    from PIL import Image, ImageOps
+    if isinstance(x, (list, tuple)):
+        ones = [as_images(one, size) for one in x]
+        return torch.cat(ones) if ones else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    if isinstance(x, (str, os.PathLike)):
+        return resize_uint8(_decode(os.fspath(x), size)[None], size)
+    if isinstance(x, Image.Image):
+        return resize_uint8(image_tensor(ImageOps.exif_transpose(x))[None], size)
+    expected = ("expected uint8 images N x 3 x H x W or N x H x W x 3 (one image: without N), a PIL image, a file "
+                "path or a list of these")
+    if not isinstance(x, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"images of type {type(x).__name__}: {expected}")
+    channels_last = isinstance(x, np.ndarray)             # each library's own layout where the shape allows both
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "uif" and x.dtype != np.bool_:
+            raise ValueError(f"images of NumPy dtype {x.dtype}: {expected}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if x.ndim == 3:
+        x = x[None]
+    first, last = x.ndim == 4 and x.shape[1] in (1, 3), x.ndim == 4 and x.shape[-1] in (1, 3)
+    if not (first or last):
+        raise ValueError(f"images of shape {tuple(x.shape)}: {expected} (1 or 3 channels)")
+    if last and (channels_last or not first):
+        x = x.permute(0, 3, 1, 2).contiguous()
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"images of dtype {x.dtype}: {expected}")
+    if x.dtype != torch.uint8 and x.numel():
+        lo, hi = x.min().item(), x.max().item()
+        if x.is_floating_point():
+            if not torch.isfinite(x).all():
+                raise ValueError("images with NaN or infinite values: no score can be given to them")
+            if lo < 0 or hi > 1:
+                raise ValueError(f"float images with values in [{lo:g}, {hi:g}]: expected float images in [0, 1] "
+                                 f"(torchvision's ToTensor), or uint8 images 0-255")
+            x = (x.double() * 255).round()
+        elif lo < 0 or hi > 255:
+            raise ValueError(f"{x.dtype} images with values in [{lo}, {hi}]: expected 8-bit values 0-255 (uint8 "
+                             f"images; 16-bit: divide by 257)")
+    x = x.to(torch.uint8)
+    x = x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+    return resize_uint8(x, size) if len(x) else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
 def csv_name(set_name):
     """A set's CSV file name, one per set: its name with every character but ASCII letters, digits, '.', '-' made
     '_'. The name of a set given by a path (a spec with ':') or too long ends in 12 hex digits of the SHA-256 of its
@@ -1620,7 +1897,7 @@ def write_scores_csv(path, names, scores, thresholds):
             w = csv.writer(f)
             w.writerow(["image"] + keys + [f"ood_{k}" for k in keys])
             columns = [scores[k].tolist() for k in keys]
-            flags = [(scores[k] < thresholds[k]).int().tolist() for k in keys]
+            flags = [declared_ood(scores[k], thresholds[k]).int().tolist() for k in keys]
             for row in zip(names, *columns, *flags):
                 w.writerow([csv_text(str(row[0]))] + [f"{v:.9g}" for v in row[1:1 + len(keys)]] +
                            list(row[1 + len(keys):]))
@@ -1633,7 +1910,7 @@ def print_decisions(scorer, sets, where):
           + ", ".join(f"{k} {t:.6g}" for k, t in scorer.thresholds.items()), flush=True)
     for name, scores in sets.items():
         print(f"  {name}: {len(next(iter(scores.values())))} images, declared OOD: "
-              + ", ".join(f"{k} {100 * float((v < scorer.thresholds[k]).float().mean()):.1f}%" for k, v in scores.items()),
+              + ", ".join(f"{k} {100 * float(declared_ood(v, scorer.thresholds[k]).float().mean()):.1f}%" for k, v in scores.items()),
               flush=True)
 
 
@@ -1656,7 +1933,8 @@ def score_later(args, script):
     remove_orphans(folder, csv=True)
     sets = {}
     for spec in dict.fromkeys(args.score):                     # a set given twice is scored once
-        x, _, _, names = load_dataset(spec, False, args.data_root, True, scorer.settings["size"], names=True)
+        x, _, _, names = load_dataset(spec, False, args.data_root, True, scorer.settings["size"], names=True,
+                                      whole=True)
         sets[spec] = scores = scorer.scores(x)
         path = os.path.join(folder, csv_name(spec))
         write_scores_csv(path, names, scores, scorer.thresholds)

@@ -531,7 +531,7 @@ def check_args(args):
                  "an integer >= 1")
     harness.check(args.proj_dim >= 1, "--proj-dim", args.proj_dim, "an integer >= 1")
     harness.check(0 < args.fit_fraction <= 1, "--fit-fraction", args.fit_fraction, "a number in (0, 1]")
-    harness.check(args.ridge >= 0, "--ridge", args.ridge, "a number >= 0")
+    harness.check(args.ridge > 0, "--ridge", args.ridge, "a finite number > 0 (0 leaves a class's covariance singular)")
     for k, v in (PAPER_INFERENCE if training_augment(args).flip else DIGITS_INFERENCE).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -568,7 +568,11 @@ def main(args, data, device, t_start):
     train = harness.trainer(args, "mcl", "checkpoint.pt", views=2 * n_rot)               # nesterov: from --nesterov
     train_mcl(model, x, labels, aug, train, n_rot, args.tau, alpha, beta, spa_weight)
 
-    state = score_state(model, x, labels, n_classes, min(args.sei, N_ROT), args.fit_fraction, args.ridge, args.seed)
+    try:
+        state = score_state(model, x, labels, n_classes, min(args.sei, N_ROT), args.fit_fraction, args.ridge, args.seed)
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"--ridge {args.ridge}: a class covariance is not positive-definite with it; give a larger "
+                         f"--ridge (the trained model is kept: --resume scores it again)") from None
     scorer = harness.Scorer.from_args("mcl", args, model, state)
     test_y = to_index(data.test_y) if has_labels else None
     accuracy = {k: accuracy_of(pred, test_y, args.labels == "kmeans")

@@ -175,7 +175,7 @@ def exposed_classes(labels, id_classes, oe_classes=None):
             raise ValueError("--oe is the in-distribution data set and every class of it is in-distribution: "
                              "no class is left to serve as outliers")
         return outside
-    chosen = harness.parse_classes(oe_classes)
+    chosen = harness.parse_classes(oe_classes, int(labels.max()) + 1, "--oe-classes")
     if set(chosen) & set(id_classes):
         raise ValueError(f"--oe-classes {oe_classes}: expected classes outside the in-distribution classes "
                          f"{harness.format_classes(id_classes)}")
@@ -210,18 +210,21 @@ def load_outliers(args, data, device):
     whole set). --oe-classes selects classes of a labelled set; when --oe is the in-distribution data set, the
     outliers are exposed_classes (never an ID class) and leave the evaluated OOD set (data, without_classes)."""
     x, y, _ = harness.load_dataset(args.oe, True, args.data_root, True, args.size)
-    if (args.oe_classes or args.oe == args.dataset) and y.min() < 0:
+    is_id_set = harness.same_spec(args.oe, args.dataset)
+    if (args.oe_classes or is_id_set) and y.min() < 0:
         raise ValueError(f"--oe {args.oe} has no labels, so no class of it can be chosen as outliers"
-                         + (" (it is the in-distribution data set)" if args.oe == args.dataset else ""))
-    if args.oe == args.dataset:
+                         + (" (it is the in-distribution data set)" if is_id_set else ""))
+    if is_id_set:
         ids = exposed_classes(y, data.id_classes, args.oe_classes)
         data = without_classes(data, ids)
     else:
-        ids = harness.parse_classes(args.oe_classes) if args.oe_classes else None
+        ids = harness.parse_classes(args.oe_classes, int(y.max()) + 1, "--oe-classes", args.oe) \
+            if args.oe_classes else None
     if ids is not None:
         x, _ = select_classes(x, y, ids)
     if len(x) == 0:
         raise ValueError(f"--oe {args.oe} {args.oe_classes or ''}: no outlier images")
+    harness.refuse_ood_sets_of_id_images({args.oe: x}, [args.oe], torch.cat([data.train_x, data.test_x]), flag="--oe")
     return x.to(device), data, ids
 
 
@@ -248,9 +251,15 @@ def run(args):
     outliers = f"{args.oe}" + (f" classes {harness.format_classes(oe_ids)}" if oe_ids else "")
     print(f"{len(data.train_x)} ID training images; outliers: " + (f"rotations by {args.oe_rotations} degrees"
           if args.self_oe else f"{len(oe_x)} images of {outliers}"), flush=True)
+    if args.alpha > 0 and args.oe_warmup >= args.epochs:
+        print(f"note: --oe-warmup {args.oe_warmup} ({args.sources.get('oe_warmup')}) >= --epochs {args.epochs}: the "
+              f"outlier term never applies, so this run is plain SimCLR (--oe-warmup 0 applies it at once)", flush=True)
     model = train_stage(args, data.train_x.to(device), oe_x, device)
     scorer = harness.Scorer.from_args("oecl", args, model.eval(), score_state(model))
     method = "self-OECL" if args.self_oe else f"OECL (outliers: {outliers})"
+    if args.alpha > 0 and args.oe_warmup >= args.epochs:          # a shortened preset or default: say what it was
+        method = f"SimCLR: {method} whose outlier term never applied (--oe-warmup {args.oe_warmup} >= --epochs " \
+                 f"{args.epochs})"
     return harness.finish(args, method, scorer, data, device, t_start)
 
 
@@ -429,7 +438,9 @@ def check_args(args):
         harness.check(args.oe is not None, "--oe-classes", args.oe_classes, "--oe SPEC with it")
         harness.check(CLASSES.fullmatch(args.oe_classes), "--oe-classes", args.oe_classes, "class ids, e.g. 6-7 or 0,2")
         harness.check(not args.oe.startswith("npy:"), "--oe-classes", args.oe_classes, "a labelled --oe (npy: has none)")
-    harness.check(not (args.all_classes and args.oe == args.dataset), "--oe", args.oe,
+        if harness.count_classes(args.oe):
+            harness.parse_classes(args.oe_classes, harness.count_classes(args.oe), "--oe-classes", args.oe)
+    harness.check(not (args.all_classes and args.oe and harness.same_spec(args.oe, args.dataset)), "--oe", args.oe,
                  "an outlier set other than --dataset with --all-classes (each class is in-distribution in some run)")
     for flag, text in (("--id-rotations", args.id_rotations), ("--oe-rotations", args.oe_rotations)):
         harness.check(re.fullmatch(r"(0|90|180|270)(,(0|90|180|270))*", text), flag, text,
@@ -441,6 +452,11 @@ def check_args(args):
     harness.check(args.tau > 0, "--tau", args.tau, "a number > 0")
     harness.check(0 < args.crop_scale <= 1, "--crop-scale", args.crop_scale, "a number in (0, 1]")
     harness.check(args.n_aug >= 0, "--n-aug", args.n_aug, "an integer >= 0 (0: the clean view only)")
+    harness.check_memory(args, "--n-aug", args.n_aug, (1 + args.n_aug) * (3 + args.width) * args.size ** 2 * 4,
+                         f"the {1 + args.n_aug} views of one image through the first layer")
+    harness.check(args.alpha == 0 or args.oe_warmup < args.epochs or args.sources.get("oe_warmup") != "command line",
+                  "--oe-warmup", args.oe_warmup, f"fewer than --epochs {args.epochs}: the outlier term starts after "
+                  f"the warm-up, so this run would be plain SimCLR (--oe-warmup 0 starts it at once)")
     harness.check(args.all_classes == (args.protocol is not None), "--protocol", args.protocol,
                  "--protocol and --all-classes together (one class: --id-classes 3, or --id-classes 0-2,4-9)")
     harness.check(not (args.all_classes and args.id_classes), "--id-classes", args.id_classes,

@@ -895,13 +895,17 @@ def check_args(args):
               "an integer >= 0 (0: no self-labelling)" if stage == "selflabel" else "an integer >= 1")
         check(batch >= 2, f"--{stage}-batch-size", batch, "an integer >= 2")
         lr = getattr(args, f"{stage}_lr")
-        check(lr > 0, f"--{stage}-lr", lr, "a number > 0")
+        check(0 < lr <= harness.FLOAT32_MAX, f"--{stage}-lr", lr,
+              "a finite number > 0 (at most 3.4e38: the optimizer's float)")
         if stage != "adapt":
             wd = getattr(args, f"{stage}_weight_decay")
             check(wd >= 0, f"--{stage}-weight-decay", wd, "a number >= 0")
     if "scan" in stages:
         check(args.num_neighbors >= 1, "--num-neighbors", args.num_neighbors, "an integer >= 1")
         check(args.heads >= 1, "--heads", args.heads, "an integer >= 1")
+        feat = harness.encoder_size(args.arch, args.width)[1]
+        harness.check_memory(args, "--heads", args.heads, 16 * args.heads * max(args.clusters, 2) * (feat + 1),
+                             f"{args.heads} heads of {max(args.clusters, 2)}+ clusters (with gradients, Adam state)")
         check(args.entropy_weight >= 0, "--entropy-weight", args.entropy_weight, "a number >= 0")
         check(0 < args.confidence < 1, "--confidence", args.confidence, "a number in (0, 1)")
         check(0 < args.val_fraction <= 0.5, "--val-fraction", args.val_fraction, "a number in (0, 0.5]")

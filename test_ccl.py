@@ -453,6 +453,7 @@ def test_presets_resolve_override_and_reach_the_checkpoint(tmp_path):
     (["--subset", "96", "--clusters", "200"], "--clusters 200: expected fewer than the 96 training images"),
     (["--subset", "96", "--clusters", "96"], "--clusters 96: expected fewer than the 96 training images"),
     (["--subset", "96", "--score-k", "200"], "--score-k 200: expected at most the 96 training images"),
+    (["--n-aug", "10000000"], "--n-aug 10000000: expected a smaller value: the 10000000 views of one image"),
 ])
 def test_bad_input_fails_with_one_line_before_setup(flags, message, tmp_path):
     with pytest.raises(SystemExit) as e:

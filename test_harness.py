@@ -3,6 +3,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -211,6 +212,14 @@ def run_selfcheck(tmp_path, *argv):
     (["--resume", "--overwrite"], "--resume --overwrite: expected one of the two"),
     (["--preset", "nope"], "--preset nope: expected one of"),
     (["--device", "gpu7"], "--device gpu7: expected auto, cpu"),
+    (["--lr", "1e300"], "--lr 1e+300: expected a finite number > 0 (at most 3.4e38"),
+    (["--weight-decay", "inf"], "--weight-decay inf: expected a finite number"),
+    (["--momentum", "nan"], "--momentum nan: expected a finite number"),
+    (["--id-classes", "\u00b2"], "--id-classes '\u00b2': expected class ids"),
+    (["--id-classes", "0-99999999999"], "--id-classes 0-99999999999: expected classes of digits: 0-9"),
+    (["--size", "30000"], "--size 30000 (with --batch-size 32): expected a smaller value: one batch of 32 image pairs"),
+    (["--batch-size", "100000000"], "--size 8 (with --batch-size 100000000): expected a smaller value"),
+    (["--width", "100000"], "--width 100000: expected a smaller value: the encoder's"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, argv, message):
     (tmp_path / "run").mkdir()
@@ -760,6 +769,130 @@ def test_a_run_scores_every_image_and_scores_new_images_later_from_its_folder_al
 def test_plain_simclr_scores_follow_the_image_and_score_reproduces_its_csvs(tmp_path):
     assert isinstance(selfcheck(tmp_path, "--out", str(tmp_path / "run"), "--subset", "64"), dict)
     assert_scores_follow_the_image(harness.main, tmp_path / "run")
+
+
+def test_a_folder_given_to_score_or_ood_is_scored_whole_each_image_named_by_its_path(tmp_path):
+    rng = np.random.RandomState(0)
+    save = lambda path: (os.makedirs(path.parent, exist_ok=True),
+                         Image.fromarray(rng.randint(0, 256, (10, 10, 3), dtype=np.uint8)).save(path))
+    for i in range(12):
+        save(tmp_path / "X" / f"{i}.png")
+    save(tmp_path / "X" / "thumbs" / "t0.png"), save(tmp_path / "X" / "thumbs" / "t1.png")
+    save(tmp_path / "X" / ".hidden" / "h.png")                                   # hidden entries are not images
+    for split in ("train", "test", "extra"):
+        save(tmp_path / "Y" / split / "0.png")
+    load = lambda spec, **kw: harness.load_dataset(spec, False, str(tmp_path / "data"), False, 8, names=True, **kw)
+    x, y, _, names = load(f"folder:{tmp_path / 'X'}", whole=True)
+    assert len(x) == 14 and names[-2:] == [os.path.join("thumbs", "t0.png"), os.path.join("thumbs", "t1.png")]
+    assert (y == -1).all() and load(f"folder:{tmp_path / 'Y'}", whole=True)[3] == [
+        os.path.join(s, "0.png") for s in ("extra", "test", "train")]
+    assert load(f"folder:{tmp_path / 'Y'}")[3] == ["0.png"]                     # training specs keep test/
+    with pytest.raises(ValueError, match="holds images beside its class folders"):  # as training data: no class
+        load(f"folder:{tmp_path / 'X'}")
+    args = args_for(tmp_path, "--ood", f"folder:{tmp_path / 'X'}", "--subset", "64")
+    harness.check_shared(args)
+    assert harness.load_data(args).ood_names[f"folder:{tmp_path / 'X'}"] == names     # --ood: whole as well
+    sets = selfcheck(tmp_path, "--out", str(tmp_path / "run"), "--epochs", "1", "--subset", "64")
+    sets = selfcheck(tmp_path, "--out", str(tmp_path / "run"), "--score", f"folder:{tmp_path / 'X'}")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "scored" / csv_name_of(tmp_path / "X"))))
+    assert [r["image"] for r in rows] == names and len(sets[f"folder:{tmp_path / 'X'}"]["knn_h"]) == 14
+
+
+def test_images_decode_as_a_viewer_shows_them_and_odd_files_are_named(tmp_path, monkeypatch, capsys):
+    from PIL import Image as PILImage
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[:, :10] = 255                                                   # white left half, 20 wide and 10 high
+    img = PILImage.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6                                                  # EXIF: rotate 90 degrees clockwise to view
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    x = harness._decode(str(tmp_path / "rot.jpg"))
+    assert x.shape == (3, 20, 10) and x[:, :10].float().mean() > 200 > 50 > x[:, 10:].float().mean()   # top white
+    PILImage.fromarray(np.array([[0, 257 * 100, 65535]], np.uint16)).save(tmp_path / "g16.png")
+    assert harness._decode(str(tmp_path / "g16.png"))[0].tolist() == [[0, 100, 255]]       # scaled, not clipped
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)             # Pillow's own guard does not apply ...
+    assert harness._decode(str(tmp_path / "g16.png")).shape == (3, 1, 3) and PILImage.MAX_IMAGE_PIXELS == 10
+    monkeypatch.setattr(harness, "MAX_PIXELS", 100)                   # ... ours says the size
+    PILImage.fromarray(np.zeros((10, 20, 3), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match=r"big.png is 20 x 10 pixels \(0 megapixels\): more than the 0 megapixels"):
+        harness._decode(str(tmp_path / "big.png"))
+    assert harness._decode(str(tmp_path / "rot.jpg")).shape[1:] == (10, 5)   # a JPEG is decoded at a reduced scale
+    monkeypatch.undo()
+    folder = tmp_path / "odd"
+    os.makedirs(folder)
+    PILImage.fromarray(a).save(folder / "ok.png")
+    os.mkfifo(folder / "pipe.png")                                    # would block the run if opened
+    with open(os.path.join(os.fsencode(folder), b"caf\xff.png"), "wb") as f:
+        f.write((folder / "ok.png").read_bytes())
+    x, _, _, names = harness.load_dataset(f"folder:{folder}", False, str(tmp_path / "data"), False, 8, names=True,
+                                          whole=True)
+    assert names == ["caf\\xff.png", "ok.png"]                         # the byte 0xff shown, the pipe skipped:
+    assert re.search(r"note: skipped 1 entry that is not a regular file .*pipe.png", capsys.readouterr().out)
+    (folder / "caf\udcff.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"image will not decode: \S+caf\\xff.png \(Unid"):
+        harness.load_dataset(f"folder:{folder}", False, str(tmp_path / "data2"), False, 8, whole=True)
+
+
+def test_the_python_scorer_takes_what_a_user_has_or_says_what_it_expects(tmp_path):
+    selfcheck(tmp_path, "--out", str(tmp_path / "run"), "--epochs", "1", "--subset", "64")
+    scorer = harness.Scorer.load(str(tmp_path / "run"))
+    x = harness.load_dataset("digits", False, size=8)[0][:3]
+    ref = scorer(x)[0]["knn_h"]
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(tmp_path / "0.png")
+    same = {"float 0-1": x.float() / 255, "int64": x.long(), "NHWC numpy": x.permute(0, 2, 3, 1).numpy(),
+            "NHWC tensor": x.permute(0, 2, 3, 1), "list": list(x), "PIL": [Image.fromarray(i.permute(1, 2, 0).numpy())
+                                                                         for i in x]}
+    for name, images in same.items():
+        assert torch.equal(scorer(images)[0]["knn_h"], ref), name
+    for one in (x[0], str(tmp_path / "0.png")):              # one image: a batch of one (float sums differ ~1e-7)
+        assert torch.allclose(scorer(one)[0]["knn_h"], ref[:1], atol=1e-5)
+    assert [len(scorer(e)[0]["knn_h"]) for e in (x[:0], [])] == [0, 0]
+    for images, message in ((x.float(), r"float images with values in \[0, 2\d\d\]: expected float images in \[0, 1\]"),
+                            (x.long() * 257, "int64 images with values in"),
+                            (x.float().fill_(float("nan")), "NaN or infinite"),
+                            (torch.cat([x, x[:, :1]], 1), r"images of shape \(3, 4, 8, 8\): expected uint8"),
+                            (x[0, 0], "images of shape"), ({}, "images of type dict")):
+        with pytest.raises(ValueError, match=message):
+            scorer(images)
+    t = scorer.thresholds["knn_h"]
+    scores = torch.tensor([float("nan"), float("inf"), -float("inf"), t, t - 1])
+    assert harness.declared_ood(scores, t).tolist() == [True, True, True, False, True]   # never NaN declared ID
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"Scorer.load\(device='cuda'\): this machine has no CUDA GPU"):
+            harness.Scorer.load(str(tmp_path / "run"), device="cuda")
+
+
+def test_overlap_with_the_id_data_is_found_by_content(tmp_path, capsys):
+    import io
+    train, test = (harness.load_dataset("digits", split, size=16)[0] for split in (True, False))
+
+    def jpeg(x):
+        out = []
+        for img in x:
+            f = io.BytesIO()
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(f, "JPEG", quality=95)
+            out.append(torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1))
+        return torch.stack(out)
+    assert harness.near_duplicate_share(jpeg(test), train) == 0                     # distinct digits
+    assert harness.near_duplicate_share(jpeg(test), torch.cat([train, test])) == 1  # the test images re-saved
+    harness.refuse_ood_sets_of_id_images({"q95": jpeg(test)}, ["q95"], torch.cat([train, test]))
+    assert "warning: --ood q95: about 100% of its images are near-duplicates" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--oe same: 360 of its 360 images are in-distribution images"):
+        harness.refuse_ood_sets_of_id_images({"same": test}, ["same"], test, flag="--oe")
+    os.makedirs(tmp_path / "D")
+    os.symlink(tmp_path / "D", tmp_path / "L")
+    assert harness.same_spec(f"folder:{tmp_path / 'D'}/", f"folder:{tmp_path / 'D'}")
+    assert harness.same_spec(f"folder:{tmp_path / 'L'}", f"folder:{tmp_path / 'D'}/.")
+    assert not harness.same_spec(f"folder:{tmp_path / 'D'}", "digits") and harness.same_spec("digits", "digits")
+
+
+def test_an_id_class_without_test_images_is_one_line(tmp_path):
+    _digits_folder(tmp_path / "set", classes=range(4), per_class=3)
+    for f in os.listdir(tmp_path / "set" / "test" / "2"):
+        os.remove(tmp_path / "set" / "test" / "2" / f)
+    message = selfcheck(tmp_path, "--dataset", f"folder:{tmp_path / 'set'}", "--id-classes", "0-2",
+                        "--out", str(tmp_path / "r"))
+    assert message.endswith("no test images for class 2 (an empty or missing class folder in test/?)"), message
 
 
 def csv_name_of(path):

@@ -350,11 +350,14 @@ def test_inference_defaults_digits_and_paper():
 
 @pytest.mark.parametrize("flag, value", [("--tau", "0.0"), ("--alpha", "-1.0"), ("--spa-weight", "-0.5"),
                                          ("--fit-fraction", "0.0"), ("--min-crop", "1.5"), ("--ridge", "-1.0"),
-                                         ("--clusters", "-2"), ("--simclr-epochs", "0"), ("--proj-dim", "0")])
+                                         ("--clusters", "-2"), ("--simclr-epochs", "0"), ("--proj-dim", "0"),
+                                         ("--ridge", "0.0"), ("--proj-dim", "1000000000")])
 def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flag, value):
     with pytest.raises(SystemExit, match=f"{flag} {value}: expected"):
         mcl.main([flag, value, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="--ridge inf: expected a finite number"):         # inf and NaN, any flag
+        mcl.main(["--ridge", "inf", "--out", str(tmp_path / "run")])
 
 
 def tiny_net():

@@ -218,7 +218,7 @@ def test_presets_resolve_and_flags_override():
 def test_digits_oecl_evaluates_unexposed_classes_and_checkpoint_records_settings(tmp_path):
     # Outliers: training digits 6-7; the OOD test set keeps only the never-seen classes 8-9.
     res = oecl.main(["--oe", "digits", "--oe-classes", "6-7", "--subset", "128", "--epochs", "1", "--n-aug", "2",
-                     *TINY, "--out", str(tmp_path)])
+                     "--oe-warmup", "0", *TINY, "--out", str(tmp_path)])
     assert set(res["metrics"]) == {"norm", "ensemble", "mean_sq_norm"} and res["method"] == "OECL (outliers: digits classes 6-7)"
     assert set(res["metrics"]["ensemble"]) == {"classes 8-9"} and set(res["baselines"]["pixels_knn"]) == {"classes 8-9"}
     assert 0 <= res["metrics"]["ensemble"]["classes 8-9"]["auroc"] <= 100
@@ -308,6 +308,14 @@ def test_outliers_of_another_size_and_count(tmp_path):
     assert 0 <= res["metrics"]["ensemble"]["classes 6-9"]["auroc"] <= 100
 
 
+def test_outliers_that_are_in_distribution_images_are_refused_by_content(tmp_path):
+    x, y, _ = harness.load_dataset("digits", True, size=16)          # the ID training images (classes 0-5) as an array
+    np.save(tmp_path / "id.npy", x[y < 6].permute(0, 2, 3, 1).numpy())
+    with pytest.raises(SystemExit, match=r"--oe npy:\S+id.npy: 872 of its 872 images are in-distribution images"):
+        oecl.main(["--oe", f"npy:{tmp_path / 'id.npy'}", "--epochs", "1", *TINY, "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
 def test_bad_input_fails_clearly(tmp_path):
     out = ["--out", str(tmp_path / "never")]
     for argv, msg in ((["--oe", "digits", "--self-oe"], "exactly one of"),
@@ -319,6 +327,9 @@ def test_bad_input_fails_clearly(tmp_path):
                       (["--alpha", "-1"], "--alpha -1.0"),
                       (["--crop-scale", "0"], "--crop-scale 0.0"),
                       (["--n-aug", "-1"], "--n-aug -1"),
+                      (["--n-aug", "10000000"], "--n-aug 10000000: expected a smaller value"),
+                      (["--epochs", "1", "--oe-warmup", "5"], "--oe-warmup 5: expected fewer than --epochs 1"),
+                      (["--oe", "digits", "--oe-classes", "0-99999999999"], "--oe-classes 0-99999999999: expected cl"),
                       (["--protocol", "one-vs-rest"], "together"),
                       (["--all-classes"], "together"),
                       (["--protocol", "leave-one-out", "--all-classes", "--id-classes", "3"], "none with --all-classes")):

@@ -573,6 +573,10 @@ def test_stage_flags_are_checked_only_when_their_stage_runs():
     scan_ood.check_args(args)
     with pytest.raises(ValueError, match=re.escape("--adapt-batch-size 64: expected at most the 60 training images")):
         scan_ood.check_sizes(args, 60)
+    with pytest.raises(ValueError, match="--heads 100000000: expected a smaller value: 100000000 heads"):
+        scan_ood.check_args(parse("--heads", "100000000"))
+    with pytest.raises(ValueError, match=re.escape("--scan-lr 1e+300: expected a finite number > 0")):
+        scan_ood.check_args(parse("--scan-lr", "1e300"))
 
 
 def test_use_it_in_your_code_block_runs(run_use_it):
