@@ -1142,8 +1142,8 @@ def print_results(results, title="", baselines=None):
         beaten = [k for k, v in base.items() if any(r["auroc"] <= v[n]["auroc"] for n, r in rows.items())]
         if beaten:
             where = [n for n, r in rows.items() if any(r["auroc"] <= v[n]["auroc"] for v in base.values())]
-            lines.append(f"note: this score is at or below {', '.join(beaten)} (on {', '.join(where)}): there, "
-                         f"training added nothing that baseline lacks")
+            lines.append(f"note: this score is at or below {' and '.join(beaten)} on {', '.join(where)}: no better "
+                         f"there than {'that baseline' if len(beaten) == 1 else 'those baselines'}")
     print("\n".join(lines), flush=True)
 
 
@@ -1227,7 +1227,7 @@ class Scorer:
         import importlib
         return sys.modules[__name__] if self.script == "harness" else importlib.import_module(self.script)
 
-    CHUNK = 1024            # images scored at once: bounded memory, and progress on a long set
+    CHUNK = 256             # images scored at once: bounded memory, and progress on a long set
 
     @torch.no_grad()
     def scores(self, x, what="scoring"):

@@ -159,8 +159,7 @@ def test_a_score_at_or_below_a_baseline_gets_one_line_saying_so(capsys):
     base = lambda auroc: {"a": metrics(auroc), "b": metrics(40.0)}
     harness.print_results(res, "t", {"pixels_knn": base(10.0), "pretrained_knn": base(100.0)})
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
-    assert notes == ["note: this score is at or below pretrained_knn (on a): there, training added nothing "
-                     "that baseline lacks"]
+    assert notes == ["note: this score is at or below pretrained_knn on a: no better there than that baseline"]
     harness.print_results(res, "t", {"pixels_knn": base(10.0)})
     assert "note:" not in capsys.readouterr().out
 
