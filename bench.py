@@ -403,8 +403,7 @@ def bench_training(cfg, device):
     rows = []
     for name, m in training_steps(cfg.width, device, batch * steps).items():
         x = random_images(batch * steps, seed=3).to(device)
-        tcfg = common.TrainConfig(epochs=1, batch_size=batch, lr=1e-3, optimizer=m.optimizer, save_every=10 ** 6,
-                                  checkpoint=os.path.join(tempfile.mkdtemp(prefix="bench-"), "c.pt"))
+        tcfg = common.TrainConfig(epochs=1, batch_size=batch, lr=1e-3, optimizer=m.optimizer)
         views = torch.rand(m.views * batch, 3, 32, 32, device=device)
         opt = optimizer_for(m.model, "sgd")
 
@@ -705,8 +704,7 @@ def bench_gpu(cfg, device):
     for compiled in (False, True):
         model = common.Encoder("resnet18", width=64).to(device)
         step = TimedSimCLR(common.SimCLRAugment(32))
-        tcfg = common.TrainConfig(epochs=3, batch_size=512, lr=0.1, amp="bf16", compile=compiled, save_every=10 ** 6,
-                                  checkpoint=os.path.join(tempfile.mkdtemp(), "c.pt"))
+        tcfg = common.TrainConfig(epochs=3, batch_size=512, lr=0.1, amp="bf16", compile=compiled)
         with quiet():
             common.train(model, step, x, tcfg)
         torch.cuda.synchronize()

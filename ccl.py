@@ -308,22 +308,21 @@ def warmup_stage(model, x, aug, args):
         return common.load_weights(model, args.simclr_weights)
     if args.cluster_start == 0:
         return model
-    cfg = common.TrainConfig.from_args(args, os.path.join(args.out, "simclr.pt"), epochs=args.cluster_start)
-    return common.train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, args.tau), x, cfg)
+    train = harness.trainer(args, "warm-up", "simclr.pt", epochs=args.cluster_start)
+    return train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, args.tau), x)
 
 
 def train_ccl(model, x, aug, args):
     """Both stages -> the trained model. single: one schedule over --epochs, the step switching at --cluster-start;
     restart: the warm-up stage, then the joint stage with a learning-rate warm-up and cosine of its own."""
-    checkpoint = os.path.join(args.out, "checkpoint.pt")
     if args.schedule == "single":
-        return common.train(model, make_step(aug, x, args, start=args.cluster_start), x,
-                            common.TrainConfig.from_args(args, checkpoint))
+        train = harness.trainer(args, "warm-up + joint", "checkpoint.pt")
+        return train(model, make_step(aug, x, args, start=args.cluster_start), x)
     model = warmup_stage(model, x, aug, args)
     if args.epochs == args.cluster_start:                # a SimCLR run (--lam 0) that is all warm-up stage
         return model
-    joint = common.TrainConfig.from_args(args, checkpoint, epochs=args.epochs - args.cluster_start)
-    return common.train(model, make_step(aug, x, args, start=0), x, joint)
+    train = harness.trainer(args, "joint", "checkpoint.pt", epochs=args.epochs - args.cluster_start)
+    return train(model, make_step(aug, x, args, start=0), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +330,7 @@ def train_ccl(model, x, aug, args):
 # code is the official one. Every choice is marked "ambiguity:" where it is resolved.
 #
 #     choice       | paper                 | official code           | ours                    | why
-#     -------------+-----------------------+-------------------------+-------------------------+-------------------------
+#     -------------+-----------------------+-------------------------+-------------------------+-----------------------
 #     Eq. 4's sum  | the other centres,    | PCL's ProtoNCE: every   | every centre (softmax); | Eq. 2, Eq. 6 and
 #                  | 1[c_j != c_i]         | centre                  | --ccl-form decoupled:   | ProtoNCE keep the
 #                  |                       |                         | as printed              | positive in the sum
@@ -339,20 +338,32 @@ def train_ccl(model, x, aug, args):
 #                  | PCL                   | 10th-90th percentile,   | --phi eq5: as printed   | ~0.01-0.1: L_CCL
 #                  |                       | scaled to mean tau      |                         | outweighs L_self ~9 x
 #     schedule     | 1000 SimCLR + 1000    | CSI: one warm-up +      | one per stage           | Table 4: the warm-up
-#                  | joint epochs, cosine  | cosine per training run | (--schedule restart);   | stage is SimCLR "trained
-#                  |                       |                         | single: one             | in advance"
-#     peak lr      | 0.1, "same with CSI"  | CSI: 0.1 x its warm-up  | preset 1.0              | the paper's 0.1 is CSI's
-#                  |                       | multiplier 10 = 1.0     |                         | --lr_init
+#                  | joint epochs, cosine  | cosine per training run | (--schedule restart);   | stage is SimCLR
+#                  |                       |                         | single: one             | "trained in advance"
+#     peak lr      | 0.1, "same with CSI"  | CSI: 0.1 x its warm-up  | preset 1.0              | the paper's 0.1 is
+#                  |                       | multiplier 10 = 1.0     |                         | CSI's --lr_init
+#     batch        | 128 (Sec. 4)          | CSI: --batch_size 128   | preset 512, the global  | ambiguity at PAPER:
+#                  |                       | per process for plain   | batch (one process or   | 128 is CSI's flag for
+#                  |                       | SimCLR (asserted), 4    | several); --batch-size  | plain SimCLR, as 0.1
+#                  |                       | processes: 512 images a | 128: the literal        | is its lr flag; CSI's
+#                  |                       | step, BatchNorm synced, | reading (4 x the steps, | lr 1.0 under LARS is
+#                  |                       | negatives from all 4    | 1/4 the negatives)      | a 512 recipe
 #     lr warm-up   | 50 epochs             | CSI: 10 epochs, from    | 50 epochs, linear from  | the paper's length;
 #                  |                       | 0.1 x the peak          | ~0                      | common's warm-up
-#     LARS scope   | (CSI's)               | torchlars: every        | every parameter (preset | CSI's. solo-learn's form
-#                  |                       | parameter, BatchNorm    | --lars-scope all);      | moves a BatchNorm weight
-#                  |                       | weights and biases too  | weights: solo-learn's,  | 15.7 x and a Linear bias
-#                  |                       |                         | 1-d parameters plain    | ~1,900 x as far in one
-#                  |                       |                         | SGD                     | step; conv and linear
-#                  |                       |                         |                         | weights move equally
-#     K-means      | on h                  | PCL: faiss, on          | spherical, on           | Eq. 4-5 compare by
-#                  |                       | normalised features     | normalised features     | cosine
+#     LARS scope   | (CSI's)               | torchlars: every        | every parameter (preset | CSI's. The weights
+#                  |                       | parameter, BatchNorm    | --lars-scope all);      | form moves conv and
+#                  |                       | weights and biases too  | weights: solo-learn's,  | linear weights
+#                  |                       |                         | 1-d parameters plain    | equally, 1-d ones 0.1
+#                  |                       |                         | SGD                     | to 660 x as far in a
+#                  |                       |                         |                         | step, by training
+#                  |                       |                         |                         | state (below)
+#     K-means      | on h                  | PCL: faiss, Euclidean,  | spherical (centres      | Eq. 4-5 compare by
+#                  |                       | on normalised features: | normalised every        | cosine: spherical
+#                  |                       | 20 iterations, best of  | iteration), k-means++   | K-means minimises
+#                  |                       | 5 starts, trained on at | seeding, up to 100      | their distance; the
+#                  |                       | most 1,000 points per   | iterations (tol), 1     | seeding in place of
+#                  |                       | centre, then the        | start, every training   | restarts
+#                  |                       | centres normalised      | image                   |
 #     Eq. 9's norm | the training          | CSI: the test feature's | CSI's                   | Eq. 9 cites CSI
 #                  | feature's             |                         |                         |
 #     scored layer | z (projection)        | CSI: z                  | preset z; digits        | measured on digits
@@ -360,18 +371,37 @@ def train_ccl(model, x, aug, args):
 #     lambda; K    | not stated            | -                       | 0.5; 10                 | the even mix of Eq. 8
 #     ablations    | weights not stated    | -                       | the mean of the kept    | Eq. 7's mean
 #                  |                       |                         | terms                   |
-#     augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | harness.simclr_augment (a
-#                  | blur                  |                         | without the horizontal  | flipped 2 is a 5)
+#     augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | harness.simclr_augment
+#                  | blur                  |                         | without the horizontal  | (a flipped 2 is a 5)
 #                  |                       |                         | flip                    |
+#     input        | not stated            | CSI: (x - 0.5) / 0.5,   | the same; ImageNet      | CSI's; a pretrained
+#     scaling      |                       | the network's first     | statistics for the      | net's own statistics
+#                  |                       | layer                   | pretrained nets         |
+#                  |                       |                         | (common.Encoder)        |
 #     test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views; an image's | scores depend on the
 #     views        | images, CSI's score   | views, colour jitter,   | from a generator seeded | image and its position
 #                  |                       | grayscale, 54% crop;    | with its position (the  | alone: a set scored
 #                  |                       | per-image draws, seed   | same across sets, as    | later gives the run's
 #                  |                       | reset before each view  | CSI's); digits: none    | numbers
+#     test-time    | not stated            | CSI: 54% of the area at | exactly 54% of the      | the same mean area;
+#     crop         |                       | a log-uniform aspect    | area at the same aspect | a box differs by at
+#                  |                       | ratio 3/4..4/3, sides   | ratio, offsets drawn    | most half a pixel a
+#                  |                       | rounded to whole pixels | uniformly (any size)    | side (CSI's colour
+#                  |                       | (20-27 of 32): 52.7 to  |                         | jitter differs too:
+#                  |                       | 56.3% of the area, mean |                         | below)
+#                  |                       | 54.0%; offsets in half  |                         |
+#                  |                       | pixels                  |                         |
 #     precision    | not stated            | CSI: float32            | bf16 autocast on CUDA   | speed; the losses and
 #                  |                       |                         | (--amp auto; --amp off: | scoring switch autocast
 #                  |                       |                         | float32); float32 on    | off, K-means runs
 #                  |                       |                         | the CPU                 | outside it: float32
+#
+# LARS scope, measured on the CPU with common.LARS: one step of each scope from one state and gradient of L_self
+# (ResNet-18 width 64, PyTorch's init, CIFAR-10 at 32 x 32, the paper's augmentation, tau 0.5); r = how far the
+# weights scope moves a parameter / how far scope all moves it. At initialisation, batch 128 (512): BatchNorm weights
+# r = 0.15-2.9, median 0.38 (0.12-1.4, median 0.25); the head's two biases 31-102 (35-129); BatchNorm biases 1 (zero,
+# so both scopes step plainly). After 10 and 50 steps of scope all at lr 1.0, batch 128: BatchNorm weights 0.44-6.1
+# and 0.26-4.4, BatchNorm biases 372-663 and 129-259, head biases 85-236 and 37-118. Conv and linear weights: 1.
 #
 # Colour jitter, in training and at test time, follows torchvision's formulas (common.SimCLRAugment, crop first);
 # CSI's own layer jitters brightness and saturation in HSV, contrast about each channel's mean and hue by +-0.07
@@ -393,7 +423,13 @@ PAPER = dict(
     cluster_every=10,             # paper: Table 4, centres updated every 10 epochs
     clusters=10,                  # paper: Sec. 4 / Table 5
     cluster_layer="embedding",    # paper: Table 3
-    batch_size=128,               # paper: Sec. 4
+    # ambiguity: Sec. 4's "the batch size is 128" names no process count. 128 is the value CSI's code asserts for its
+    # --batch_size in plain SimCLR (128 / K_shift images per process, K_shift 1), and CSI's README launches 4
+    # processes ("total batch size should be 512") with BatchNorm synchronised and every process's negatives
+    # gathered: 512 images a step. The paper takes its learning rate as CSI's flag (0.1, below), and that 1.0 peak
+    # under LARS is CSI's for 512; we read the 128 the same way. --batch-size 128 gives the literal reading: 4 x
+    # the steps, a quarter of the negatives.
+    batch_size=512,               # public code: CSI, 128 per process x 4 processes (paper: Sec. 4, "128")
     # ambiguity: Sec. 4 says "learning rate 0.1 ... same with CSI"; CSI's code wraps its SGD(lr 0.1) in a warm-up
     # scheduler with multiplier 10, so its learning rate rises from 0.1 to 1.0 and anneals from 1.0; the 0.1 is
     # that base value. We follow the code: the peak is 1.0.
@@ -433,8 +469,9 @@ PAPER_AUGMENT = dict(blur=True)   # paper: Sec. 3.1, SimCLR's crop and colour di
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[harness.arg_parser()])
     g = parser.add_argument_group("ccl")
-    g.add_argument("--cluster-start", type=int, default=10,
-                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000)")
+    g.add_argument("--cluster-start", type=int, default=None,
+                   help="warm-up stage: epochs trained with L_self alone before the first K-means (paper: 1000; "
+                        "default: half of --epochs)")
     g.add_argument("--cluster-every", type=int, default=3,
                    help="re-run K-means every N epochs of the joint stage (paper: 10; 0 = once, never updated)")
     # ambiguity: Sec. 4 / Table 4 say "1000 epochs ... at the warm-up stage, and then for 1000 epochs" with "a 50
@@ -483,6 +520,7 @@ def check_args(args):
                      "one cluster, and Eq. 4 needs other centres")
     harness.check(args.clusters >= 2, "--clusters", args.clusters,
                  "an integer >= 2 (Eq. 4 needs other centres)")
+    harness.follow_epochs(args, "ccl", "cluster_start", lambda epochs: epochs // 2)
     harness.check(args.cluster_start >= 0, "--cluster-start", args.cluster_start, "an integer >= 0")
     harness.check(args.cluster_every >= 0, "--cluster-every", args.cluster_every, "an integer >= 0 (0: K-means once)")
     harness.check(args.score_k >= 2, "--score-k", args.score_k, "an integer >= 2 (a standard deviation needs 2)")

@@ -82,9 +82,10 @@ class SimCLRAugment(nn.Module):
     -> grayscale (p_gray) -> optional Gaussian blur (p 0.5, sigma 0.1..2, kernel ~ size / 10 as in SimCLR).
 
     forward(x, generator=None, same_for_batch=False): x uint8 or float in [0, 1], any device; returns float
-    B x 3 x size x size in [0, 1]. same_for_batch draws one parameter set for the whole batch (CSI's test-time
-    ensemble applies identical augmentations to every test image); to repeat that set across batches, pass a
-    generator seeded afresh for each batch."""
+    B x 3 x size x size in [0, 1]. same_for_batch draws one parameter set for the whole batch (every image gets
+    the same crop, flip and colours); to repeat that set across batches, pass a generator seeded afresh for each
+    batch. Test-time views as CSI's are per-image draws (the default): CSI reseeds before each view, which repeats
+    a draw only for an image at the same position in its batch."""
 
     def __init__(self, size=32, scale=(0.08, 1.0), jitter=0.4, p_jitter=0.8, p_gray=0.2, blur=False, flip=True):
         super().__init__()
@@ -220,7 +221,7 @@ class CifarResNet(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif init != "pytorch":
-            raise ValueError(f"--init {init}: expected pytorch or torchvision")
+            raise ValueError(f"init {init!r}: expected 'pytorch' or 'torchvision'")
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -493,8 +494,9 @@ def nt_xent(z, tau=0.5):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop: optimisers, schedule, AMP, the step contract, a loop without host syncs per step,
-# atomic checkpoints that know their run, exact resume.
+# Training loop: optimisers, schedule, AMP, the step contract and the loop (train), without a host sync per step.
+# The run folder's concerns (atomic checkpoints, exact resume, progress lines) are objects passed into train from
+# outside: Checkpoint and TrainLog, in the section below.
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al.): each parameter w with gradient g steps along
@@ -547,7 +549,7 @@ def make_optimizer(params, cfg):
         # fused: one kernel, and no step counter read on the host per parameter (foreach Adam's .item())
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 fused=params[0].device.type in ("cuda", "cpu"))
-    raise ValueError(f"--optimizer {cfg.optimizer}: expected sgd, lars or adam")
+    raise ValueError(f"optimizer {cfg.optimizer!r}: expected 'sgd', 'lars' or 'adam'")
 
 
 def lr_at(step, total, base, warmup=0, final=0.0):
@@ -568,8 +570,8 @@ def autocast(amp, device):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """What common.train needs, and nothing of any method: built from the command line in one place per stage
-    (TrainConfig.from_args), so a stage with its own optimiser says so explicitly with overrides."""
+    """How train() optimises: epochs, batch, optimiser, learning-rate schedule, precision, the shuffle's seed.
+    Nothing of any method, command line or run folder (those are train's checkpoint and log)."""
     epochs: int
     batch_size: int
     lr: float
@@ -583,17 +585,7 @@ class TrainConfig:
     amp: str = "auto"
     compile: bool = False
     grad_clip: float = float("inf")
-    save_every: int = 10
     seed: int = 0
-    checkpoint: str = "checkpoint.pt"
-    resume: bool = False
-    run: dict = dataclasses.field(default_factory=lambda: {"script": "", "settings": {}})   # filled by setup()
-
-    @classmethod
-    def from_args(cls, args, checkpoint, **overrides):
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in vars(args).items() if k in names}
-        return cls(**{**values, "checkpoint": checkpoint, **overrides})
 
 
 def simclr_step(net, xb, aug, tau=0.5):
@@ -602,6 +594,108 @@ def simclr_step(net, xb, aug, tau=0.5):
     _, z = net(aug(torch.cat([xb, xb])))             # 2B x d: row i and i + B are the views of image i
     return nt_xent(z, tau)
 
+
+def train(model, step, x, cfg, checkpoint=None, log=None):
+    """Train `model` on the images `x` (uint8, kept on the device) for cfg.epochs epochs; returns the model.
+
+    The step contract: step(net, xb, idx, epoch) -> loss, or (loss, {name: tensor}) for the epoch line; net is the
+    (compiled, DDP) model, xb the uint8 batch, idx its rows of x (for per-image state such as cluster assignments).
+    A step may have update(model, epoch), called with the plain model before every epoch (re-clustering,
+    schedules), and state_dict() / load_state_dict(d), which a checkpoint saves and restores.
+    The schedule: lr_at per step; the shuffle of an epoch depends on (cfg.seed, epoch) alone.
+    checkpoint (a Checkpoint, optional): resumes before the first epoch, saves after each epoch that passed the
+    finite check. log (a TrainLog; default: the epoch lines): what is printed, from the clock alone.
+
+    No host sync per step: losses are summed on the device and non-finite values flagged there; the flags are read
+    once per epoch, with every parameter and buffer, before anything is saved: a diverged run never replaces the
+    last good checkpoint. Under torchrun: DDP with SyncBatchNorm on GPUs, cfg.batch_size is the global batch, each
+    rank takes its contiguous share of every batch of the shuffle common to all ranks."""
+    device, log = x.device, log or TrainLog()
+    opt = make_optimizer(model.parameters(), cfg)
+    scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
+    start = checkpoint.resume(model, opt, step, cfg.epochs) if checkpoint else 0
+    net = parallel(model, cfg, device)
+    steps = len(x) // cfg.batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x)} images)")
+    total, warmup = cfg.epochs * steps, cfg.warmup_epochs * steps
+    log.start(len(x), cfg.batch_size, steps, start, cfg.epochs)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        if hasattr(step, "update"):
+            step.update(model, epoch)
+        ok, sums = torch.ones((), dtype=torch.bool, device=device), {}   # ok: every loss and gradient finite
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).to(device)
+        for it in range(steps):
+            lr = lr_at(epoch * steps + it, total, cfg.lr, warmup, cfg.final_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = perm[it * cfg.batch_size:(it + 1) * cfg.batch_size].chunk(world_size())[rank()]  # this rank's share
+            with autocast(cfg.amp, device):
+                out = step(net, x[idx], idx, epoch)
+            loss, logs = out if isinstance(out, tuple) else (out, {})
+            ok &= optimizer_step(loss, model, opt, scaler, cfg.grad_clip)
+            for k, v in {"loss": loss, **logs}.items():             # summed on the device: no sync per step
+                sums[k] = sums.get(k, 0) + torch.as_tensor(v).detach().float()
+            log.step(epoch, it + 1)
+        if not all_ranks_agree(ok & finite(model)):                  # once per epoch, before anything is saved
+            kept = checkpoint.kept() if checkpoint else "no checkpoint is kept"
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (a non-finite loss, gradient, weight or "
+                                     f"BatchNorm statistic); {kept}; try a lower learning rate or amp 'off'")
+        log.epoch(epoch + 1, {k: v / steps for k, v in sums.items()}, lr)
+        if checkpoint:
+            checkpoint.save(model, opt, step, epoch + 1, cfg.epochs)
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def optimizer_step(loss, model, opt, scaler, grad_clip=float("inf")):
+    """Backward, gradient clipping, the optimiser's step -> a device flag: the loss finite, and the gradient too
+    unless fp16's loss scaling is on (there an inf gradient is an overflow the scaler skips, not a failure)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    ok = torch.isfinite(loss.detach())
+    if not scaler.is_enabled():
+        ok &= torch.isfinite(gnorm)
+    scaler.step(opt)
+    scaler.update()
+    return ok
+
+
+def parallel(model, cfg, device):
+    """The network the steps call: the weights in the input's layout on CUDA (no layout copy per convolution);
+    under torchrun DDP, with global BatchNorm as the official code (SyncBatchNorm exists on GPUs only); compiled
+    with cfg.compile. The plain model stays what train() checks, saves and returns."""
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if distributed():
+        sync_bn = device.type == "cuda"
+        if sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=not sync_bn)
+    return torch.compile(net) if cfg.compile else net
+
+
+def finite(model):
+    """One device flag: every parameter and buffer of the model finite (no host sync until it is read)."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def all_ranks_agree(flag):
+    """flag (a 0-d bool tensor on the device) and-ed over all ranks, read once: every rank takes the same branch."""
+    flag = flag.to(torch.int32)
+    if distributed():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
+# ----------------------------------------------------------------------------------------------
+# What train() is given from outside: a Checkpoint (atomic saves that know their run, exact resume) and a TrainLog
+# (the lines it prints).
 
 def write_atomic(path, write):
     """write(temporary path), then rename the file over `path`: a kill mid-write never leaves a broken file. The
@@ -627,30 +721,10 @@ def load_checkpoint(path, device="cpu"):
     try:
         c = load_plain(path, "checkpoint", device)
     except ValueError as e:
-        raise ValueError(f"{e}; move it away or start the run again with --overwrite") from None
+        raise ValueError(f"{e}; move it away to start afresh") from None
     if not isinstance(c, dict) or not {"model", "epoch", "run"} <= set(c):
         raise ValueError(f"{path} is not a checkpoint of these scripts (no model / epoch / run entries)")
     return c
-
-
-def compare_runs(saved, now, what):
-    """The differences between two run records {'script', 'settings'}: ValueError naming each one. A setting the
-    saved record lacks comes from a later version of the scripts: resuming would train on under a setting the run
-    never had, so that is refused with its own line."""
-    if saved["script"] != now["script"]:
-        raise ValueError(f"{what} was made by {saved['script']}.py, not {now['script']}.py: use another --out")
-    a, b = saved["settings"], now["settings"]
-    flag = lambda k: f"--{k.replace('_', '-')}"
-    diff = [f"{flag(k)} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
-            for k in sorted(set(a) | set(b)) if k in a and a.get(k) != b.get(k)]
-    if diff:
-        raise ValueError(f"{what} was trained with other settings: {'; '.join(diff)} (only the evaluation flags "
-                         f"and a longer --epochs may change on --resume)")
-    new = [flag(k) for k in sorted(set(b) - set(a))]
-    if new:
-        raise ValueError(f"{what} was made by an earlier version of these scripts, which had no {', '.join(new)}: "
-                         f"its weights load (common.load_weights reads its checkpoints), but --resume "
-                         f"would continue it under settings it never had; start afresh with --overwrite")
 
 
 def rng_state():
@@ -663,54 +737,27 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+class Checkpoint:
+    """train()'s checkpoint file: the weights, optimiser, step state, RNG state and epochs done, written atomically
+    every `every` epochs and after the last (by rank 0 alone), with `record`, what made the weights (e.g. the
+    script and settings). With `resume` and the file there (rank 0 decides, so ranks without a shared disk agree),
+    resume() restores all of it: the run goes on to the same weights, bit for bit, as one never stopped. A file of
+    another run is refused: check(saved record, path) raises, by default when the records differ."""
 
+    def __init__(self, path, every=10, resume=False, record=None, check=None):
+        self.path, self.every, self.resume_asked, self.record = path, every, resume, record or {}
+        self.check = check or self.same_record
 
-def finite(model):
-    """One device flag: every parameter and buffer of the model finite (no host sync until it is read)."""
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    def same_record(self, saved, path):
+        if saved != self.record:
+            raise ValueError(f"{path} was written by another run: {saved!r}, not {self.record!r}")
 
-
-def all_ranks_agree(flag):
-    """flag (a 0-d bool tensor on the device) and-ed over all ranks, read once: every rank takes the same branch."""
-    flag = flag.to(torch.int32)
-    if distributed():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag)
-
-
-def resume_from(path):
-    """Whether to resume from `path`: decided by rank 0 and shared, so ranks without a shared disk agree."""
-    exists = torch.tensor(int(os.path.exists(path)))
-    if distributed():
-        exists = exists.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-        torch.distributed.broadcast(exists, 0)
-    return bool(exists)
-
-
-def train(model, step, x, cfg):
-    """Train `model` on the images `x` (uint8, kept on the device) for cfg.epochs epochs; returns the model.
-
-    step(net, xb, idx, epoch) -> loss, or (loss, {name: tensor}) for the epoch log; net is the (compiled, DDP)
-    model, xb the uint8 batch, idx its rows of x (for per-image state such as cluster assignments). A step may
-    have update(model, epoch), called with the plain model before every epoch (re-clustering, schedules), and
-    state_dict() / load_state_dict(d), saved in the checkpoint and restored on resume.
-
-    The loop makes no host sync of its own per step: losses are summed on the device and non-finite values
-    flagged there; the flags are read once per epoch. Before every save every parameter and buffer is checked,
-    so a diverged run never replaces the last good checkpoint; it stops with one line naming it. Checkpoints
-    (atomic) record cfg.run, the script and settings that made the weights; resuming one of another run is
-    refused. Under torchrun: DDP with SyncBatchNorm on GPUs, cfg.batch_size is the global batch, each rank takes
-    its contiguous share of every batch of one shuffle common to all ranks; rank 0 alone writes checkpoints."""
-    device = x.device
-    opt = make_optimizer(model.parameters(), cfg)
-    scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
-    start = 0
-    if cfg.resume and resume_from(cfg.checkpoint):
-        c = load_checkpoint(cfg.checkpoint, device)
-        compare_runs(c["run"], cfg.run, cfg.checkpoint)
+    def resume(self, model, opt, step, epochs):
+        """-> the epochs already done (0: a fresh start), everything restored."""
+        if not (self.resume_asked and self.exists()):
+            return 0
+        c = load_checkpoint(self.path, next(model.parameters()).device)
+        self.check(c["run"], self.path)
         load_weights(model, c["model"])
         opt.load_state_dict(c["optimizer"])
         if hasattr(step, "load_state_dict"):
@@ -718,70 +765,92 @@ def train(model, step, x, cfg):
         set_rng_state(c["rng"])
         if distributed():   # the checkpoint holds rank 0's RNG: give the other ranks their own streams again
             torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + rank())
-        start = c["epoch"]
-        if start > cfg.epochs:
-            raise ValueError(f"{cfg.checkpoint} has done {start} epochs, more than the {cfg.epochs} asked for now: "
-                             f"give a larger --epochs")
-        print(f"resumed {cfg.checkpoint} at epoch {start} of {cfg.epochs}")
-    if device.type == "cuda":   # the weights in the input's layout: no layout copy per convolution
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if distributed():   # global BatchNorm as the official code (SyncBatchNorm exists on GPUs only)
-        sync_bn = device.type == "cuda"
-        if sync_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=not sync_bn)
-    net = torch.compile(net) if cfg.compile else net
-    steps_per_epoch = len(x) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(x)} images)")
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    t_start, n_seen = time.time(), 0
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        if hasattr(step, "update"):
-            step.update(model, epoch)
-        t0, sums = time.time(), {}
-        ok = torch.ones((), dtype=torch.bool, device=device)   # every loss and gradient of the epoch finite
-        # the shuffle of an epoch depends on (seed, epoch) alone: the same on every rank, and after a resume
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).to(device)
-        for it in range(steps_per_epoch):
-            lr = lr_at(epoch * steps_per_epoch + it, total, cfg.lr, warmup, cfg.final_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = perm[it * cfg.batch_size:(it + 1) * cfg.batch_size].chunk(world_size())[rank()]  # this rank's share
-            with autocast(cfg.amp, device):
-                out = step(net, x[idx], idx, epoch)
-            loss, logs = out if isinstance(out, tuple) else (out, {})
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-            ok &= torch.isfinite(loss.detach())
-            if not scaler.is_enabled():   # under fp16 an inf gradient is an overflow the scaler skips, not a failure
-                ok &= torch.isfinite(gnorm)
-            scaler.step(opt)
-            scaler.update()
-            for k, v in {"loss": loss, **logs}.items():   # summed on the device: no sync per step
-                sums[k] = sums.get(k, 0) + torch.as_tensor(v).detach().float()
-        done = epoch + 1
-        if not all_ranks_agree(ok & finite(model)):   # once per epoch, before anything is saved
-            kept = f"the last good checkpoint is {cfg.checkpoint}" if os.path.exists(cfg.checkpoint) else \
-                "no checkpoint was written yet"
-            raise FloatingPointError(f"training diverged in epoch {done} (a non-finite loss, gradient, weight or "
-                                     f"BatchNorm statistic); {kept}; try a lower --lr or --amp off")
-        n_seen += steps_per_epoch * cfg.batch_size
-        speed = n_seen / (time.time() - t_start)
-        eta = (cfg.epochs - done) * steps_per_epoch * cfg.batch_size / speed
-        logs = " ".join(f"{k} {float(v) / steps_per_epoch:.4f}" for k, v in sums.items())
-        print(f"epoch {done}/{cfg.epochs} {logs} lr {lr:.4g} | {speed:.0f} img/s, "
-              f"{time.time() - t0:.1f}s/epoch, eta {fmt_time(eta)}", flush=True)
-        if (done % cfg.save_every == 0 or done == cfg.epochs) and rank() == 0:
+        if c["epoch"] > epochs:
+            raise ValueError(f"{self.path} has done {c['epoch']} epochs, more than the {epochs} asked for now")
+        print(f"resumed {self.path} at epoch {c['epoch']} of {epochs}", flush=True)
+        return c["epoch"]
+
+    def save(self, model, opt, step, done, epochs):
+        if (done % self.every == 0 or done == epochs) and rank() == 0:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "step": step.state_dict() if hasattr(step, "state_dict") else {},
-                         "rng": rng_state(), "epoch": done, "run": cfg.run}, cfg.checkpoint)
-    return model.to(memory_format=torch.contiguous_format)
+                         "rng": rng_state(), "epoch": done, "run": self.record}, self.path)
+
+    def exists(self):
+        flag = torch.tensor(int(os.path.exists(self.path)))
+        if distributed():
+            flag = flag.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+            torch.distributed.broadcast(flag, 0)
+        return bool(flag)
+
+    def kept(self):
+        """For a message after a failure: what is kept."""
+        return f"the last good checkpoint is {self.path}" if os.path.exists(self.path) else \
+            "no checkpoint was written yet"
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+class TrainLog:
+    """What train() prints, from the clock alone (no host sync), each line naming the stage:
+    - before the first epoch, what the stage will cost: images x views per image x epochs;
+    - inside an epoch, a progress line (images done, rate, ETA) at most every tenth of the epoch, and only once
+      `first_every` seconds (first epoch) or `every` seconds (later ones) have passed since the last line: a short
+      epoch prints none;
+    - once the rate is measured (the first progress line, or the end of the first epoch), for a stage longer than
+      `long` seconds: its estimated time, and `shorter`, how to make it shorter;
+    - after every epoch, the mean of each logged loss, the learning rate, the rate and the ETA."""
+
+    def __init__(self, stage="", views=None, shorter="", first_every=5.0, every=60.0, long=120.0):
+        self.stage, self.views, self.shorter = stage or "training", views, shorter
+        self.name = f"{stage} " if stage else ""                 # before "epoch i/N"
+        self.first_every, self.every, self.long = first_every, every, long
+
+    def start(self, n, batch, steps, first, epochs):
+        self.batch, self.steps, self.first, self.epochs = batch, steps, first, epochs
+        self.t_start = self.t_line = self.t_epoch = time.time()
+        self.estimated = False
+        if first < epochs:
+            views = f" x {self.views} views" if self.views else ""
+            total = f" = {n * self.views * (epochs - first):,} views" if self.views else ""
+            print(f"{self.stage}: {n:,} images{views} x {epochs - first} epochs"
+                  f"{' left' if first else ''}{total}, {steps} steps of {batch} per epoch", flush=True)
+
+    def rate(self, epoch, done_steps, now):
+        """-> (images per second so far, seconds left in the stage)."""
+        seen = ((epoch - self.first) * self.steps + done_steps) * self.batch
+        speed = seen / max(now - self.t_start, 1e-9)
+        return speed, ((self.epochs - epoch) * self.steps - done_steps) * self.batch / speed
+
+    def step(self, epoch, done_steps):
+        now = time.time()
+        wait = self.first_every if epoch == self.first else self.every
+        tenth = (now - self.t_epoch) * self.steps / done_steps / 10          # a tenth of the epoch, as measured so far
+        if done_steps == self.steps or now - self.t_line < max(wait, tenth):
+            return
+        self.t_line = now
+        speed, left = self.rate(epoch, done_steps, now)
+        print(f"  {self.name}epoch {epoch + 1}/{self.epochs}: {done_steps * self.batch:,}/{self.steps * self.batch:,} "
+              f"images ({100 * done_steps / self.steps:.0f}%), {speed:.0f} img/s, epoch eta "
+              f"{fmt_time((self.steps - done_steps) * self.batch / speed)}, stage eta {fmt_time(left)}", flush=True)
+        self.estimate(now - self.t_start + left, speed)
+
+    def estimate(self, seconds, speed):
+        if not self.estimated and seconds >= self.long:
+            print(f"{self.stage}: about {fmt_time(seconds)} at the measured {speed:.0f} img/s"
+                  + (f"; shorter: {self.shorter}" if self.shorter else ""), flush=True)
+        self.estimated = True
+
+    def epoch(self, done, means, lr):
+        now = time.time()
+        speed, left = self.rate(done, 0, now)
+        losses = " ".join(f"{k} {float(v):.4f}" for k, v in means.items())
+        print(f"{self.name}epoch {done}/{self.epochs} {losses} lr {lr:.4g} | {speed:.0f} img/s, "
+              f"{now - self.t_epoch:.1f}s/epoch, eta {fmt_time(left)}", flush=True)
+        self.estimate(now - self.t_start + left, speed)
+        self.t_line = self.t_epoch = now
 
 
 @torch.no_grad()
@@ -856,7 +925,7 @@ def kmeans(x, k, iters=100, n_init=1, metric="euclidean", seed=0, tol=1e-4):
         raise ValueError(f"K-means with k={k} needs at least k points, got {len(x)}")
     x = x.float()
     if not torch.isfinite(x).all():             # a diverged model's features: say so rather than fail inside
-        raise FloatingPointError("K-means got non-finite features: the model has diverged; try a lower --lr")
+        raise FloatingPointError("K-means got non-finite features: the model has diverged; try a lower learning rate")
     if metric == "cosine":
         x = F.normalize(x, dim=1)
     elif metric != "euclidean":

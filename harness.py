@@ -1,6 +1,7 @@
 """The harness of the four OOD-detection scripts (ccl.py, mcl.py, oecl.py, scan_ood.py): what a script needs beyond
 the building blocks of common.py. Data specs and caches, the command line and presets, the run folder (its lock,
---resume, --overwrite), torchrun, reporting, the run's Scorer and --score. The science lives in common.py and the
+--resume, --overwrite), torchrun, each stage's training (common.train with the run's checkpoint and lines),
+reporting, the run's Scorer and --score. The science lives in common.py and the
 method files; nothing here is needed to copy a loss, a step or a score.
 
     python harness.py       # plain SimCLR on the run's data, scored by cosine kNN: the setting every method is
@@ -9,6 +10,7 @@ method files; nothing here is needed to copy a loss, a step or a score.
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -492,6 +494,21 @@ def check(ok, flag, value, allowed):
         raise ValueError(f"{flag} {value}: expected {allowed}")
 
 
+def follow_epochs(args, script, name, share):
+    """A stage length neither typed nor set by a preset (None) follows --epochs: share(args.epochs); `--epochs 2`
+    then shortens every stage. On --resume it is the run's recorded value instead, so that a longer --epochs
+    extends the run (its last stage) as everywhere else rather than re-cutting its stages."""
+    if getattr(args, name) is not None:
+        return
+    recorded = None
+    if args.resume:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            out = args.out or default_out(script, args.dataset)
+            recorded = read_record(os.path.join(out, "run.json"))["settings"][name]
+    setattr(args, name, share(args.epochs) if recorded is None else recorded)
+    args.sources[name] = "default, follows --epochs" if recorded is None else "the resumed run"
+
+
 KNOWN_CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 
 
@@ -845,6 +862,26 @@ def _take_lock(out):
 _release = {}   # run folder -> its release, called by finish() and entry_point (and at exit, whatever happens)
 
 
+def compare_runs(saved, now, what):
+    """The differences between two run records {'script', 'settings'}: ValueError naming each one. A setting the
+    saved record lacks comes from a later version of the scripts: resuming would train on under a setting the run
+    never had, so that is refused with its own line."""
+    if saved["script"] != now["script"]:
+        raise ValueError(f"{what} was made by {saved['script']}.py, not {now['script']}.py: use another --out")
+    a, b = saved["settings"], now["settings"]
+    flag = lambda k: f"--{k.replace('_', '-')}"
+    diff = [f"{flag(k)} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+            for k in sorted(set(a) | set(b)) if k in a and a.get(k) != b.get(k)]
+    if diff:
+        raise ValueError(f"{what} was trained with other settings: {'; '.join(diff)} (only the evaluation flags "
+                         f"and a longer --epochs may change on --resume)")
+    new = [flag(k) for k in sorted(set(b) - set(a))]
+    if new:
+        raise ValueError(f"{what} was made by an earlier version of these scripts, which had no {', '.join(new)}: "
+                         f"its weights load (common.load_weights reads its checkpoints), but --resume "
+                         f"would continue it under settings it never had; start afresh with --overwrite")
+
+
 def guard_run_folder(out, run, resume, overwrite):
     """Make --out safe to write, before any work. Writes out/run.json (script and settings) -> nothing.
 
@@ -903,7 +940,7 @@ def guard_run_folder(out, run, resume, overwrite):
                              f"({', '.join(ours) or 'no run files'}), so there is nothing to resume: check --out, "
                              f"or drop --resume to start afresh")
         saved = read_record(record) if os.path.exists(record) else own[next(iter(own))]
-        common.compare_runs(saved, run, f"the run in {out}")
+        compare_runs(saved, run, f"the run in {out}")
         gone = sorted(set(_listed_checkpoints(saved)) - set(own))
         if gone:
             raise ValueError(f"--resume: {', '.join(gone)} of the run in {out} is gone (it was there when the run "
@@ -1069,6 +1106,46 @@ def rank0_first():
     yield
     if common.distributed() and common.rank() == 0:
         torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training a stage: common.train with the run folder's checkpoint, lines naming the stage, errors in the words of
+# the command line.
+
+SHORTER = "fewer epochs (--epochs), fewer images (--subset N) or smaller ones (--size)"
+
+
+def train_config(args, **overrides):
+    """common.TrainConfig from the shared training flags; a stage with settings of its own says so in overrides."""
+    names = {f.name for f in dataclasses.fields(common.TrainConfig)}
+    return common.TrainConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
+
+
+def trainer(args, stage, checkpoint, views=2, flags=None, **overrides):
+    """-> train(model, step, x): common.train for one stage of the run, under train_config(args, **overrides), with
+    the checkpoint <out>/<checkpoint> (saved every --save-every epochs, resumed with --resume, refused when it
+    records another run: compare_runs) and the stage's lines (its name; its cost with `views` views per image).
+    Errors read in the command line's words: `flags` names the flags that set the stage's epochs, batch_size and lr
+    when they are not --epochs, --batch-size and --lr."""
+    flags = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", **(flags or {})}
+    cfg = train_config(args, **overrides)
+    ckpt = common.Checkpoint(os.path.join(args.out, checkpoint), args.save_every, args.resume, args.run,
+                             check=lambda saved, path: compare_runs(saved, args.run, path))
+    log = common.TrainLog(stage, views, SHORTER)
+
+    def train(model, step, x):
+        check(cfg.batch_size <= len(x), flags["batch_size"], cfg.batch_size, f"at most the {len(x)} training images")
+        try:
+            return common.train(model, step, x, cfg, ckpt, log)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} ({flags['lr']}, --amp off)") from None
+        except ValueError as e:
+            if str(e).endswith("asked for now"):
+                raise ValueError(f"{e}: give a larger {flags['epochs']}") from None
+            if str(e).endswith("move it away to start afresh"):
+                raise ValueError(f"{e}, or start the run again with --overwrite") from None
+            raise
+    return train
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1365,8 +1442,8 @@ def main(argv=None):
     model = start_from_weights(build_model(args), args).to(device)
     aug = simclr_augment(args, blur=True)
     x = data.train_x.to(device)
-    common.train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, tau=0.5), x,
-          common.TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt")))
+    train = trainer(args, "simclr", "checkpoint.pt")
+    train(model, lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, tau=0.5), x)
     train_h, train_z = common.embed(model, x)
     scorer = Scorer.from_args("harness", args, model, {"train_h": train_h, "train_z": train_z})
     return finish(args, "SimCLR", scorer, data, device, t_start)

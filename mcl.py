@@ -52,7 +52,6 @@ Use it in your code:
 """
 import argparse
 import math
-import os
 import time
 import warnings
 
@@ -321,20 +320,20 @@ def build_model(s):
     return model
 
 
-def kmeans_labels(model, x, aug, cfg, n_classes, n_rot, tau, seed):
-    """Our unsupervised extension: MCL's SimCLR setting for cfg.epochs, then K-means (cosine) on the backbone
-    feature h of the training images -> pseudo-labels (N,)."""
-    common.train(model, lambda net, xb, idx, epoch: mcl_step(net, xb, torch.zeros_like(idx), aug, n_rot, tau,
-                                                             1 / tau, 1 / tau, 0.0), x, cfg)
+def kmeans_labels(model, x, aug, train, n_classes, n_rot, tau, seed):
+    """Our unsupervised extension: MCL's SimCLR setting trained by train(model, step, x), then K-means (cosine) on
+    the backbone feature h of the training images -> pseudo-labels (N,)."""
+    train(model, lambda net, xb, idx, epoch: mcl_step(net, xb, torch.zeros_like(idx), aug, n_rot, tau, 1 / tau,
+                                                      1 / tau, 0.0), x)
     labels = common.kmeans(common.embed(model, x)[0], n_classes, metric="cosine", seed=seed)[1]  # ours: cosine on h
     print(f"K-means: {n_classes} clusters of sizes {torch.bincount(labels, minlength=n_classes).tolist()}", flush=True)
     return labels
 
 
-def train_mcl(model, x, labels, aug, cfg, n_rot, tau, alpha, beta, spa_weight):
-    """MCL training (Eq. 10) of model on the images x with class labels (N,) -> the model."""
-    return common.train(model, lambda net, xb, idx, epoch: mcl_step(net, xb, labels[idx], aug, n_rot, tau, alpha,
-                                                                     beta, spa_weight), x, cfg)
+def train_mcl(model, x, labels, aug, train, n_rot, tau, alpha, beta, spa_weight):
+    """MCL training (Eq. 10) of model on the images x with class labels (N,) by train(model, step, x) -> the model."""
+    return train(model, lambda net, xb, idx, epoch: mcl_step(net, xb, labels[idx], aug, n_rot, tau, alpha, beta,
+                                                             spa_weight), x)
 
 
 def accuracy_of(pred, test_y, matched):
@@ -402,6 +401,16 @@ def print_grid(metrics, accuracy, ood_names):
 #                           (both views of every     image and step, shared
 #                           other image); App. A:    by its two views: view v
 #                           the mean over the set    attracts its view v
+#     BatchNorm             not stated               nn.DataParallel on every  the statistics of the whole batch (one
+#     statistics                                     visible GPU: each GPU's   process, or SyncBatchNorm under
+#                                                    slice of the 2,048 views  torchrun): the same on any GPU count
+#                                                    (512 on 4 GPUs)
+#     input scaling         not stated               none: ToTensor's [0, 1]   (x - 0.5) / 0.5 in common.Encoder (a
+#                                                                              pretrained net: ImageNet statistics):
+#                                                                              BatchNorm follows the first convolution,
+#                                                                              so a global scale and shift of the
+#                                                                              input change only the zero-padded
+#                                                                              border; one scaling serves every script
 #     precision             not stated               fp32 (no autocast)        training under bf16 autocast on CUDA
 #                                                                              (common's --amp auto; --amp off: fp32)
 #                                                                              for tensor-core speed; the losses run in
@@ -490,7 +499,8 @@ def build_parser():
     g.add_argument("--labels", default="true", choices=["true", "kmeans"],
                    help="class labels: the data set's (paper) or K-means clusters of a SimCLR warm-up")
     g.add_argument("--clusters", type=int, default=0, help="K for --labels kmeans (default: the number of ID classes)")
-    g.add_argument("--simclr-epochs", type=int, default=10, help="SimCLR warm-up before K-means (--labels kmeans)")
+    g.add_argument("--simclr-epochs", type=int, default=None,
+                   help="SimCLR warm-up before K-means (--labels kmeans; default: --epochs)")
     g.add_argument("--jitter", type=float, default=0.4, help="colour jitter of the paper's augmentation (hue: / 4)")
     g.add_argument("--min-crop", type=float, default=0.08, help="smallest crop area of the paper's augmentation")
     g.add_argument("--proj-hidden", type=int, default=None, help="hidden width of the head (default: backbone's)")
@@ -528,6 +538,7 @@ def check_args(args):
                  f"{args.dataset} has no class folders; --labels kmeans --clusters K gives it K-means pseudo-labels")
     harness.check(labelled or args.clusters, "--clusters", args.clusters,
                  f"K >= 1 with --labels kmeans: {args.dataset} has no class folders to count the clusters from")
+    harness.follow_epochs(args, "mcl", "simclr_epochs", lambda epochs: epochs)
     harness.check(args.simclr_epochs >= 1, "--simclr-epochs", args.simclr_epochs, "an integer >= 1")
     harness.check(0 <= args.jitter <= 1, "--jitter", args.jitter, "a number in [0, 1]")
     harness.check(0 < args.min_crop <= 1, "--min-crop", args.min_crop, "a number in (0, 1]")
@@ -572,12 +583,12 @@ def main(argv=None):
     else:
         n_classes = args.clusters or len(ids)
         harness.check(1 <= n_classes <= len(x), "--clusters", n_classes, f"1 <= K <= {len(x)} training images")
-        warm = common.TrainConfig.from_args(args, os.path.join(args.out, "simclr.pt"), epochs=args.simclr_epochs)
+        warm = harness.trainer(args, "simclr", "simclr.pt", views=2 * n_rot, epochs=args.simclr_epochs)
         labels = kmeans_labels(model, x, aug, warm, n_classes, n_rot, args.tau, args.seed)
     if not (args.no_ccm or args.no_spa):
         alpha_conditions(alpha, args.tau, spa_weight, 2 * n_rot * args.batch_size, n_classes * n_rot)
-    cfg = common.TrainConfig.from_args(args, os.path.join(args.out, "checkpoint.pt"))   # nesterov: from --nesterov
-    train_mcl(model, x, labels, aug, cfg, n_rot, args.tau, alpha, beta, spa_weight)
+    train = harness.trainer(args, "mcl", "checkpoint.pt", views=2 * n_rot)               # nesterov: from --nesterov
+    train_mcl(model, x, labels, aug, train, n_rot, args.tau, alpha, beta, spa_weight)
 
     state = score_state(model, x, labels, n_classes, min(args.sei, N_ROT), args.fit_fraction, args.ridge, args.seed)
     scorer = harness.Scorer.from_args("mcl", args, model, state)

@@ -160,7 +160,8 @@ def ensemble_scores(model, x, augment, n_aug, batch_size=512, seed=0):
 def build_model(s):
     """The encoder of settings s (s.arch, s.width, s.init; s.weights: the input statistics of the weights the run
     started from): a ResNet and an MLP head with BatchNorm (App. I)."""
-    return common.Encoder(s.arch, bn_in_head=True, width=s.width, init=s.init, pretrained=bool(getattr(s, "weights", None)))
+    return common.Encoder(s.arch, bn_in_head=True, width=s.width, init=s.init,
+                          pretrained=bool(getattr(s, "weights", None)))
 
 
 def augmentation(s):
@@ -243,7 +244,9 @@ def load_outliers(args, data, device):
 def train_stage(args, x, oe_x, device):
     """The encoder (ResNet + MLP head with BatchNorm, App. I) trained with OECL or self-OECL -> model."""
     model, aug = harness.start_from_weights(build_model(args), args).to(device), augmentation(args)
-    cfg = common.TrainConfig.from_args(args, checkpoint=os.path.join(args.out, "checkpoint.pt"))
+    n_rot = len(args.id_rotations.split(",")) + len(args.oe_rotations.split(","))
+    train = harness.trainer(args, "oecl" if oe_x is not None else "self-oecl", "checkpoint.pt",
+                            views=4 if oe_x is not None else 2 * n_rot)      # per ID image, outliers included
     alpha = lambda epoch: alpha_at(epoch, args.alpha, args.oe_warmup)
     if oe_x is not None:
         step = lambda net, xb, idx, epoch: oecl_step(net, xb, oe_x, aug, args.tau, alpha(epoch))
@@ -251,7 +254,7 @@ def train_stage(args, x, oe_x, device):
         rot = lambda text: tuple(int(r) // 90 for r in text.split(","))
         step = lambda net, xb, idx, epoch: self_oecl_step(net, xb, aug, args.tau, alpha(epoch),
                                                           rot(args.id_rotations), rot(args.oe_rotations))
-    return common.train(model, step, x, cfg)
+    return train(model, step, x)
 
 
 def run(args):
@@ -327,6 +330,13 @@ def run_protocol(args):
 #                                                 colour; the 180/270 outliers are    on its own, is not the public
 #                                                 rotations of two more views of the  code's)
 #                                                 same images (a second loader)
+#   input scaling    not stated                   CIFAR-10: its statistics in the     (x - 0.5) / 0.5 in common.Encoder
+#                                                 loader (mean 125.3, 123.0, 113.9;   (a pretrained net: ImageNet
+#                                                 std 63.0, 62.1, 66.7, / 255);       statistics): BatchNorm follows
+#                                                 other sets: (x - 0.5) / 0.5 as the  the first convolution, so a scale
+#                                                 network's first layer (CSI's)       and shift change only the zero-
+#                                                                                     padded border; the CIFAR stds
+#                                                                                     differ by 7% between channels
 #   precision        not stated                   float32 throughout                  training in bf16 autocast on CUDA
 #                                                                                     (--amp auto; speed: --amp off
 #                                                                                     trains in float32); the loss and
@@ -352,11 +362,13 @@ PAPER = dict(
     oe_warmup=50,                   # paper: App. G, App. I, alpha = 0 for the first 50 epochs
     batch_size=256,                 # paper: App. I, 256 ID + 256 outlier images (public code: 64 x 4 GPUs)
     optimizer="sgd",                # public code: its LARS wrapper never rescales (paper: App. I, LARS)
-    lr=0.1, momentum=0.9,           # paper: App. I
-    weight_decay=5e-4,              # public code: 5e-4 (the value is lost in our copy of App. I)
+    lr=0.1,                         # paper: App. I
+    momentum=0.9,                   # public code: its yaml files (App. I's value is lost in our copy)
+    weight_decay=5e-4,              # public code: its yaml files (App. I's value is lost in our copy)
     warmup_epochs=0, final_lr=0.0,  # paper: App. I, cosine decay without restart (public code: no lr warm-up)
-    tau=0.5,                        # paper: App. I
-    alpha=1.0,                      # paper: App. I, 1 for CIFAR-10 and ImageNet-30
+    tau=0.5,                        # public code: NTXentOE's temperature (App. I's value is lost in our copy)
+    alpha=1.0,                      # public code: 1 for CIFAR-10 and ImageNet-30, 0.1 for DIOR and Raabin-WBC
+                                    # (App. I names these data sets; its values are lost in our copy)
     crop_scale=0.08,                # paper: App. J
     n_aug=32,                       # paper: App. I, ensemble score (15) with 32 augmentations
 )

@@ -365,7 +365,8 @@ TINY = ["--subset", "64", "--width", "2", "--batch-size", "32", "--clusters", "3
 
 
 def epoch_lines(out):
-    return [line for line in out.splitlines() if line.startswith("epoch ") and " lr " in line]
+    """train()'s epoch lines: '<stage> epoch i/N loss ... lr ...'."""
+    return [line for line in out.splitlines() if " lr " in line and line.split(" loss ")[0].split()[-2:-1] == ["epoch"]]
 
 
 def lrs(lines):
@@ -376,14 +377,17 @@ def test_restarted_schedule_gives_the_joint_stage_a_fresh_warmup_and_cosine(tmp_
     flags = TINY + ["--epochs", "6", "--cluster-start", "3", "--cluster-every", "1", "--warmup-epochs", "1"]
     ccl.main(flags + ["--schedule", "restart", "--out", str(tmp_path / "restart")])
     lines = epoch_lines(capsys.readouterr().out)
-    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] * 2        # two runs of 3 epochs
+    assert [line.split(" loss ")[0] for line in lines] == [f"{stage} epoch {i}/3" for stage in ("warm-up", "joint")
+                                                          for i in (1, 2, 3)]      # two runs of 3 epochs, named
     assert "ccl" not in lines[2] and "ccl" in lines[3]                                # L_self alone, then Eq. 8
     assert lrs(lines[:3]) == lrs(lines[3:])                                          # the same schedule again
     assert lrs(lines[:3]) == sorted(lrs(lines[:3]), reverse=True)
     simclr = torch.load(tmp_path / "restart" / "simclr.pt", weights_only=True)
     assert simclr["epoch"] == 3
     ccl.main(flags + ["--schedule", "single", "--out", str(tmp_path / "single")])
-    single = lrs(epoch_lines(capsys.readouterr().out))
+    lines = epoch_lines(capsys.readouterr().out)
+    assert lines[0].startswith("warm-up + joint epoch 1/6 ")
+    single = lrs(lines)
     assert len(single) == 6 and single == sorted(single, reverse=True)              # one cosine over both stages
     # the joint stage from that SimCLR model: no warm-up-stage epochs, K-means before its first epoch
     ccl.main(flags + ["--schedule", "restart", "--simclr-weights", str(tmp_path / "restart" / "simclr.pt"),
@@ -412,6 +416,20 @@ def test_resume_refuses_a_changed_cluster_setting(tmp_path, changed):
     ccl.main(args)
     with pytest.raises(SystemExit, match=changed[0]):
         ccl.main(args + ["--epochs", "3", "--resume"] + changed)
+
+
+def test_the_warm_up_stage_follows_epochs_unless_typed_or_set_by_a_preset(tmp_path, capsys):
+    def start(*argv):
+        args = harness.parse_args(ccl.build_parser(), ccl.PRESETS, list(argv))
+        ccl.check_args(args)
+        return args.cluster_start
+    assert start() == 10 and start("--epochs", "2") == 1 and start("--epochs", "2", "--cluster-start", "0") == 0
+    assert start("--preset", "paper") == 1000 and start("--preset", "quick", "--epochs", "30") == 10
+    with pytest.raises(ValueError, match="--cluster-start 10: expected at most --epochs 2"):
+        start("--preset", "quick", "--epochs", "2")
+    ccl.main(TINY + ["--epochs", "2", "--out", str(tmp_path)])
+    assert [line.split(" loss ")[0] for line in epoch_lines(capsys.readouterr().out)] == ["warm-up epoch 1/1",
+                                                                                          "joint epoch 1/1"]
 
 
 def test_presets_resolve_override_and_reach_the_checkpoint(tmp_path):

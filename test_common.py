@@ -253,11 +253,13 @@ def tiny_run(tmp_path, resume=False, width=2, step=None, script="test"):
     torch.manual_seed(0)
     model = common.Encoder(width=width, proj_dim=8)
     x = harness.load_dataset("digits")[0][:32]
-    cfg = common.TrainConfig(epochs=3, batch_size=16, lr=0.1, save_every=1, checkpoint=str(tmp_path / "ckpt.pt"),
-                             resume=resume, run={"script": script, "settings": {"width": width}})
+    cfg = common.TrainConfig(epochs=3, batch_size=16, lr=0.1)
+    run = {"script": script, "settings": {"width": width}}
+    checkpoint = common.Checkpoint(str(tmp_path / "ckpt.pt"), every=1, resume=resume, record=run,
+                                   check=lambda saved, path: harness.compare_runs(saved, run, path))
     os.makedirs(tmp_path, exist_ok=True)
     step = step or CountingStep()
-    return common.train(model, step, x, cfg), step
+    return common.train(model, step, x, cfg, checkpoint), step
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights_and_step_state(tmp_path):
@@ -280,28 +282,82 @@ def test_killed_and_resumed_run_ends_with_the_same_weights_and_step_state(tmp_pa
 
 
 def test_nan_guard_stops_with_a_clear_message(tmp_path):
-    cfg = common.TrainConfig(epochs=1, batch_size=8, lr=0.1, checkpoint=str(tmp_path / "c.pt"))
+    cfg = common.TrainConfig(epochs=1, batch_size=8, lr=0.1)
     x = torch.zeros(16, 2)
     with pytest.raises(ERROR, match="training diverged in epoch 1 .* no checkpoint was written yet"):
-        common.train(nn.Linear(2, 1), lambda net, xb, idx, ep: net(xb.float()).sum() * float("nan"), x, cfg)
+        common.train(nn.Linear(2, 1), lambda net, xb, idx, ep: net(xb.float()).sum() * float("nan"), x, cfg,
+                     common.Checkpoint(str(tmp_path / "c.pt")))
 
 
 def test_a_diverged_buffer_never_replaces_the_last_good_checkpoint(tmp_path):
     """An inf BatchNorm running_var with a finite loss (the --lr 1e6 case): the run stops, the checkpoint of the
     last good epoch survives byte for byte."""
     model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
-    cfg = common.TrainConfig(epochs=2, batch_size=8, lr=0.01, save_every=1, checkpoint=str(tmp_path / "c.pt"))
+    cfg = common.TrainConfig(epochs=2, batch_size=8, lr=0.01)
     x = torch.randn(16, 2)
-    common.train(model, lambda net, xb, idx, ep: net(xb).pow(2).mean(), x, cfg)
+    common.train(model, lambda net, xb, idx, ep: net(xb).pow(2).mean(), x, cfg,
+                 common.Checkpoint(str(tmp_path / "c.pt")))
     good = (tmp_path / "c.pt").read_bytes()
 
     def poison(net, xb, idx, epoch):
         model[1].running_var.fill_(float("inf"))
         return net(xb).pow(2).mean().nan_to_num(0.0)
-    cfg = dataclasses.replace(cfg, epochs=3, resume=True)
+    cfg = dataclasses.replace(cfg, epochs=3)
     with pytest.raises(ERROR, match="training diverged in epoch 3 .*the last good checkpoint is .*c.pt"):
-        common.train(model, poison, x, cfg)
+        common.train(model, poison, x, cfg, common.Checkpoint(str(tmp_path / "c.pt"), every=1, resume=True))
     assert (tmp_path / "c.pt").read_bytes() == good
+
+
+def test_a_checkpoint_of_another_record_is_refused_and_a_longer_run_goes_on(tmp_path):
+    x, cfg = torch.randn(16, 2), common.TrainConfig(epochs=1, batch_size=8, lr=0.01)
+    step = lambda net, xb, idx, ep: net(xb).pow(2).mean()
+    common.train(nn.Linear(2, 1), step, x, cfg, common.Checkpoint(str(tmp_path / "c.pt"), record={"a": 1}))
+    with pytest.raises(ERROR, match="c.pt was written by another run"):
+        common.train(nn.Linear(2, 1), step, x, cfg, common.Checkpoint(str(tmp_path / "c.pt"), resume=True,
+                                                                     record={"a": 2}))
+    longer = dataclasses.replace(cfg, epochs=2)
+    common.train(nn.Linear(2, 1), step, x, longer, common.Checkpoint(str(tmp_path / "c.pt"), resume=True,
+                                                                    record={"a": 1}))
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 2
+    with pytest.raises(ERROR, match="has done 2 epochs, more than the 1 asked for now"):
+        common.train(nn.Linear(2, 1), step, x, cfg, common.Checkpoint(str(tmp_path / "c.pt"), resume=True,
+                                                                     record={"a": 1}))
+    with pytest.raises(ERROR, match="batch_size 32 is larger than the training set \\(16 images\\)"):
+        common.train(nn.Linear(2, 1), step, x, dataclasses.replace(cfg, batch_size=32))
+
+
+def test_the_loop_makes_no_host_sync_per_step_even_when_it_prints_progress():
+    """The host syncs of an epoch do not grow with its steps (losses summed and finite flags kept on the device,
+    read once per epoch), progress lines inside the epoch included: they read the clock alone."""
+    def syncs(n_steps):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        step = lambda net, xb, idx, ep: (net(xb).pow(2).mean(), {"extra": xb.mean()})
+        log = common.TrainLog("stage", first_every=0.0, every=0.0)          # a progress line after every step
+        with bench.DispatchCounter() as c:
+            common.train(model, step, torch.randn(8 * n_steps, 4), common.TrainConfig(2, 8, 0.1), log=log)
+        return c.syncs
+    assert syncs(2) == syncs(10), (syncs(2), syncs(10))
+
+
+def test_the_lines_name_the_stage_its_cost_and_the_first_epochs_progress(capsys, monkeypatch):
+    """A clock that moves 10 s per reading: a 10-step epoch is long, so the first epoch reports its progress, and
+    the measured stage (over 2 minutes) its estimated time and how to shorten it; later epochs wait `every`."""
+    clock = iter(range(0, 10 ** 6, 10))
+    monkeypatch.setattr(common, "time", type("Clock", (), {"time": staticmethod(lambda: next(clock))}))
+    step = lambda net, xb, idx, ep: net(xb).pow(2).mean()
+    log = common.TrainLog("pretext", views=2, shorter="fewer epochs")
+    common.train(nn.Linear(2, 1), step, torch.randn(80, 2), common.TrainConfig(epochs=2, batch_size=8, lr=0.1),
+                 log=log)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "pretext: 80 images x 2 views x 2 epochs = 320 views, 10 steps of 8 per epoch"
+    assert lines[1] == "  pretext epoch 1/2: 8/80 images (10%), 1 img/s, epoch eta 1m30s, stage eta 3m10s"
+    assert lines[2] == "pretext: about 3m20s at the measured 1 img/s; shorter: fewer epochs"
+    first = [line for line in lines if line.startswith("  pretext epoch 1/2")]
+    assert 3 <= len(first) <= 9                                         # every ~tenth of the epoch, not every step
+    later = [line for line in lines if line.startswith("  pretext epoch 2/2")]
+    assert len(later) < len(first)                                      # every 60 s after the first epoch
+    assert [line.split(" loss")[0] for line in lines if " loss " in line] == ["pretext epoch 1/2", "pretext epoch 2/2"]
 
 
 # ---------------------------------------------------------------------------------------------- K-means, kNN
@@ -429,12 +485,12 @@ def test_threshold_accepts_the_asked_share_of_id_scores_as_fpr95_does():
 
 def _one_step(ckpt):
     """One SGD step of a BatchNorm-free model on a global batch of 16 (two views: the image and its mirror)."""
-    cfg = common.TrainConfig(epochs=1, batch_size=16, lr=0.5, amp="off", save_every=1, checkpoint=ckpt)
+    cfg = common.TrainConfig(epochs=1, batch_size=16, lr=0.5, amp="off")
     harness.seed_everything(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
     x = torch.randint(0, 256, (16, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     two_views = lambda net, xb, idx, ep: common.nt_xent(net(common.to_float(torch.cat([xb, xb.flip(3)]))), 0.5)
-    common.train(model, two_views, x, cfg)
+    common.train(model, two_views, x, cfg, common.Checkpoint(ckpt, every=1))
     return model[1].weight.detach()
 
 

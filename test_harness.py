@@ -141,6 +141,20 @@ def test_presets_apply_beneath_explicit_flags():
         harness.parse_args(argparse.ArgumentParser(parents=[harness.arg_parser()]), presets, ["--preset", "nope"])
 
 
+def test_a_stage_length_follows_epochs_unless_given_and_keeps_its_recorded_value_on_resume(tmp_path):
+    def resolved(value, epochs, resume=False):
+        args = argparse.Namespace(warm=value, epochs=epochs, resume=resume, out=str(tmp_path), dataset="digits",
+                                  sources={"warm": "default"})
+        harness.follow_epochs(args, "test", "warm", lambda e: e // 2)
+        return args.warm, args.sources["warm"]
+    assert resolved(None, 8) == (4, "default, follows --epochs")
+    assert resolved(3, 8) == (3, "default")                      # typed or from a preset: as given
+    assert resolved(None, 12, resume=True) == (6, "default, follows --epochs")     # nothing recorded yet
+    harness.save_results(str(tmp_path / "run.json"), {"script": "test", "settings": {"warm": 4}})
+    assert resolved(None, 12, resume=True) == (4, "the resumed run")       # a longer --epochs extends the last stage
+    assert resolved(None, 12) == (6, "default, follows --epochs")
+
+
 # ---------------------------------------------------------------------------------------------- reporting
 
 def test_print_and_save_results(tmp_path, capsys):
@@ -241,7 +255,8 @@ def test_a_used_run_folder_is_refused_locked_and_resumed_only_with_the_same_sett
     assert files == finished                                                              # refused: nothing changed
     assert run_selfcheck(tmp_path, "--resume", "--epochs", "2")[0] is None                 # a longer run: allowed
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
-    assert "has done 2 epochs, more than the 1 asked for now" in run_selfcheck(tmp_path, "--resume", "--epochs", "1")[0]
+    message = run_selfcheck(tmp_path, "--resume", "--epochs", "1")[0]
+    assert "has done 2 epochs, more than the 1 asked for now: give a larger --epochs" in message
     message, after = run_selfcheck(tmp_path, "--resume", "--lr", "0.2", "--width", "4")
     assert "trained with other settings: --lr 0.1 -> 0.2; --width 2 -> 4" in message
     run_json = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -306,7 +321,7 @@ def test_overwrite_keeps_the_finished_run_until_the_new_one_has_written(tmp_path
     assert set(finished) == {"checkpoint.pt", "results.json", "run.json", "scorer.pt", os.path.join("scores", "id_test.csv"),
                              os.path.join("scores", "classes_6-9.csv")}
     message, _ = run_selfcheck(tmp_path, "--overwrite", "--batch-size", "100")           # refused after setup
-    one_line_error(message, "--batch-size 100 is larger than the training set")
+    one_line_error(message, "--batch-size 100: expected at most the 64 training images")
     assert folder_files(tmp_path / "run") == finished
     # a killed --overwrite (its lock's process gone, the old run aside, the new run.json written): back at the next start
     os.makedirs(tmp_path / "run" / harness.REPLACED)
@@ -776,7 +791,7 @@ def test_a_run_of_an_earlier_version_loads_its_weights_and_is_not_resumed_under_
     old = {"script": "ccl", "settings": {"lr": 0.1}}
     with pytest.raises(ValueError, match="made by an earlier version of these scripts, which had no --lars-scope: .*"
                                          "start afresh with --overwrite"):
-        common.compare_runs(old, {"script": "ccl", "settings": {"lr": 0.1, "lars_scope": "all"}}, "the run")
+        harness.compare_runs(old, {"script": "ccl", "settings": {"lr": 0.1, "lars_scope": "all"}}, "the run")
     net = common.Encoder(width=2)
     torch.save({"model": net.state_dict(), "epoch": 1, "run": old, "rng": common.rng_state()}, tmp_path / "old.pt")
     assert common.load_checkpoint(str(tmp_path / "old.pt"))["epoch"] == 1

@@ -144,6 +144,33 @@ def test_scan_step_keeps_the_epoch_and_head_of_lowest_held_out_loss():
                                common.embed(nets[best // 2], held_x)[1][:, best % 2])
 
 
+# ---------------------------------------------------------------------------------------------- pretext loss
+
+def scan_pretext_loss_literal(first, second, tau):
+    """SCAN's pretext SimCLRLoss, one anchor at a time: the rows of the first view are the anchors, each contrasted
+    with the other 2B - 1 rows of both views, its positive the same image's second view; the mean over B anchors."""
+    rows = torch.cat([first, second])
+    b, loss = len(first), 0
+    for i in range(b):
+        logits = torch.stack([first[i] @ rows[j] / tau for j in range(2 * b) if j != i])
+        loss = loss - (first[i] @ second[i] / tau - torch.logsumexp(logits, 0)) / b
+    return loss
+
+
+def test_pretext_loss_is_scans_averaged_over_both_view_orders():
+    # the deviations row "pretext loss anchors": ours equals the mean of SCAN's loss over both orders of the views;
+    # one order alone has the same expectation but its own gradient
+    z = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    views = lambda z: F.normalize(z, dim=1).chunk(2)           # SCAN's head L2-normalises its output
+    ours, g_ours = grads(lambda z: common.nt_xent(z, 0.1), z)
+    both, g_both = grads(lambda z: (scan_pretext_loss_literal(*views(z), 0.1)
+                                    + scan_pretext_loss_literal(*views(z)[::-1], 0.1)) / 2, z)
+    one, g_one = grads(lambda z: scan_pretext_loss_literal(*views(z), 0.1), z)
+    torch.testing.assert_close(ours, both)
+    torch.testing.assert_close(g_ours[0], g_both[0])
+    assert (g_one[0] - g_ours[0]).norm() > 0.1 * g_ours[0].norm()
+
+
 # ---------------------------------------------------------------------------------------------- neighbours
 
 def test_mine_neighbors_matches_brute_force():
@@ -420,6 +447,18 @@ def test_presets_resolve_and_flags_override():
         assert all(args.sources[k] == f"preset {name}" for k in preset)
     args = harness.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, ["--preset", "paper", "--scan-epochs", "3"])
     assert args.scan_epochs == 3 and args.sources["scan_epochs"] == "command line" and args.epochs == 500
+
+
+def test_stage_epochs_follow_epochs_unless_typed_or_set_by_a_preset():
+    def stages(*argv):
+        args = harness.parse_args(scan_ood.build_parser(), scan_ood.PRESETS, list(argv))
+        scan_ood.check_args(args)
+        return args.epochs, args.scan_epochs, args.selflabel_epochs
+    assert stages() == (20, 10, 5)                                           # the digits default, as it was
+    assert stages("--epochs", "2") == (2, 1, 1)
+    assert stages("--epochs", "2", "--scan-epochs", "3", "--selflabel-epochs", "0") == (2, 3, 0)
+    assert stages("--preset", "quick") == (12, 4, 3) == stages("--preset", "quick", "--epochs", "12")
+    assert stages("--preset", "quick", "--epochs", "2") == (2, 4, 3)          # a preset's stage lengths win
 
 
 def record_final_scores(monkeypatch):
