@@ -274,8 +274,9 @@ def features(model, x, layer="projection", n_aug=0, aug=None, batch_size=256):
 # main() scores through them too, so the run's numbers and a later scoring are the same code.
 
 def build_model(s):
-    """The untrained encoder of run settings s (arch, width, init): state_dict() of a trained one loads strictly."""
-    return common.Encoder(s.arch, width=s.width, init=s.init)
+    """The untrained encoder of run settings s (arch, width, init; weights: the input statistics of the weights the
+    run started from): state_dict() of a trained one loads strictly."""
+    return common.Encoder(s.arch, width=s.width, init=s.init, pretrained=bool(getattr(s, "weights", None)))
 
 
 @torch.no_grad()
@@ -559,7 +560,7 @@ def main(argv=None):
     harness.check_data(args, data)
     x = data.train_x.to(device)
     check_sizes(args, len(x))
-    model = build_model(args).to(device)
+    model = harness.start_from_weights(build_model(args), args).to(device)
     aug = harness.simclr_augment(args, **PAPER_AUGMENT)
     model = train_ccl(model, x, aug, args).eval()
     scorer = harness.Scorer.from_args("ccl", args, model, score_state(model, x, args))

@@ -484,6 +484,15 @@ def test_a_rebuilt_model_reproduces_the_runs_scores(tmp_path):
                 assert v == pytest.approx(out["metrics"][key][ood][name], abs=1e-5), (key, ood, name)
 
 
+def test_the_grid_names_whole_sets(capsys):
+    """Two OOD folders that share a long prefix keep their whole names as column heads."""
+    sets = ["folder:../data/ood_near", "folder:../data/ood_far"]
+    metrics = {"lf sei4 w-avg": {sets[0]: {"auroc": 61.0}, sets[1]: {"auroc": 88.5}}}
+    mcl.print_grid(metrics, {"lf sei4 w-avg": 70.0}, sets)
+    head, row = capsys.readouterr().out.splitlines()
+    assert head.split()[-3:-1] == sets and row.split()[-2:] == ["61.00", "88.50"]
+
+
 def test_the_use_it_in_your_code_block_runs():
     lines = mcl.__doc__.split("\n")
     start = lines.index("Use it in your code:") + 1
