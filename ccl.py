@@ -257,8 +257,9 @@ def features(model, x, layer="projection", aug=None, n_aug=0, batch_size=256):
 # through them; main() scores through them too, so the run's numbers and a later scoring are the same code.
 
 def build_model(s):
-    """The untrained encoder of run settings s (arch, width, init): state_dict() of a trained one loads strictly."""
-    return common.Encoder(s.arch, width=s.width, init=s.init)
+    """The untrained encoder of run settings s (arch, width, init; weights: the input statistics of the weights the
+    run started from): state_dict() of a trained one loads strictly."""
+    return common.Encoder(s.arch, width=s.width, init=s.init, pretrained=bool(getattr(s, "weights", None)))
 
 
 def run_features(model, x, s):
@@ -536,7 +537,7 @@ def check_sizes(args, n):
 def main(args, data, device, t_start):
     x = data.train_x.to(device)
     check_sizes(args, len(x))
-    model = build_model(args).to(device)
+    model = harness.start_from_weights(build_model(args), args).to(device)
     aug = harness.simclr_augment(args, **PAPER_AUGMENT)
     model = train_ccl(model, x, aug, args).eval()
     scorer = harness.Scorer.from_args("ccl", args, model, score_state(model, x, args))

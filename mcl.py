@@ -297,10 +297,12 @@ def score(model, state, x, s):
 
 
 def build_model(s):
-    """The encoder MCL trains, untrained, from the run's settings s (arch, width, init, proj_dim, proj_hidden).
+    """The encoder MCL trains, untrained, from the run's settings s (arch, width, init, proj_dim, proj_hidden;
+    weights: the input statistics of the weights the run started from).
     init 'torchvision': torchvision's kaiming init on every convolution but the stem, which keeps PyTorch's default,
     as the official code (its models.py replaces the stem convolution after torchvision's init)."""
-    model = common.Encoder(s.arch, s.proj_dim, s.proj_hidden, width=s.width, init=s.init)
+    model = common.Encoder(s.arch, s.proj_dim, s.proj_hidden, width=s.width, init=s.init,
+                           pretrained=bool(getattr(s, "weights", None)))
     if s.init == "torchvision" and s.arch in common.CIFAR_ARCHS:
         model.backbone.conv1.reset_parameters()
     return model
@@ -330,11 +332,12 @@ def accuracy_of(pred, test_y, matched):
 
 
 def print_grid(metrics, accuracy, ood_names):
-    """Every reading's accuracy and AUROC per OOD set, one line each."""
-    print("layer SEI agg      acc  " + "  ".join(f"{ood[:18]:>18}" for ood in ood_names) + "   (AUROC)")
+    """Every reading's accuracy and AUROC per OOD set, one line each; each column headed by its set's whole name."""
+    widths = [max(8, len(ood)) for ood in ood_names]
+    print("layer SEI agg      acc  " + "  ".join(f"{ood:>{w}}" for ood, w in zip(ood_names, widths)) + "   (AUROC)")
     for key, m in metrics.items():
         acc = f"{accuracy[key]:5.1f}" if accuracy.get(key) is not None else "    -"
-        print(f"{key:<16} {acc}  " + "  ".join(f"{m[ood]['auroc']:18.2f}" for ood in ood_names))
+        print(f"{key:<16} {acc}  " + "  ".join(f"{m[ood]['auroc']:{w}.2f}" for ood, w in zip(ood_names, widths)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +554,7 @@ def main(args, data, device, t_start):
     n_rot = 1 if args.no_aux else N_ROT
     alpha, beta = (1 / args.tau, 1 / args.tau) if args.no_ccm else (args.alpha, args.beta)
     spa_weight = 0.0 if args.no_spa else args.spa_weight
-    model = build_model(args).to(device)
+    model = harness.start_from_weights(build_model(args), args).to(device)
     aug = training_augment(args)
 
     if args.labels == "true":

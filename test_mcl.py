@@ -485,6 +485,15 @@ def test_a_rebuilt_model_reproduces_the_runs_scores(tmp_path):
     assert_scores_follow_the_image(mcl.main, tmp_path)
 
 
+def test_the_grid_names_whole_sets(capsys):
+    """Two OOD folders that share a long prefix keep their whole names as column heads."""
+    sets = ["folder:../data/ood_near", "folder:../data/ood_far"]
+    metrics = {"lf sei4 w-avg": {sets[0]: {"auroc": 61.0}, sets[1]: {"auroc": 88.5}}}
+    mcl.print_grid(metrics, {"lf sei4 w-avg": 70.0}, sets)
+    head, row = capsys.readouterr().out.splitlines()
+    assert head.split()[-3:-1] == sets and row.split()[-2:] == ["61.00", "88.50"]
+
+
 def test_the_use_it_in_your_code_block_runs(run_use_it):
     namespace = run_use_it(mcl)
     assert namespace["score"].shape == (8,) and torch.isfinite(namespace["score"]).all()

@@ -527,7 +527,8 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path, monkeypatch):
     calls = record_final_scores(monkeypatch)
     res = scan_ood.main(["--subset", "96", "--size", "16", "--width", "4", "--epochs", "1", "--batch-size", "32",
                          "--labels", "kmeans", "--selflabel-epochs", "1", "--selflabel-batch-size", "32",
-                         "--backbone", "resnet18", "--weights", "random", "--adapt-size", "16", "--adapt-epochs", "2",
+                         "--backbone", "resnet18", "--backbone-weights", "random", "--adapt-size", "16",
+                         "--adapt-epochs", "2",
                          "--adapt-batch-size", "32", "--adapt-crop", "center", "--adapt-freeze", "layer2",
                          "--recompute-bn", "--ood-score", "mahalanobis", "--out", str(tmp_path / "run"),
                          "--data-root", str(tmp_path), "--no-baselines"])
@@ -538,10 +539,11 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--weights", "random"], "--weights random: expected --backbone"),
+    (["--backbone-weights", "random"], "--backbone-weights random: expected --backbone"),
     (["--val-fraction", "0.9"], "--val-fraction 0.9: expected a number in (0, 0.5]"),
     (["--confidence", "1"], "--confidence 1.0: expected a number in (0, 1)"),
-    (["--backbone", "resnet18", "--weights", "IMAGENET1K_V9"], "--weights IMAGENET1K_V9: expected IMAGENET1K_V1"),
+    (["--backbone", "resnet18", "--backbone-weights", "IMAGENET1K_V9"],
+     "--backbone-weights IMAGENET1K_V9: expected IMAGENET1K_V1"),
     (["--clusters", "1"], "--clusters 1: expected 0"),
     (["--subset", "96", "--batch-size", "32", "--scan-batch-size", "500"],
      "--scan-batch-size 500: expected at most the 86 images"),
@@ -550,7 +552,7 @@ def test_pretrained_variant_on_a_random_weight_backbone(tmp_path, monkeypatch):
     (["--subset", "96", "--batch-size", "32", "--selflabel-batch-size", "32", "--num-neighbors", "90"],
      "--num-neighbors 90: expected fewer than the 86 images"),
     (["--subset", "60", "--batch-size", "32", "--scan-batch-size", "32", "--selflabel-batch-size", "32",
-      "--backbone", "resnet18", "--weights", "random"],
+      "--backbone", "resnet18", "--backbone-weights", "random"],
      "--adapt-batch-size 64: expected at most the 60 training images"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flags, message):
@@ -569,7 +571,7 @@ def test_stage_flags_are_checked_only_when_their_stage_runs():
                                       "--selflabel-batch-size", "60")):
         scan_ood.check_args(args)
         scan_ood.check_sizes(args, 60)
-    args = parse(*small, "--backbone", "resnet18", "--weights", "random")
+    args = parse(*small, "--backbone", "resnet18", "--backbone-weights", "random")
     scan_ood.check_args(args)
     with pytest.raises(ValueError, match=re.escape("--adapt-batch-size 64: expected at most the 60 training images")):
         scan_ood.check_sizes(args, 60)
