@@ -353,21 +353,25 @@ def train_ccl(model, x, aug, args):
 #                  | feature's             |                         |                         |
 #     scored layer | z (projection)        | CSI: z                  | preset z; digits        | measured on digits
 #                  |                       |                         | default h               | (README)
-#     lambda; K    | not stated            | -                       | 0.5; 10                 | the even mix of Eq. 8
+#     lambda; K    | not stated; K = 10    | -                       | 0.5; K: one cluster per | the even mix of Eq. 8;
+#                  | on CIFAR-10 (Sec. 4)  |                         | ID class (paper preset: | K as the paper's 10
+#                  |                       |                         | 10)                     | for 10 classes
 #     ablations    | weights not stated    | -                       | the mean of the kept    | Eq. 7's mean
 #                  |                       |                         | terms                   |
 #     augmentation | SimCLR's + Gaussian   | CSI: SimCLR's           | the paper's; on digits  | harness.simclr_augment
 #                  | blur                  |                         | without the horizontal  | (a flipped 2 is a 5)
 #                  |                       |                         | flip                    |
-#     input        | not stated            | CSI: (x - 0.5) / 0.5,   | the same; ImageNet      | CSI's; a pretrained
-#     scaling      |                       | the network's first     | statistics for the      | net's own statistics
-#                  |                       | layer                   | pretrained nets         |
-#                  |                       |                         | (common.Encoder)        |
-#     test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views; an image's | scores depend on the
-#     views        | images, CSI's score   | views, colour jitter,   | from a generator seeded | image and its position
-#                  |                       | grayscale, 54% crop;    | with its position (the  | alone: a set scored
-#                  |                       | per-image draws, seed   | same across sets, as    | later gives the run's
-#                  |                       | reset before each view  | CSI's); digits: none    | numbers
+#     input        | not stated            | CSI: (x - 0.5) / 0.5,   | the same from scratch;  | CSI's; a pretrained
+#     scaling      |                       | the network's first     | a pretrained net's own  | net sees the inputs
+#                  |                       | layer                   | statistics (ImageNet's; | it was trained on
+#                  |                       |                         | Lite0: (x - 127) / 128) |
+#     test-time    | Z(x~): augmented      | CSI: mean z of 10       | CSI's views, drawn from | a score depends on
+#     views        | images, CSI's score   | views, colour jitter,   | random numbers seeded   | the image alone: any
+#                  |                       | grayscale, 54% crop;    | by a hash of each       | folder, position or
+#                  |                       | per-image draws, seed   | image's pixels (common. | batch gives the same
+#                  |                       | reset before each view  | views_per_image);       | score
+#                  |                       | (views follow the batch | digits: none            |
+#                  |                       | position)               |                         |
 #     test-time    | not stated            | CSI: 54% of the area at | exactly 54% of the      | the same mean area;
 #     crop         |                       | a log-uniform aspect    | area at the same aspect | a box differs by at
 #                  |                       | ratio 3/4..4/3, sides   | ratio, offsets drawn    | most half a pixel a

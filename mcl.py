@@ -394,7 +394,7 @@ def print_grid(metrics, accuracy, ood_names):
 #                                                    slice of the 2,048 views  torchrun): the same on any GPU count
 #                                                    (512 on 4 GPUs)
 #     input scaling         not stated               none: ToTensor's [0, 1]   (x - 0.5) / 0.5 in common.Encoder (a
-#                                                                              pretrained net: ImageNet statistics):
+#                                                                              pretrained net: its weights' own):
 #                                                                              BatchNorm follows the first convolution,
 #                                                                              so a global scale and shift of the
 #                                                                              input change only the zero-padded

@@ -323,8 +323,8 @@ def run_protocol(args):
 #                                                 rotations of two more views of the  code's)
 #                                                 same images (a second loader)
 #   input scaling    not stated                   CIFAR-10: its statistics in the     (x - 0.5) / 0.5 in common.Encoder
-#                                                 loader (mean 125.3, 123.0, 113.9;   (a pretrained net: ImageNet
-#                                                 std 63.0, 62.1, 66.7, / 255);       statistics): BatchNorm follows
+#                                                 loader (mean 125.3, 123.0, 113.9;   (a pretrained net: its weights'
+#                                                 std 63.0, 62.1, 66.7, / 255);       own): BatchNorm follows
 #                                                 other sets: (x - 0.5) / 0.5 as the  the first convolution, so a scale
 #                                                 network's first layer (CSI's)       and shift change only the zero-
 #                                                                                     padded border; the CIFAR stds
