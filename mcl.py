@@ -13,9 +13,9 @@ an image by the Mahalanobis distances of its 4 rotations (x 2 mirrors), aggregat
     python mcl.py --preset paper              # CIFAR-10, ResNet-34, 400 epochs, batch 256 x 4: a GPU job
 
 Result on digits, AUROC % over --seed 0-4, mean ± std (README's table: `OMP_NUM_THREADS=1 python mcl.py
---id-classes SPLIT --seed S`): the embedding layer h, 4 rotations, w-avg 95.8 ± 1.0 with 0-5 in (97.8 ± 1.2 with the
-odd digits in, 91.5 ± 2.0 with 4-9 in; seed 0 again on a 2-core AMD EPYC: 93.4); its SimCLR setting 96.0 ± 0.8;
-beside raw pixels' nearest neighbour 98.5 and an untrained encoder's 82.9 ± 8.7.
+--id-classes SPLIT --seed S`, one thread of a 2-core AMD EPYC): the embedding layer h, 4 rotations, w-avg 95.7 ± 1.4
+with 0-5 in (97.3 ± 1.1 with the odd digits in, 91.7 ± 3.1 with 4-9 in); its SimCLR setting 95.9 ± 0.7; beside raw
+pixels' nearest neighbour 98.5 and an untrained encoder's 82.9 ± 8.7.
 
 Use it in your code:
 
