@@ -820,17 +820,29 @@ def check_weights(args, load):
         check(os.path.isfile(args.weights), "--weights", args.weights, "imagenet or an existing state-dict file")
     if load:
         try:
-            common.build_backbone(args.arch, args.width, args.weights, args.init)
+            starting_weights(args)
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"--weights {args.weights} (--arch {args.arch}): {e}") from None
+
+
+def starting_weights(args):
+    """The backbone state dict that --weights gives --arch, read (or downloaded) once per process and file version:
+    the check before decoding, the model's start and the pretrained_knn baseline share it."""
+    path = args.weights != "imagenet" and os.path.isfile(args.weights)
+    stamp = (os.stat(args.weights).st_mtime_ns, os.path.getsize(args.weights)) if path else None
+    return _backbone_state(args.arch, args.width, args.weights, args.init, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _backbone_state(arch, width, weights, init, stamp):
+    return common.build_backbone(arch, width, weights, init)[0].state_dict()
 
 
 def start_from_weights(model, args):
     """`model` (an Encoder, or any network with its .backbone) with --weights loaded into its backbone: the method
     then trains from them with its own loss. Unchanged without --weights."""
     if args.weights is not None:
-        model.backbone.load_state_dict(common.build_backbone(args.arch, args.width, args.weights, args.init)[0]
-                                       .state_dict())
+        model.backbone.load_state_dict(starting_weights(args))
         print(f"the encoder starts from --weights {args.weights}", flush=True)
     return model
 
@@ -1708,7 +1720,7 @@ def finish(args, method, scorer, data, device, t_start, report=None, more_metric
     s_ood = {name: scorer.scores(x, f"scoring {name}") for name, x in data.ood.items()}
     metrics = {k: {name: common.ood_metrics(s_id[k], s[k]) for name, s in s_ood.items()} for k in s_id}
     baselines = {} if args.no_baselines else sanity_baselines(data, args.arch, args.width, device, args.seed,
-                                                              args.weights)
+                                                              starting_weights(args) if args.weights else None)
     for name, m in {**(more_metrics or {}), **{k: metrics[k] for k in (report or metrics)}}.items():
         print_results(m, f"{method}, {name}: AUROC etc. in % (higher score = in-distribution)", baselines)
     folder = os.path.join(args.out, "scores")
